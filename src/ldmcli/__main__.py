@@ -1,0 +1,3 @@
+from ldmcli.cli import cli
+
+cli()

@@ -1,0 +1,114 @@
+"""Read tensors from model files: safetensors (memory-mapped), pickled .ckpt (weights only), diffusers folders.
+
+This module only reads. Which tensor belongs to which network, and under what name, is `layout.py`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ldmcli.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one weights file, by key. Raises CheckpointError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors header ({} when absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: the unpickler may rebuild tensors and plain containers, nothing else.
+    # A checkpoint that needs any other class is refused: we never run a checkpoint's code.
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: it needs more than tensors ({_refused_global(exc)}); "
+            "convert it to .safetensors with a tool you trust"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def read_sharded_or_single(folder: Path, stems: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], Path]:
+    """Weights of one diffusers component folder: the first of `stems` found, safetensors preferred.
+
+    Handles sharded files (`<stem>.safetensors.index.json`) too.
+    """
+    for stem in stems:
+        for suffix in (".safetensors", ".bin"):
+            index = folder / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                tensors: dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    tensors.update(read_state_dict(folder / shard))
+                return tensors, index
+            single = folder / f"{stem}{suffix}"
+            if single.is_file():
+                return read_state_dict(single), single
+    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({_one_line(exc)})") from exc
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def _refused_global(exc: BaseException) -> str:
+    """The class or function a weights_only unpickler refused, as torch names it."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return f"it wants {match.group(1)}" if match else _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Pure dict -> dict renames between checkpoint layouts and our canonical names."""

@@ -1,0 +1,376 @@
+"""Samplers: small pure functions over a decreasing ``sigmas`` tensor (k-diffusion ``sampling.py``).
+
+Every sampler has the signature::
+
+    fn(model, x, sigmas, *, noise, callback=None) -> x
+
+``model(x, sigma) -> x0`` is an x0-denoiser (see ``denoiser.py``; CFG already applied), ``x`` starts
+at ``sigmas[0]`` in sigma space (``x = x0 + sigma * eps``), ``noise()`` returns a fresh standard
+normal tensor shaped like ``x`` (only the stochastic samplers call it, once per step, after the
+model, in the order diffusers draws it), and ``callback(i, denoised)`` is called once per step with
+the current x0 prediction. Multistep history is a local variable, never hidden object state.
+
+:func:`sample` is the one entry point the pipeline needs: it builds the noise levels the
+corresponding diffusers scheduler would use, draws and scales the initial latent the way that
+scheduler does, runs the sampler, and returns the final latent in diffusers' (VP) space.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .schedule import Convention, DiffusionSchedule, make_sigmas
+
+Model = Callable[[Tensor, Tensor], Tensor]
+Noise = Callable[[], Tensor]
+Callback = Callable[[int, Tensor], None]
+
+
+def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 1 with sigma(t) = t)."""
+    return (x - denoised) / sigma
+
+
+def _ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """Split a step to sigma_next into a deterministic step to sigma_down plus fresh noise of
+    std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion get_ancestral_step)."""
+    if eta == 0:
+        return sigma_next, sigma_next.new_zeros(())
+    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
+@torch.no_grad()
+def euler(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback(i, denoised)
+        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def euler_a(
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 1.0
+) -> Tensor:
+    """Ancestral Euler (k-diffusion sample_euler_ancestral): an Euler step down to sigma_down, then
+    fresh noise back up to sigma_next. eta=1 is the DDPM posterior; eta=0 is plain Euler."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback(i, denoised)
+        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if sigma_up > 0:
+            x = x + noise() * sigma_up
+    return x
+
+
+@torch.no_grad()
+def heun(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to 0."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback(i, denoised)
+        d = _to_d(x, sigma, denoised)
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+            continue
+        x_2 = x + d * (sigma_next - sigma)
+        d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
+        x = x + (d + d_2) / 2 * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def ddim(
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 0.0
+) -> Tensor:
+    """DDIM (Song et al. 2020, eq. 12). In sigma space the eta=0 update
+    ``x0 + sigma_next * eps`` is exactly an Euler step; eta > 0 splits off noise of std
+    ``eta * sqrt((s'^2 (s^2 - s'^2)) / s^2)`` -- the DDIM sigma_t -- i.e. an ancestral step."""
+    return euler_a(model, x, sigmas, noise=noise, callback=callback, eta=eta)
+
+
+@torch.no_grad()
+def dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep in lambda = -log(sigma), data prediction.
+    First step and the final step to sigma=0 are 1st order (diffusers' lower_order_final)."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback(i, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = sigma.log() - sigma_next.log()
+        d = denoised
+        if old_denoised is not None:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M) SDE, Lu et al. 2022 (eta=1, midpoint 2nd-order correction), as diffusers'
+    ``sde-dpmsolver++``: the exact-in-lambda SDE step plus a multistep correction of the x0 term."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback(i, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = sigma.log() - sigma_next.log()
+        keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+        x = (sigma_next / sigma) * torch.exp(-h) * x + keep * denoised
+        if old_denoised is not None:
+            x = x + 0.5 * keep * (h / h_last) * (denoised - old_denoised)
+        x = x + noise() * sigma_next * keep.sqrt()
+        old_denoised, h_last = denoised, h
+    return x
+
+
+# Gauss-Legendre nodes/weights on [-1, 1], 3 points: exact for polynomials up to degree 5, and the
+# order-4 Lagrange basis integrated by lms is cubic. Avoids a scipy dependency.
+_GL_NODES = (-math.sqrt(3 / 5), 0.0, math.sqrt(3 / 5))
+_GL_WEIGHTS = (5 / 9, 8 / 9, 5 / 9)
+
+
+def _lms_coeff(order: int, s: list[float], i: int, j: int) -> float:
+    """Integral over [s[i], s[i+1]] of the Lagrange basis polynomial of node s[i-j] among the
+    nodes s[i], ..., s[i-order+1] (k-diffusion linear_multistep_coeff)."""
+
+    def basis(tau: float) -> float:
+        p = 1.0
+        for k in range(order):
+            if k != j:
+                p *= (tau - s[i - k]) / (s[i - j] - s[i - k])
+        return p
+
+    a, b = s[i], s[i + 1]
+    return (b - a) / 2 * sum(w * basis((b - a) / 2 * u + (a + b) / 2) for u, w in zip(_GL_NODES, _GL_WEIGHTS))
+
+
+@torch.no_grad()
+def lms(
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, order: int = 4
+) -> Tensor:
+    """Linear multistep (Adams-Bashforth on the nonuniform sigma grid), order 4 (k-diffusion
+    sample_lms / diffusers LMSDiscreteScheduler): coefficients integrate the Lagrange basis."""
+    s = sigmas.double().tolist()
+    ds: list[Tensor] = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback(i, denoised)
+        ds = (ds + [_to_d(x, sigmas[i], denoised)])[-order:]
+        cur = min(i + 1, order)
+        coeffs = [_lms_coeff(cur, s, i, j) for j in range(cur)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+def _adams_bashforth(ds: list[Tensor]) -> Tensor:
+    """Fixed-coefficient Adams-Bashforth combination of up to 4 derivatives (newest last),
+    written as diffusers' PNDM writes it so the float32 rounding matches."""
+    if len(ds) == 1:
+        return ds[-1]
+    if len(ds) == 2:
+        return (3 * ds[-1] - ds[-2]) / 2
+    if len(ds) == 3:
+        return (23 * ds[-1] - 16 * ds[-2] + 5 * ds[-3]) / 12
+    return (55 * ds[-1] - 59 * ds[-2] + 37 * ds[-3] - 9 * ds[-4]) / 24
+
+
+@torch.no_grad()
+def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+    """Pseudo linear multistep, PNDM (Liu et al. 2022) with skip_prk_steps as SD configures it.
+
+    PNDM's transfer function is the DDIM step, i.e. Euler in sigma space with d = eps. The first
+    step is a pseudo improved-Euler (Heun) step whose corrector evaluation is NOT kept in the
+    history; afterwards eps is extrapolated with Adams-Bashforth coefficients of order <= 4, which
+    assume equal steps (as PNDM does on its uniform timestep grid).
+    """
+    ds: list[Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback(i, denoised)
+        ds = (ds + [_to_d(x, sigma, denoised)])[-4:]
+        if i == 0 and len(sigmas) > 2:
+            x_2 = x + ds[0] * (sigma_next - sigma)
+            d = (_to_d(x_2, sigma_next, model(x_2, sigma_next)) + ds[0]) / 2
+        else:
+            d = _adams_bashforth(ds)
+        x = x + d * (sigma_next - sigma)
+    return x
+
+
+# --- registry ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A sampler: our name, the A1111 display name, and the diffusers scheduler it reproduces."""
+
+    name: str  # our name (CLI --sampler)
+    display_name: str  # A1111 / PNG "Sampler:" name
+    fn: Callable[..., Tensor]
+    convention: Convention  # whose timestep spacing and initial-noise scaling sample() reproduces
+    diffusers_class: str  # the equivalent diffusers scheduler (configured from the model's config)
+    diffusers_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A sigma spacing: our name, its A1111 suffix (None if A1111 has none) and diffusers kwargs."""
+
+    name: str
+    display_name: str | None  # "DPM++ 2M Karras" -> "Karras"
+    diffusers_kwargs: Mapping[str, Any]
+    description: str
+
+
+def _info(name, display, fn, convention, cls, description, **kwargs) -> SamplerInfo:  # noqa: ANN001
+    return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description)
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    s.name: s
+    for s in (
+        _info("euler", "Euler", euler, "discrete", "EulerDiscreteScheduler", "Euler ODE solver, 1st order"),
+        _info("euler_a", "Euler a", euler_a, "discrete", "EulerAncestralDiscreteScheduler",
+              "ancestral Euler: fresh noise every step (stochastic, does not converge with steps)"),
+        _info("heun", "Heun", heun, "discrete", "HeunDiscreteScheduler",
+              "Heun's 2nd-order ODE solver, two network calls per step"),
+        _info("ddim", "DDIM", ddim, "ddim", "DDIMScheduler", "DDIM, Song et al. 2020 (eta=0: deterministic)"),
+        _info("dpmpp_2m", "DPM++ 2M", dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
+              "DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep, one call per step",
+              algorithm_type="dpmsolver++", solver_order=2),
+        _info("dpmpp_2m_sde", "DPM++ 2M SDE", dpmpp_2m_sde, "dpm", "DPMSolverMultistepScheduler",
+              "DPM-Solver++(2M) SDE: stochastic 2nd-order multistep",
+              algorithm_type="sde-dpmsolver++", solver_order=2),
+        _info("lms", "LMS", lms, "discrete", "LMSDiscreteScheduler", "linear multistep, order 4"),
+        _info("plms", "PLMS", plms, "ddim", "PNDMScheduler",
+              "pseudo linear multistep (PNDM, Liu et al. 2022), SD's original default",
+              skip_prk_steps=True),
+    )
+}
+
+SCHEDULES: dict[str, ScheduleInfo] = {
+    s.name: s
+    for s in (
+        ScheduleInfo("leading", None, MappingProxyType({"timestep_spacing": "leading"}),
+                     "every T/n-th timestep from t=steps_offset up (SD's scheduler config default)"),
+        ScheduleInfo("linspace", None, MappingProxyType({"timestep_spacing": "linspace"}),
+                     "n timesteps evenly spaced from T-1 down to 0"),
+        ScheduleInfo("trailing", None, MappingProxyType({"timestep_spacing": "trailing"}),
+                     "every T/n-th timestep down from T-1 (Lin et al. 2023)"),
+        # timestep_spacing="linspace" makes diffusers' *Discrete schedulers take sigma_min/max from the
+        # full training range, as DPMSolverMultistep and k-diffusion do.
+        ScheduleInfo("karras", "Karras",
+                     MappingProxyType({"use_karras_sigmas": True, "timestep_spacing": "linspace"}),
+                     "Karras et al. 2022 rho=7 noise levels between the training sigma_max and sigma_min"),
+        ScheduleInfo("exponential", "Exponential",
+                     MappingProxyType({"use_exponential_sigmas": True, "timestep_spacing": "linspace"}),
+                     "noise levels evenly spaced in log sigma between the training sigma_max and sigma_min"),
+    )
+}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip().lower().replace("-", "_"))
+
+
+def _aliases() -> dict[str, tuple[str, str | None]]:
+    table: dict[str, tuple[str, str | None]] = {"euler_ancestral": ("euler_a", None)}
+    for s in SAMPLERS.values():
+        table[_norm(s.name)] = table[_norm(s.display_name)] = (s.name, None)
+        for sch in SCHEDULES.values():
+            table[_norm(f"{s.name}_{sch.name}")] = (s.name, sch.name)
+            if sch.display_name:
+                table[_norm(f"{s.display_name} {sch.display_name}")] = (s.name, sch.name)
+    return table
+
+
+_ALIASES = _aliases()
+
+
+def resolve_sampler_name(name: str) -> tuple[str, str | None]:
+    """Our sampler name or an A1111 name, case-insensitively, optionally with a schedule suffix:
+    "DPM++ 2M Karras" -> ("dpmpp_2m", "karras"), "Euler a" -> ("euler_a", None),
+    "dpmpp_2m_karras" -> ("dpmpp_2m", "karras"). Unknown names raise ValueError."""
+    hit = _ALIASES.get(_norm(name))
+    if hit is None:
+        valid = ", ".join(f"{s.name} ({s.display_name!r})" for s in SAMPLERS.values())
+        suffixes = ", ".join(repr(s.display_name) for s in SCHEDULES.values() if s.display_name)
+        raise ValueError(
+            f"unknown sampler {name!r}; valid: {valid}; A1111 names may end in a schedule: {suffixes}"
+        )
+    return hit
+
+
+def sample(
+    sampler: str,
+    schedule: DiffusionSchedule,
+    steps: int,
+    denoiser: Callable[..., Tensor],
+    noise: Noise,
+    *,
+    spacing: str | None = None,
+    callback: Callback | None = None,
+    **options: Any,
+) -> Tensor:
+    """Run a whole sampling loop as diffusers' StableDiffusionPipeline would with the equivalent
+    scheduler (``SamplerInfo.diffusers_class.from_config(model_config, **kwargs)``).
+
+    sampler: our name or an A1111 name (a schedule suffix like "Karras" selects the spacing).
+    denoiser: ``denoiser(x, sigma, t=timestep) -> x0`` (a Denoiser or CFGDenoiser); ``t`` is the exact
+        network timestep diffusers would use at that sigma, or None.
+    noise: draws standard normal noise of the latent shape (first the initial latent, then
+        per-step noise for stochastic samplers, as diffusers draws them from ``generator=``).
+    spacing: one of schedule.SPACINGS; None means the schedule's own ``timestep_spacing``.
+    options: extra sampler arguments (e.g. ``eta`` for ddim).
+    Returns the final latent in diffusers' (VP) space: divide by the VAE scale factor and decode.
+
+    Where we deliberately differ from diffusers (tests pin both sides):
+    - ddim/plms on a non-uniform grid ("linspace", or "trailing" when steps does not divide T):
+      diffusers steps to ``t - T // steps`` and then evaluates at the next listed timestep; we step
+      to the next listed timestep, as DDIM/PNDM are defined.
+    - karras/exponential with euler_a, ddim, plms: diffusers has no such option; we run the same
+      sampler on those sigmas (initial noise scaled as the sampler's diffusers scheduler would).
+    - karras/exponential with steps=1: diffusers collapses sigma_max onto sigma_min; we do not.
+    """
+    name, implied = resolve_sampler_name(sampler)
+    if implied is not None and spacing is not None and spacing != implied:
+        raise ValueError(f"sampler {sampler!r} implies spacing {implied!r}, but spacing={spacing!r}")
+    info = SAMPLERS[name]
+    plan = make_sigmas(schedule, spacing or implied, steps, convention=info.convention)
+
+    def model(x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser(x, sigma, t=plan.timestep_for(sigma))
+
+    x = noise() * plan.init_noise_sigma
+    x = info.fn(model, x, plan.sigmas, noise=noise, callback=callback, **options)
+    return plan.to_vp(x)
