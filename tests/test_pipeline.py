@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmcli import pipeline
-from sd_fixtures import SD15_SCHEDULER_CONFIG, build_tiny_sd1_pipeline, save_tiny_sd1_folder
+from sd_fixtures import SD15_SCHEDULER_CONFIG
 
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
@@ -38,11 +38,6 @@ def _diffusers_scheduler(name: str):
     }
     cls, kwargs = table[name]
     return cls.from_config(SD15_SCHEDULER_CONFIG, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_sd1_folder(tmp_path_factory.mktemp("tiny-sd1"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,18 +35,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors header ({} when absent)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with _open_safetensors(path) as f:
         return dict(f.metadata() or {})
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    with _open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    """safe_open, with any failure (bad header, truncated data) turned into a CheckpointError."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            yield f
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
 

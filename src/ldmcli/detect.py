@@ -91,7 +91,13 @@ def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
 def detect_spec(components: Components) -> ModelSpec:
     """Build the ModelSpec of an SD 1.x model from its tensors' shapes and the family constants."""
     family = SD1
-    unet = unet_config_from_shapes(_shapes(components.unet), num_heads=family.unet_num_heads, head_dim=family.unet_head_dim)
+    meta = components.metadata
+    # A safetensors header may state what shapes cannot (our demo model does); the family rule otherwise.
+    num_heads, head_dim = family.unet_num_heads, family.unet_head_dim
+    if "ldm.unet.num_heads" in meta or "ldm.unet.head_dim" in meta:
+        num_heads = _int_or_none(meta.get("ldm.unet.num_heads"))
+        head_dim = _int_or_none(meta.get("ldm.unet.head_dim"))
+    unet = unet_config_from_shapes(_shapes(components.unet), num_heads=num_heads, head_dim=head_dim)
     where = components.path
     if unet.in_channels != 4:
         kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
@@ -120,6 +126,10 @@ def _schedule(components: Components) -> tuple[DiffusionSchedule, str]:
     if components.scheduler_config is not None:
         return DiffusionSchedule.from_diffusers_config(components.scheduler_config), "scheduler/scheduler_config.json"
     return DiffusionSchedule(), "SD 1.x defaults (epsilon prediction, scaled_linear betas)"
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value not in (None, "", "none") else None
 
 
 def _float_metadata(components: Components, key: str, default: float) -> float:

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ldmcli.checkpoint import WEIGHT_SUFFIXES, read_json, read_sharded_or_single, read_state_dict
+from ldmcli.checkpoint import (
+    WEIGHT_SUFFIXES,
+    read_json,
+    read_safetensors_metadata,
+    read_sharded_or_single,
+    read_state_dict,
+)
 from ldmcli.errors import CheckpointError, ModelNotFoundError
 from ldmcli.detect import check_supported_single_file
 
@@ -78,10 +84,11 @@ def read_components(path: Path) -> Components:
         raise ModelNotFoundError(f"{path}: no such file or folder")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
-    return split_single_file(read_state_dict(path), path)
+    metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    return split_single_file(read_state_dict(path), path, metadata)
 
 
-def split_single_file(state_dict: dict[str, torch.Tensor], path: Path) -> Components:
+def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Components:
     """Sort an LDM-layout single file's keys into networks by prefix."""
     from ldmcli.keymap.clip import clip_hf_to_canonical
 
@@ -101,11 +108,6 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path) -> Compon
     for name, tensors in parts.items():
         if not tensors:
             raise CheckpointError(f"{path}: no {name} weights (keys under {_prefix_of(name)!r})")
-    metadata = {}
-    if path.suffix == ".safetensors":
-        from ldmcli.checkpoint import read_safetensors_metadata
-
-        metadata = read_safetensors_metadata(path)
     return Components(
         layout="single-file",
         path=path,
@@ -113,7 +115,7 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path) -> Compon
         vae=parts["vae"],
         text_encoder=_named(path, "text encoder", clip_hf_to_canonical, parts["text_encoder"]),
         alphas_cumprod=state_dict.get("alphas_cumprod"),
-        metadata=metadata,
+        metadata=metadata or {},
         sources={name: str(path) for name in parts},
     )
 

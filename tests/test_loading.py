@@ -1,0 +1,171 @@
+"""Loading: every key of real checkpoint layouts accounted for, and bad files refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldmcli import pipeline
+from ldmcli.detect import detect_spec
+from ldmcli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from ldmcli.layout import read_components, split_single_file
+from ldmcli.models.clip import CLIPTextModel
+from ldmcli.models.unet import UNetModel
+from ldmcli.models.vae import AutoencoderKL
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def _meta_state_dict(manifest: str) -> dict[str, torch.Tensor]:
+    with open(FIXTURES / manifest) as f:
+        shapes = json.load(f)
+    return {k: torch.empty(shape, device="meta") for k, (shape, _dtype) in shapes.items()}
+
+
+def _meta_keys_and_shapes(module_cls, config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        module = module_cls(config)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
+def test_sd15_single_file_every_key_accounted_for():
+    components = split_single_file(_meta_state_dict("sd15-single-file.json"), Path("v1-5-pruned-emaonly.safetensors"))
+    spec = detect_spec(components)
+    assert spec.family == "sd1"
+    assert (spec.unet.model_channels, spec.unet.channel_mult, spec.unet.context_dim) == (320, (1, 2, 4, 4), 768)
+    assert (spec.text_encoder.width, spec.text_encoder.layers, spec.text_encoder.heads) == (768, 12, 12)
+    assert (spec.vae.ch, spec.vae.ch_mult) == (128, (1, 2, 4, 4))
+    assert _meta_keys_and_shapes(UNetModel, spec.unet) == _shapes(components.unet)
+    assert _meta_keys_and_shapes(AutoencoderKL, spec.vae) == _shapes(components.vae)
+    assert _meta_keys_and_shapes(CLIPTextModel, spec.text_encoder) == _shapes(components.text_encoder)
+    # 1143 tensors = networks + 12 schedule buffers + CLIP position_ids, nothing else.
+    placed = len(components.unet) + len(components.vae) + len(components.text_encoder)
+    assert placed + 12 + 1 == 1143
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
+@pytest.mark.parametrize("manifest, family", [("sd21-single-file.json", "Stable Diffusion 2.x"), ("sdxl-single-file.json", "SDXL")])
+def test_later_families_are_named_not_loaded(manifest, family):
+    with pytest.raises(UnsupportedModelError, match=family):
+        split_single_file(_meta_state_dict(manifest), Path(manifest))
+
+
+def test_unknown_single_file_key_is_named(tiny_single_file, tmp_path):
+    tensors = _load(tiny_single_file)
+    tensors["model.diffusion_model.extra_head.weight"] = torch.zeros(2)
+    tensors["some_other_thing"] = torch.zeros(1)
+    path = tmp_path / "extra.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="some_other_thing"):
+        read_components(path)
+    del tensors["some_other_thing"]
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="unexpected model.diffusion_model.extra_head.weight|extra_head.weight"):
+        pipeline.load(path)
+
+
+def test_missing_tensor_is_named(tiny_single_file, tmp_path):
+    tensors = _load(tiny_single_file)
+    del tensors["first_stage_model.decoder.conv_out.bias"]
+    path = tmp_path / "missing.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="decoder.conv_out.bias"):
+        pipeline.load(path)
+
+
+def test_ignored_extras_are_accepted(tiny_single_file, tmp_path):
+    tensors = _load(tiny_single_file)
+    tensors["alphas_cumprod"] = torch.ones(1000)
+    tensors["model_ema.decay"] = torch.tensor(0.999)
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / "extras.safetensors"
+    save_file(tensors, path)
+    read_components(path)
+
+
+def test_missing_path():
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        read_components(Path("/nonexistent/model.safetensors"))
+
+
+def test_folder_without_model(tmp_path):
+    with pytest.raises(CheckpointError, match="without a model"):
+        read_components(tmp_path)
+
+
+def test_truncated_safetensors(tiny_single_file, tmp_path):
+    data = tiny_single_file.read_bytes()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors: not a readable safetensors"):
+        read_components(path)
+
+
+def test_garbage_safetensors(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_components(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_ckpt_with_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callbacks": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused to unpickle.*builtins.print|refused to unpickle.*print"):
+        read_components(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_lora_is_refused(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, path)
+    with pytest.raises(UnsupportedModelError, match="a LoRA"):
+        read_components(path)
+
+
+def test_vae_alone_is_refused(tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "decoder.conv_out.bias": torch.zeros(3)}, path)
+    with pytest.raises(UnsupportedModelError, match="a VAE alone"):
+        read_components(path)
+
+
+def test_inpainting_unet_is_refused(tiny_single_file, tmp_path):
+    tensors = _load(tiny_single_file)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0], 9, 3, 3)
+    path = tmp_path / "inpaint.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(UnsupportedModelError, match="inpainting"):
+        pipeline.load(path)
+
+
+def test_text_encoder_without_text_model_prefix_loads(tiny_single_file, tmp_path):
+    """Older transformers saved CLIP without `text_model.`; single files made from them exist."""
+    tensors = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in _load(tiny_single_file).items()
+    }
+    path = tmp_path / "noprefix.safetensors"
+    save_file(tensors, path)
+    pipeline.load(path)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
