@@ -1,11 +1,14 @@
-"""The command line: help, validation before loading, one-line errors with exit codes, PNG metadata."""
+"""The command line as scripts use it: validation before loading, exit codes, batches, resume, metadata."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,24 +16,35 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ldmcli.cli import cli
-from ldmcli.image import read_png_text
+from ldmcli.metadata import A1111_PARAM, parse_a1111, read_png_text
 
-TINY_ARGS = ["-W", "64", "-H", "64", "--steps", "4"]
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+TINY = ["-W", "64", "-H", "64", "--steps", "4"]
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["samplers"]])
+def invoke(*args, env=None, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, input=input)
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# --- help and usage -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["samplers"], ["models"], ["info"]])
 def test_help(command):
-    result = run(*command, "--help")
+    result = invoke(*command, "--help")
     assert result.exit_code == 0
     assert "Usage:" in result.output
 
 
 def test_samplers_lists_every_sampler_and_alias():
-    out = run("samplers").output
+    out = invoke("samplers").output
     for name, display in [("euler_a", "Euler a"), ("dpmpp_2m", "DPM++ 2M"), ("plms", "PLMS"), ("karras", "Karras")]:
         assert name in out and display in out
 
@@ -44,83 +58,296 @@ def test_samplers_lists_every_sampler_and_alias():
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--schedule", "nope"], "--schedule"),
         (["--device", "tpu"], "--device"),
+        (["--overwrite", "--skip-existing"], "contradict"),
+        (["-o", "out/{nope}.png"], "unknown field {nope}"),
+        (["-o", "out/image.jpg"], "must end in .png"),
     ],
 )
 def test_usage_errors_exit_2_before_loading(args, message, tmp_path):
-    # The model path does not exist: a usage error must be reported before the model is even looked at.
-    result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tmp_path / "absent.safetensors"), *args])
-    assert result.exit_code == 2
+    # The model does not exist: every usage error must be found before the model is even looked for.
+    result = invoke("generate", "a cat", "-m", tmp_path / "absent.safetensors", *args)
+    assert result.exit_code == 2, result.output
     assert message in result.output
 
 
-def test_missing_model_one_line_exit_2(tmp_path):
-    result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tmp_path / "absent.safetensors")])
+def test_no_prompt_is_a_usage_error():
+    result = invoke("generate")
+    assert result.exit_code == 2 and "give a prompt" in result.output
+
+
+def test_missing_model_names_where_it_looked(tmp_path):
+    result = invoke("generate", "a cat", "-m", "no-such-model", env={"LDM_MODELS_DIR": str(tmp_path)})
     assert result.exit_code == 2
-    assert result.output.strip() == f"ldm: error: {tmp_path / 'absent.safetensors'}: no such file or folder"
+    assert result.output.startswith("ldm: error: model 'no-such-model' not found")
+    assert str(tmp_path) in result.output and "huggingface" in result.output
 
 
 def test_corrupt_model_one_line_no_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 100)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ldmcli", "generate", "a cat", "-m", str(bad), "-o", str(tmp_path / "x.png")],
-        capture_output=True, text=True,
-    )
+    proc = subprocess.run([sys.executable, "-m", "ldmcli", "generate", "a cat", "-m", str(bad), "-o", str(tmp_path / "x.png")],
+                          capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "bad.safetensors: not a readable safetensors file" in proc.stderr
 
 
+# --- prompt files ---------------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_names_the_line_before_loading(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "steps": "many"}\n')
+    result = invoke("generate", "--prompts", prompts, "-m", tmp_path / "absent.safetensors")
+    assert result.exit_code == 2
+    assert f"{prompts}:3: \"steps\" must be a int" in result.output
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"prompt": "x", "colour": "red"}', "unknown field(s) colour"),
+    ('{"steps": 3}', '"prompt" (a string) is required'),
+    ('{"prompt": "x", "width": 100}', "width 100 is not a positive multiple of 8"),
+    ('{"prompt": "x", "sampler": "bogus"}', "unknown sampler 'bogus'"),
+])
+def test_jsonl_errors(tmp_path, tiny_single_file, line, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n' + line + "\n")
+    result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2
+    assert f"{prompts}:2: " in result.output and message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_prompt_file(tmp_path):
+    result = invoke("generate", "--prompts", tmp_path / "missing.txt", "-m", "whatever")
+    assert result.exit_code == 2 and "cannot read prompt file" in result.output
+
+
+def test_jsonl_overrides_and_text_file_comments(tmp_path, tiny_single_file):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "a cat", "seed": 7, "steps": 3, "sampler": "DPM++ 2M Karras", "batch_count": 2, "name": "cat"}\n'
+        '# a comment\n'
+        '{"prompt": "a dog", "negative_prompt": "blurry", "width": 72, "cfg_scale": 1}\n'
+    )
+    result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, "-s", "100", *TINY, "--json",
+                    "-o", tmp_path / "{name}-{seed}.png")
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    cat1, cat2, dog, summary = records
+    assert (cat1["seed"], cat2["seed"], cat1["steps"], cat1["sampler"], cat1["schedule"]) == (7, 8, 3, "dpmpp_2m", "karras")
+    assert cat1["path"] == str(tmp_path / "cat-7.png")
+    assert (dog["seed"], dog["width"], dog["height"], dog["cfg_scale"], dog["negative_prompt"]) == (100, 72, 64, 1.0, "blurry")
+    assert Image.open(dog["path"]).size == (72, 64)
+    assert summary["summary"]["made"] == 3 and summary["summary"]["failed"] == 0
+
+    text = tmp_path / "p.txt"
+    text.write_text("# header\n\na cat\n  \na dog\n")
+    result = invoke("generate", "--prompts", text, "-m", tiny_single_file, "-s", "1", *TINY, "--json", "-o", f"{tmp_path / 't'}/")
+    assert [r["prompt"] for r in json_lines(result.stdout)[:-1]] == ["a cat", "a dog"]
+
+
+def test_prompts_from_stdin(tmp_path, tiny_single_file):
+    result = invoke("generate", "--prompts", "-", "-m", tiny_single_file, *TINY, "--json", "-o", f"{tmp_path / 'o'}/",
+                    input='{"prompt": "from stdin", "seed": 3}\n')
+    assert result.exit_code == 0, result.output
+    assert json_lines(result.stdout)[0]["prompt"] == "from stdin"
+
+
+# --- seeds are properties of the image, not of the batch -----------------------------------------
+
+
+def test_image_independent_of_batch_size_position_and_neighbours(tmp_path, tiny_single_file):
+    alone = tmp_path / "alone"
+    assert invoke("generate", "a red circle", "-s", "40", "-b", "3", "-m", tiny_single_file, *TINY, "-o", f"{alone}/").exit_code == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "something else", "seed": 5, "batch_count": 2}\n{"prompt": "a red circle", "seed": 40, "batch_count": 3}\n')
+    for batch_size in ("1", "2", "3"):
+        mixed = tmp_path / f"mixed{batch_size}"
+        result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, *TINY, "--batch-size", batch_size,
+                        "-o", f"{mixed}/")
+        assert result.exit_code == 0, result.output
+        for i in range(3):
+            a, b = pixels(alone / f"{i:05d}-{40 + i}.png"), pixels(mixed / f"{i + 2:05d}-{40 + i}.png")
+            if batch_size == "1":  # same U-Net batches: bit for bit, wherever the job sits in the file
+                assert np.array_equal(a, b)
+            else:  # batched BLAS kernels may round differently: never more than one level
+                assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
 def test_existing_output_refused_before_loading(tmp_path, tiny_single_file):
     out = tmp_path / "x.png"
     out.write_bytes(b"precious")
-    result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tiny_single_file), "-o", str(out), *TINY_ARGS])
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-o", out, *TINY)
     assert result.exit_code == 2
-    assert "exists (use --overwrite" in result.output
+    assert "exists: use --skip-existing to keep it or --overwrite to replace it" in result.output
     assert out.read_bytes() == b"precious"
+
+
+def test_output_under_a_file_is_refused(tmp_path, tiny_single_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-o", blocker / "x.png")
+    assert result.exit_code == 2 and "cannot write" in result.output
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_dir(tmp_path, tiny_single_file):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tiny_single_file), "-o", str(locked / "x.png")])
-    assert result.exit_code == 2
-    assert "cannot write" in result.output
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-o", locked / "x.png")
+    assert result.exit_code == 2 and "cannot write" in result.output
 
 
-def test_output_under_a_file_is_refused(tmp_path, tiny_single_file):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tiny_single_file), "-o", str(blocker / "x.png")])
-    assert result.exit_code == 2
-    assert "cannot write" in result.output
+def test_template_that_names_two_images_alike(tmp_path, tiny_single_file):
+    result = invoke("generate", "a cat", "a dog", "-s", "1", "-m", tiny_single_file, "-o", tmp_path / "{seed}.png")
+    assert result.exit_code == 2 and "add {index} or {seed}" in result.output
 
 
-def test_generate_writes_png_with_metadata(tmp_path, tiny_single_file):
-    result = CliRunner().invoke(cli, [
-        "generate", "a red circle, big", "-n", "blurry", "-m", str(tiny_single_file), "-s", "42",
-        "--sampler", "DPM++ 2M Karras", "--cfg-scale", "7", "-b", "2", "-o", str(tmp_path / "out") + "/", *TINY_ARGS,
-    ])
-    assert result.exit_code == 0, result.output
-    first, second = tmp_path / "out" / "00000-42.png", tmp_path / "out" / "00001-43.png"
-    assert Image.open(first).size == (64, 64) and second.exists()
-    text = read_png_text(first)
-    assert text["parameters"] == (
-        "a red circle, big\n"
-        "Negative prompt: blurry\n"
-        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 64x64, Model: tiny-sd1"
-    )
-    ours = json.loads(text["ldm"])
-    assert ours["seed"] == 42 and ours["sampler"] == "dpmpp_2m" and ours["schedule"] == "karras"
-    assert not list((tmp_path / "out").glob("*.part"))
+def test_env_defaults_and_flags_win(tmp_path, tiny_single_file):
+    env = {"LDM_MODEL": str(tiny_single_file), "LDM_OUTPUT_DIR": str(tmp_path / "envout"), "LDM_DEVICE": "cpu"}
+    assert invoke("generate", "a cat", "-s", "2", *TINY, env=env).exit_code == 0
+    assert (tmp_path / "envout" / "00000-2.png").exists()
+    result = invoke("generate", "a cat", "-s", "2", *TINY, "-o", tmp_path / "flag.png", "-m", tmp_path / "nope.safetensors", env=env)
+    assert result.exit_code == 2 and "nope.safetensors" in result.output  # -m beats LDM_MODEL
 
 
-def test_same_seed_same_bytes(tmp_path, tiny_single_file):
-    for name in ("a.png", "b.png"):
-        result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tiny_single_file), "-s", "3",
-                                          "-o", str(tmp_path / name), *TINY_ARGS])
+def test_models_found_by_name_in_models_dir_and_hf_cache(tmp_path, tiny_single_file, tiny_folder):
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / "mine.safetensors").symlink_to(tiny_single_file)
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_folder, target_is_directory=True)
+    env = {"LDM_MODELS_DIR": str(models_dir), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    listing = invoke("models", env=env).output
+    assert "mine" in listing and "someone/tiny-sd" in listing and "huggingface cache" in listing
+    for name in ("mine", "someone/tiny-sd", "tiny-sd"):
+        result = invoke("generate", "a cat", "-m", name, "-s", "1", *TINY, "-o", tmp_path / f"{name.replace('/', '_')}.png", env=env)
         assert result.exit_code == 0, result.output
-    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
-    assert np.array_equal(a, b)
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_json_and_quiet_keep_stdout_machine_readable(tmp_path, tiny_single_file):
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-s", "1", "-b", "2", *TINY, "--json", "--quiet",
+                    "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 0
+    assert result.stderr == ""
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is JSON
+    assert [r.get("seed") for r in records[:2]] == [1, 2] and records[-1]["summary"]["made"] == 2
+    assert {"path", "prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "width", "height", "model", "seconds"} <= set(records[0])
+
+
+def test_grid(tmp_path, tiny_single_file):
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-s", "1", "-b", "3", *TINY, "--grid", "-o", f"{tmp_path / 'g'}/")
+    assert result.exit_code == 0
+    grid = Image.open(tmp_path / "g" / "grid.png")
+    assert grid.size[0] >= 128 and grid.size[1] > 128
+
+
+def test_one_failure_does_not_stop_the_batch(tmp_path, tiny_single_file, monkeypatch):
+    from ldmcli import pipeline
+
+    real = pipeline.generate
+
+    def flaky(model, request, seeds, **kw):
+        if request.prompt == "explodes":
+            raise RuntimeError("simulated failure")
+        return real(model, request, seeds, **kw)
+
+    monkeypatch.setattr(pipeline, "generate", flaky)
+    args = ["generate", "a cat", "explodes", "a dog", "-m", tiny_single_file, "-s", "1", *TINY, "--json"]
+    result = invoke(*args, "-o", f"{tmp_path / 'a'}/")
+    assert result.exit_code == 1
+    records = json_lines(result.stdout)
+    assert [("error" in r) for r in records[:3]] == [False, True, False]
+    assert records[-1]["summary"]["failed"] == 1 and records[-1]["summary"]["made"] == 2
+    result = invoke(*args, "--fail-fast", "-o", f"{tmp_path / 'b'}/")
+    assert result.exit_code == 1 and len(list((tmp_path / "b").glob("*.png"))) == 1
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+
+def test_png_metadata_is_a1111_format(tmp_path, tiny_single_file):
+    prompt = "a cat: big, fluffy\nsecond line"
+    result = invoke("generate", prompt, "-n", "blurry, dark", "-m", tiny_single_file, "-s", "42",
+                    "--sampler", "DPM++ 2M Karras", "--cfg-scale", "7", *TINY, "-o", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    text = read_png_text(tmp_path / "x.png")["parameters"]
+    *_, last = text.split("\n")
+    assert len(A1111_PARAM.findall(last)) >= 3  # A1111's own test for "this is the parameters line"
+    assert last.startswith("Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 64x64, Model hash: ")
+    parsed = parse_a1111(text)
+    assert parsed["Prompt"] == prompt and parsed["Negative prompt"] == "blurry, dark"
+    assert parsed["Model"] == "tiny-sd1" and len(parsed["Model hash"]) == 10
+    assert parsed["Version"] == "ldm 0.1.0"  # a value with ':'-free text stays unquoted
+
+
+def test_from_png_reproduces_bytes(tmp_path, tiny_single_file):
+    first = tmp_path / "first.png"
+    assert invoke("generate", "a red circle", "-n", "x, y", "-m", tiny_single_file, "-s", "9", "--sampler", "euler_a",
+                  *TINY, "-o", first).exit_code == 0
+    again = tmp_path / "again.png"
+    result = invoke("generate", "--from-png", first, "-o", again)  # model found from the image's own record
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() == first.read_bytes()
+    other = tmp_path / "other.png"
+    assert invoke("generate", "--from-png", first, "-s", "10", "-o", other).exit_code == 0  # flags override
+    assert json.loads(read_png_text(other)["ldm"])["seed"] == 10
+
+
+def test_from_a1111_only_png(tmp_path, tiny_single_file):
+    first = tmp_path / "first.png"
+    assert invoke("generate", "a cat, sitting", "-m", tiny_single_file, "-s", "3", "--sampler", "DPM++ 2M Karras",
+                  *TINY, "-o", first).exit_code == 0
+    foreign = tmp_path / "foreign.png"
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", read_png_text(first)["parameters"])
+    Image.open(first).save(foreign, pnginfo=info)
+    again = tmp_path / "again.png"
+    result = invoke("generate", "--from-png", foreign, "-m", tiny_single_file, "-o", again)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(again), pixels(first))
+
+
+def test_info_image_and_model(tmp_path, tiny_single_file):
+    out = tmp_path / "x.png"
+    assert invoke("generate", "a cat", "-m", tiny_single_file, "-s", "5", *TINY, "-o", out).exit_code == 0
+    shown = json.loads(invoke("info", out, "--json").output)
+    assert shown["prompt"] == "a cat" and shown["seed"] == 5 and shown["model"]["name"] == "tiny-sd1"
+    model = json.loads(invoke("info", tiny_single_file, "--json").output)
+    assert model["family"] == "sd1" and model["unet_parameters"] > 0 and len(model["hash"]) == 10
+
+
+# --- interruption ---------------------------------------------------------------------------------
+
+
+def test_interrupt_then_resume(tmp_path, tiny_single_file):
+    """Ctrl-C mid-batch: exit 130, finished images intact; --skip-existing makes only the rest."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "ldmcli", "generate", "a cat", "-m", str(tiny_single_file), "-s", "1", "-b", "4",
+            "-W", "64", "-H", "64", "--steps", "400", "-o", f"{out}/", "--json"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*.png")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    done = sorted(out.glob("*.png"))
+    assert 1 <= len(done) < 4 and not list(out.glob("*.part"))
+    for path in done:
+        Image.open(path).load()  # complete, valid PNGs
+    assert json.loads(stdout.splitlines()[-1])["summary"]["interrupted"] is True
+
+    resumed = subprocess.run([*args, "--skip-existing"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.splitlines()[-1])["summary"]
+    assert summary["skipped"] == len(done) and summary["made"] == 4 - len(done)
+    assert len(list(out.glob("*.png"))) == 4

@@ -21,13 +21,16 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weights file, by key. Raises CheckpointError naming the file on any problem."""
+def read_state_dict(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of one weights file, by key. Raises CheckpointError naming the file on any problem.
+
+    meta=True gives shape-and-dtype-only tensors, read from a safetensors header without the data.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     if path.suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
+        return _read_safetensors_header(path) if meta else _read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
@@ -42,6 +45,21 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with _open_safetensors(path) as f:
         return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    with _open_safetensors(path) as f:
+        tensors = {}
+        for key in f.keys():
+            piece = f.get_slice(key)
+            tensors[key] = torch.empty(piece.get_shape(), dtype=_SAFETENSORS_DTYPES[piece.get_dtype()], device="meta")
+        return tensors
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 @contextmanager
@@ -78,7 +96,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_sharded_or_single(folder: Path, stems: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], Path]:
+def read_sharded_or_single(folder: Path, stems: tuple[str, ...], *, meta: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
     """Weights of one diffusers component folder: the first of `stems` found, safetensors preferred.
 
     Handles sharded files (`<stem>.safetensors.index.json`) too.
@@ -90,11 +108,11 @@ def read_sharded_or_single(folder: Path, stems: tuple[str, ...]) -> tuple[dict[s
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
                 tensors: dict[str, torch.Tensor] = {}
                 for shard in shards:
-                    tensors.update(read_state_dict(folder / shard))
+                    tensors.update(read_state_dict(folder / shard, meta=meta))
                 return tensors, index
             single = folder / f"{stem}{suffix}"
             if single.is_file():
-                return read_state_dict(single), single
+                return read_state_dict(single, meta=meta), single
     raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ldmcli import __version__
 
@@ -21,23 +23,21 @@ EXIT_INTERRUPTED = 130
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("leading", "linspace", "trailing", "karras", "exponential")
-DEFAULT_OUTPUT = "outputs/{index:05d}-{seed}.png"
 
 
 class SamplerName(click.ParamType):
-    """Our sampler names and A1111's ("DPM++ 2M Karras", "Euler a"); converts to (sampler, schedule | None)."""
+    """Our sampler names and A1111's ("DPM++ 2M Karras", "Euler a"), checked at parse time."""
 
     name = "sampler"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
         from ldmcli.samplers import resolve_sampler_name
 
         try:
-            return resolve_sampler_name(value)
+            resolve_sampler_name(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        return value
 
 
 class ImageSide(click.ParamType):
@@ -58,56 +58,124 @@ class ImageSide(click.ParamType):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ldm")
 def cli() -> None:
-    """ldm: Stable Diffusion text-to-image from the command line."""
+    """ldm: Stable Diffusion text-to-image from the command line.
+
+    Exit codes: 0 ok, 1 an image failed, 2 usage or input error, 130 interrupted.
+    """
 
 
 @cli.command()
-@click.argument("prompt", required=False)
-@click.option("-p", "--prompt", "prompt_option", help="The prompt (instead of the argument).")
+@click.argument("prompts", nargs=-1)
+@click.option("-p", "--prompt", "prompt_options", multiple=True, help="A prompt (repeatable; same as the arguments).")
+@click.option("--prompts", "prompt_file", metavar="FILE",
+              help="Prompts from FILE: one a line (# comments), or .jsonl objects with per-job overrides; - reads stdin.")
+@click.option("--from-png", "from_png", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Regenerate the image a PNG's metadata (ours or A1111's) describes; other flags override it.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
-@click.option("-m", "--model", "model_path", envvar="LDM_MODEL", type=click.Path(path_type=Path), required=True,
-              help="Checkpoint: a .safetensors/.ckpt single file or a diffusers folder. [env: LDM_MODEL]")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Sampling steps.")
-@click.option("--cfg-scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale; 1 skips the unconditional pass.")
-@click.option("-W", "--width", type=ImageSide(), default=512, show_default=True)
-@click.option("-H", "--height", type=ImageSide(), default=512, show_default=True)
-@click.option("-s", "--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None, help="Seed of the first image; image i gets seed+i. Random if unset.")
-@click.option("-b", "--batch-count", type=click.IntRange(min=1), default=1, show_default=True, help="Images to make.")
-@click.option("--sampler", type=SamplerName(), default="euler_a", show_default=True, help="Sampler; A1111 names accepted. See `ldm samplers`.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Sigma schedule. Default: the model's own timestep spacing.")
+@click.option("-m", "--model", envvar="LDM_MODEL",
+              help="Model file, diffusers folder, or a name in ./weights, $LDM_MODELS_DIR or the HF cache. "
+                   "Default: the bundled demo model. [env: LDM_MODEL]")
+@click.option("--steps", type=click.IntRange(min=1), help="Sampling steps. [default: 30, or the model's]")
+@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale; 1 skips the negative pass. [default: 7.5]")
+@click.option("-W", "--width", type=ImageSide(), help="Width in pixels, a multiple of 8. [default: 512, or the model's]")
+@click.option("-H", "--height", type=ImageSide(), help="Height in pixels, a multiple of 8. [default: 512, or the model's]")
+@click.option("-s", "--seed", type=click.IntRange(min=0, max=2**63 - 1), help="Seed of each job's first image; image i gets seed+i. Random if unset.")
+@click.option("-b", "--batch-count", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per U-Net batch (speed/memory only: images do not change).")
+@click.option("--sampler", type=SamplerName(), help="Sampler; A1111 names accepted. See `ldm samplers`. [default: euler_a]")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help="Sigma schedule. [default: the model's timestep spacing]")
 @click.option("--device", type=click.Choice(DEVICES), envvar="LDM_DEVICE", default="auto", show_default=True, help="[env: LDM_DEVICE]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: fp16 on CUDA/MPS, fp32 on CPU.")
-@click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True,
-              help="PNG path; may use {index}, {seed}. A folder (ending in /) gets 00000-SEED.png names.")
-@click.option("--overwrite", is_flag=True, help="Replace existing files instead of refusing.")
+@click.option("-o", "--output", help="PNG path template, fields {index} {seed} {prompt_slug} {name} {job} {image} ..., "
+              "or a folder ending in /. [default: $LDM_OUTPUT_DIR or outputs/, then 00000-SEED.png]")
+@click.option("--overwrite", is_flag=True, help="Replace existing images.")
+@click.option("--skip-existing", is_flag=True, help="Keep existing images and make only the missing ones (resume).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed image (default: report it and go on).")
+@click.option("--grid", is_flag=True, help="Also write grid.png: a captioned contact sheet of the images.")
+@click.option("--json", "json_lines", is_flag=True, help="One JSON object per image on stdout, then a summary.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def generate(prompt, prompt_option, negative_prompt, model_path, steps, cfg_scale, width, height, seed, batch_count,
-             sampler, schedule, device, dtype, output, overwrite, debug):
-    """Generate images from PROMPT."""
-    from ldmcli.run import GenerateOptions, run_generate
+@click.pass_context
+def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
+             height, seed, batch_count, batch_size, sampler, schedule, device, dtype, output, overwrite, skip_existing,
+             fail_fast, grid, json_lines, quiet, debug):
+    """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
-    text = prompt_option if prompt_option is not None else prompt
-    if text is None:
-        raise click.UsageError("give a prompt: ldm generate \"a cat\"")
-    sampler_name, sampler_schedule = sampler
-    options = GenerateOptions(
-        prompt=text,
-        negative_prompt=negative_prompt,
-        model=model_path,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        width=width,
-        height=height,
-        seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-        batch_count=batch_count,
-        sampler=sampler_name,
-        schedule=schedule or sampler_schedule,
-        device=device,
-        dtype=dtype,
-        output=output,
-        overwrite=overwrite,
-    )
-    _run(lambda: run_generate(options), debug)
+    def build():
+        from ldmcli.jobs import Job, read_prompt_file
+        from ldmcli.outputs import check_template, resolve_template
+        from ldmcli.run import RunOptions, recommended_defaults, run_generate
+
+        if overwrite and skip_existing:
+            raise click.UsageError("--overwrite and --skip-existing contradict each other")
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) in
+                 (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        template = Job(
+            prompt="", negative_prompt=negative_prompt,
+            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+            steps=steps, cfg_scale=cfg_scale, sampler=sampler, schedule=schedule, width=width, height=height,
+            batch_count=batch_count,
+        )
+        texts = [*prompts, *prompt_options]
+        model_path = model
+        if from_png is not None:
+            if texts or prompt_file:
+                raise click.UsageError("--from-png regenerates one image: give no other prompt")
+            jobs, model_path = [_job_from_png(from_png, template, given)], model or _model_from_png(from_png)
+        else:
+            if not texts and not prompt_file:
+                raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
+            jobs = [replace(template, prompt=t) for t in texts]
+            if prompt_file:
+                jobs += read_prompt_file(prompt_file, template)
+        output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
+        check_template(output_template)
+        model_file = _resolve_model(model_path, quiet)
+        options = RunOptions(
+            model=model_file, template=output_template,
+            device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite, skip_existing=skip_existing,
+            fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
+        )
+        defaults = recommended_defaults(model_file)
+        return run_generate(jobs, options, defaults)
+
+    sys.exit(_run(build, debug))
+
+
+def _resolve_model(name: str | None, quiet: bool) -> Path:
+    from ldmcli.errors import ModelNotFoundError
+    from ldmcli.models_dir import demo_model, resolve_model
+
+    if name:
+        return resolve_model(name)
+    demo = demo_model()
+    if demo is None:
+        raise ModelNotFoundError("no model: pass -m MODEL or set LDM_MODEL (the bundled demo model is not installed)")
+    if not quiet:
+        click.echo(f"ldm: using the bundled demo model {demo} (pass -m to use another)", err=True)
+    return demo
+
+
+def _job_from_png(path: Path, template, given: set[str]):
+    """The PNG's job, with every flag the user actually gave taking precedence."""
+    from ldmcli.metadata import job_from_png_text, read_png_text
+
+    job, _ = job_from_png_text(read_png_text(path), str(path))
+    overrides = {name: getattr(template, name) for name in
+                 ("negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "width", "height", "batch_count")
+                 if name in given}
+    return replace(job, **overrides)
+
+
+def _model_from_png(path: Path) -> str | None:
+    """The model an image was made with: its recorded path if it still exists, else its name."""
+    from ldmcli.metadata import job_from_png_text, read_png_text
+
+    _, model = job_from_png_text(read_png_text(path), str(path))
+    if model.get("path") and Path(model["path"]).exists():
+        return model["path"]
+    return model.get("name")
 
 
 @cli.command()
@@ -129,28 +197,68 @@ def samplers() -> None:
     click.echo("Default schedule: the model's own timestep spacing (SD 1.5: leading, as diffusers).")
 
 
+@cli.command()
+def models() -> None:
+    """List the models found in ./weights, $LDM_MODELS_DIR and the local Hugging Face cache."""
+    from ldmcli.models_dir import list_models
+
+    found = list_models()
+    if not found:
+        click.echo("no models found (looked in ./weights, $LDM_MODELS_DIR, the Hugging Face cache)", err=True)
+        return
+    _table(["name", "where", "path"], [[m.name, m.where, str(m.path)] for m in found])
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def info(target, as_json, debug) -> None:
+    """Describe a MODEL (family, sizes, hash, parts) or an IMAGE.png's generation parameters."""
+
+    def show() -> int:
+        from ldmcli.info import describe_image, describe_model
+
+        described = describe_image(Path(target)) if target.lower().endswith(".png") else describe_model(target)
+        if as_json:
+            import json
+
+            click.echo(json.dumps(described, indent=2, ensure_ascii=False))
+        else:
+            for key, value in described.items():
+                click.echo(f"{key}: {value}")
+        return 0
+
+    sys.exit(_run(show, debug))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) + 2 for i in range(len(header) - 1)]
     for row in [header, *rows]:
         click.echo("".join(f"{str(c):<{w}}" for c, w in zip(row, widths)) + str(row[-1]))
 
 
-def _run(action, debug: bool) -> None:
+def _run(action, debug: bool) -> int:
     """Run a command body, mapping our errors to one-line messages and exit codes."""
     from ldmcli.errors import LdmError
 
     try:
-        action()
+        return action()
+    except click.ClickException:
+        raise
     except LdmError as exc:
         if debug:
             raise
         click.echo(f"ldm: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         click.echo("ldm: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `ldm ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line for the user; --debug shows the rest
         if debug:
             raise
         click.echo(f"ldm: failed: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(EXIT_FAILURE)
+        return EXIT_FAILURE

@@ -1,8 +1,7 @@
-"""Write PNGs atomically, with A1111 `parameters` text and our own JSON metadata."""
+"""Write PNGs atomically: a temporary file in the same folder, fsync, then a rename."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -10,27 +9,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
-
-# Text chunk keys: "parameters" is what A1111, image browsers and civitai read; "ldm" is ours, complete.
-A1111_KEY = "parameters"
-LDM_KEY = "ldm"
-
-
-def a1111_quote(value: object) -> str:
-    """A1111's infotext quoting: values holding `,` `:` or a newline are JSON strings."""
-    text = str(value)
-    if "," not in text and ":" not in text and "\n" not in text:
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def a1111_parameters(prompt: str, negative_prompt: str, fields: Mapping[str, object]) -> str:
-    """The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, ...`."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {a1111_quote(value)}" for key, value in fields.items() if value is not None))
-    return "\n".join(lines)
 
 
 def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwrite: bool = False) -> None:
@@ -73,12 +51,33 @@ def _rename_no_clobber(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-def read_png_text(path: Path) -> dict[str, str]:
-    """The text chunks of a PNG."""
-    with Image.open(path) as im:
-        im.load()
-        return dict(getattr(im, "text", {}) or {})
+def contact_sheet(images: list[np.ndarray], captions: list[str], columns: int | None = None) -> np.ndarray:
+    """A grid of same-size images, each with a caption strip below it (the --grid output)."""
+    from PIL import ImageDraw, ImageFont
+
+    columns = columns or max(1, min(len(images), round(len(images) ** 0.5 + 0.49)))
+    rows = -(-len(images) // columns)
+    height, width = images[0].shape[:2]
+    font = ImageFont.load_default()
+    strip = 28
+    sheet = Image.new("RGB", (columns * width, rows * (height + strip)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (pixels, caption) in enumerate(zip(images, captions)):
+        x, y = (n % columns) * width, (n // columns) * (height + strip)
+        sheet.paste(Image.fromarray(pixels, "RGB"), (x, y))
+        for line_no, line in enumerate(_fit(draw, caption, font, width - 4)[:2]):
+            draw.text((x + 2, y + height + 2 + 12 * line_no), line, fill="black", font=font)
+    return np.asarray(sheet)
 
 
-def ldm_metadata(fields: Mapping[str, object]) -> str:
-    return json.dumps(dict(fields), ensure_ascii=False, sort_keys=True)
+def _fit(draw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels."""
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return [*lines, current]

@@ -73,19 +73,22 @@ class Components:
     sources: dict[str, str] = field(default_factory=dict)  # network -> file it came from
 
 
-def read_components(path: Path) -> Components:
-    """Read a single file or a diffusers folder into canonically named networks."""
+def read_components(path: Path, *, meta: bool = False) -> Components:
+    """Read a single file or a diffusers folder into canonically named networks.
+
+    meta=True reads shapes only where the format allows (safetensors headers): for `ldm info`.
+    """
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
-            return read_diffusers_folder(path)
+            return read_diffusers_folder(path, meta=meta)
         raise CheckpointError(f"{path}: a folder without a model (no model_index.json or unet/)")
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    return split_single_file(read_state_dict(path), path, metadata)
+    return split_single_file(read_state_dict(path, meta=meta), path, metadata)
 
 
 def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Components:
@@ -120,7 +123,7 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
     )
 
 
-def read_diffusers_folder(folder: Path) -> Components:
+def read_diffusers_folder(folder: Path, *, meta: bool = False) -> Components:
     """Read `unet/`, `vae/`, `text_encoder/` (+ `tokenizer/`, `scheduler/`) of a diffusers pipeline folder."""
     from ldmcli.keymap.clip import clip_hf_to_canonical
     from ldmcli.keymap.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
@@ -138,7 +141,7 @@ def read_diffusers_folder(folder: Path) -> Components:
         sub = folder / name
         if not sub.is_dir():
             raise CheckpointError(f"{folder}: missing {name}/ folder")
-        tensors, source = read_sharded_or_single(sub, stems)
+        tensors, source = read_sharded_or_single(sub, stems, meta=meta)
         networks[name] = tensors
         sources[name] = str(source)
 

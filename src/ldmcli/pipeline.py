@@ -35,6 +35,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     device: torch.device
     dtype: torch.dtype
+    hash: str | None = None  # A1111's short file hash, filled in by whoever needs it (hashing costs seconds)
 
     @property
     def name(self) -> str:
@@ -43,7 +44,7 @@ class StableDiffusion:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """What one image (or a batch of images differing only by seed) needs."""
+    """What one image needs but its seed (a batch of seeds shares one request)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -53,7 +54,6 @@ class ImageRequest:
     cfg_scale: float = 7.5
     sampler: str = "euler"
     spacing: str | None = None  # None: the model's own timestep spacing (diffusers' default)
-    seed: int = 0
 
 
 def load(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:

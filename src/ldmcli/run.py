@@ -1,72 +1,72 @@
-"""The `generate` command's work: check everything cheap, load the model once, make and save images."""
+"""The generate command's work: validate every job, plan every file, load the model once, make and save.
+
+Human messages go to stderr; with --json, one JSON object per finished image (and a closing summary)
+goes to stdout. Exit codes: 0 ok, 1 some image failed, 2 bad input (before any model loads), 130 interrupted.
+"""
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldmcli.errors import LdmError, ModelNotFoundError
+from ldmcli import __version__
+from ldmcli.errors import LdmError
+from ldmcli.jobs import ImageTask, Job, check_job
+from ldmcli.outputs import check_outputs, plan_images
+
+EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
 
 
 @dataclass(frozen=True)
-class GenerateOptions:
-    prompt: str
+class RunOptions:
     model: Path
-    negative_prompt: str = ""
-    steps: int = 30
-    cfg_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    seed: int = 0
-    batch_count: int = 1
-    sampler: str = "euler_a"
-    schedule: str | None = None
+    template: str
     device: str = "auto"
     dtype: str = "auto"
-    output: str = "outputs/{index:05d}-{seed}.png"
+    batch_size: int = 1  # images per U-Net batch (within a job); never changes an image
     overwrite: bool = False
+    skip_existing: bool = False
+    fail_fast: bool = False
+    grid: bool = False
+    json: bool = False
+    quiet: bool = False
 
 
-def output_paths(template: str, seeds: list[int]) -> list[Path]:
-    """Expand the output template for each image: fields {index} and {seed}."""
-    if template.endswith(("/", os.sep)) or Path(template).is_dir():
-        template = os.path.join(template, "{index:05d}-{seed}.png")
-    if len(seeds) > 1 and "{index" not in template and "{seed" not in template:
-        stem, dot, suffix = template.rpartition(".")
-        template = f"{stem}-{{index:05d}}.{suffix}" if dot else f"{template}-{{index:05d}}"
-    try:
-        return [Path(template.format(index=i, seed=seed)) for i, seed in enumerate(seeds)]
-    except (KeyError, IndexError, ValueError) as exc:
-        raise LdmError(f"output template {template!r}: {exc} (fields: {{index}}, {{seed}})") from exc
+@dataclass
+class Report:
+    """Where messages go: human lines to stderr, machine lines to stdout."""
 
+    json: bool = False
+    quiet: bool = False
+    counts: dict = field(default_factory=lambda: {"made": 0, "skipped": 0, "failed": 0})
 
-def check_writable(paths: list[Path], overwrite: bool) -> None:
-    """Fail before loading the model if any output cannot be written."""
-    for path in paths:
-        if path.exists() and not overwrite:
-            raise LdmError(f"{path} exists (use --overwrite to replace it)")
-        folder = path.parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise LdmError(f"cannot write to {folder}")
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def emit(self, record: dict) -> None:
+        if self.json:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+
+    @property
+    def progress(self) -> bool:
+        return not (self.json or self.quiet) and sys.stderr.isatty()
 
 
 def resolve_device(device: str) -> str:
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "mps" if mps is not None and mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise LdmError("--device cuda: no CUDA device is available")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device == "mps" and not (mps is not None and mps.is_available()):
         raise LdmError("--device mps: MPS is not available")
     return device
 
@@ -80,60 +80,191 @@ def resolve_dtype(dtype: str, device: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
-def run_generate(options: GenerateOptions) -> None:
-    if not options.model.exists():
-        raise ModelNotFoundError(f"{options.model}: no such file or folder")
-    seeds = [options.seed + i for i in range(options.batch_count)]
-    paths = output_paths(options.output, seeds)
-    check_writable(paths, options.overwrite)
+def prepare(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> tuple[list[ImageTask], list[ImageTask]]:
+    """Everything checkable without the model: every job's values, every output path. (all, to do)."""
+    checked = [check_job(job, defaults) for job in jobs]
+    tasks = plan_images(checked, options.template)
+    todo = check_outputs(tasks, overwrite=options.overwrite, skip_existing=options.skip_existing)
+    if options.grid and _grid_path(tasks).exists() and not (options.overwrite or options.skip_existing):
+        raise LdmError(f"{_grid_path(tasks)} exists: use --skip-existing or --overwrite to replace the grid")
+    return tasks, todo
+
+
+def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> int:
+    """Make every image of `jobs` not yet made; `defaults` are the model's recommended values."""
+    report = Report(json=options.json, quiet=options.quiet)
+    tasks, todo = prepare(jobs, options, defaults)
+    report.counts["skipped"] = len(tasks) - len(todo)
+    if report.counts["skipped"]:
+        report.say(f"skipping {report.counts['skipped']} existing image(s)")
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        if todo:
+            model = _load(options, report)
+            _make_all(model, todo, options, report)
+        if options.grid:
+            _write_grid(tasks, report)
+    except KeyboardInterrupt:
+        interrupted = True
+        report.say("interrupted: finished images are saved; re-run with --skip-existing to make the rest")
+    summary = {**report.counts, "total": len(tasks), "interrupted": interrupted,
+               "seconds": round(time.perf_counter() - started, 3)}
+    report.emit({"summary": summary})
+    report.say(f"done: {summary['made']} made, {summary['skipped']} skipped, {summary['failed']} failed "
+               f"in {summary['seconds']:.1f} s")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE if report.counts["failed"] else EXIT_OK
+
+
+def _load(options: RunOptions, report: Report):
+    from ldmcli import pipeline
+    from ldmcli.hashing import model_hash
+
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-
-    from ldmcli import pipeline
-    from ldmcli.image import a1111_parameters, ldm_metadata, save_png
-    from ldmcli.samplers import SAMPLERS
-
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype)
-    _say(f"loaded {model.name} ({model.spec.family}, {str(dtype).removeprefix('torch.')} on {device}) "
-         f"in {time.perf_counter() - started:.1f} s")
+    model.hash = model_hash(options.model)
+    report.say(f"loaded {model.name} ({model.spec.family}, {str(dtype).removeprefix('torch.')} on {device}) "
+               f"in {time.perf_counter() - started:.1f} s")
+    return model
+
+
+def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(todo), desc="images", unit="img", disable=not report.progress, position=0) as bar:
+        for batch in _batches(todo, options.batch_size):
+            try:
+                _make_batch(model, batch, options, report)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not lose the others
+                report.counts["failed"] += len(batch)
+                for task in batch:
+                    report.say(f"failed: {task.path} ({task.job.source}): {type(exc).__name__}: {exc}")
+                    report.emit({"error": f"{type(exc).__name__}: {exc}", "index": task.index,
+                                 "path": str(task.path), "prompt": task.job.prompt, "seed": task.seed})
+                if options.fail_fast:
+                    return
+            bar.update(len(batch))
+
+
+def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
+    """Consecutive tasks of the same job, at most `size` at a time."""
+    batches: list[list[ImageTask]] = []
+    for task in tasks:
+        if batches and len(batches[-1]) < size and batches[-1][-1].job_index == task.job_index:
+            batches[-1].append(task)
+        else:
+            batches.append([task])
+    return batches
+
+
+def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report) -> None:
+    from tqdm import tqdm
+
+    from ldmcli import pipeline
+    from ldmcli.image import save_png
+
+    job = batch[0].job
     request = pipeline.ImageRequest(
-        prompt=options.prompt,
-        negative_prompt=options.negative_prompt,
-        width=options.width,
-        height=options.height,
-        steps=options.steps,
-        cfg_scale=options.cfg_scale,
-        sampler=options.sampler,
-        spacing=options.schedule,
+        prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
+        steps=job.steps, cfg_scale=job.cfg_scale, sampler=job.sampler, spacing=job.schedule,
     )
-    schedule_name = options.schedule or model.spec.schedule.timestep_spacing
-    for seed, path in zip(seeds, paths):
-        started = time.perf_counter()
-        pixels = pipeline.generate(model, request, [seed])[0].numpy()
-        fields = {
-            "Steps": options.steps,
-            "Sampler": SAMPLERS[options.sampler].display_name,
-            "Schedule type": schedule_name.capitalize(),
-            "CFG scale": _number(options.cfg_scale),
-            "Seed": seed,
-            "Size": f"{options.width}x{options.height}",
-            "Model": model.name,
-        }
-        ours = {"prompt": options.prompt, "negative_prompt": options.negative_prompt, "steps": options.steps,
-                "sampler": options.sampler, "schedule": schedule_name, "cfg_scale": options.cfg_scale,
-                "seed": seed, "width": options.width, "height": options.height, "model": model.name,
-                "prediction_type": model.spec.schedule.prediction_type, "family": model.spec.family}
-        save_png(pixels, path, overwrite=options.overwrite, text={
-            "parameters": a1111_parameters(options.prompt, options.negative_prompt, fields),
-            "ldm": ldm_metadata(ours),
-        })
-        _say(f"wrote {path} (seed {seed}, {time.perf_counter() - started:.1f} s)")
+    started = time.perf_counter()
+    with tqdm(total=job.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
+        pixels = pipeline.generate(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1))
+    seconds = (time.perf_counter() - started) / len(batch)
+    for task, image in zip(batch, pixels.numpy()):
+        record = image_record(model, task)
+        save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, task, record))
+        report.counts["made"] += 1
+        report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
+        report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
+                     "index": task.index, "seconds": round(seconds, 3)})
+
+
+def image_record(model, task: ImageTask) -> dict:
+    """Every parameter of one image: the `ldm` PNG chunk, and the --json line."""
+    job = task.job
+    return {
+        "version": __version__,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": task.seed,
+        "steps": job.steps,
+        "cfg_scale": job.cfg_scale,
+        "sampler": job.sampler,
+        "schedule": job.schedule or model.spec.schedule.timestep_spacing,
+        "width": job.width,
+        "height": job.height,
+        "model": {"name": model.name, "path": str(Path(model.path).resolve()), "hash": model.hash,
+                  "family": model.spec.family, "prediction_type": model.spec.schedule.prediction_type},
+    }
+
+
+def png_text(model, task: ImageTask, record: dict) -> dict[str, str]:
+    from ldmcli.metadata import A1111_KEY, LDM_KEY, a1111_text
+    from ldmcli.samplers import SAMPLERS, SCHEDULES
+
+    schedule = SCHEDULES[record["schedule"]]
+    fields = {
+        "Steps": record["steps"],
+        "Sampler": SAMPLERS[record["sampler"]].display_name,
+        # A1111 calls the model's own spacing "Automatic"; Karras/Exponential have its names.
+        "Schedule type": schedule.display_name or "Automatic",
+        "CFG scale": _number(record["cfg_scale"]),
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+        "Model hash": model.hash,
+        "Model": model.name,
+        "Version": f"ldm {__version__}",
+    }
+    return {A1111_KEY: a1111_text(record["prompt"], record["negative_prompt"], fields),
+            LDM_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True)}
 
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _grid_path(tasks: list[ImageTask]) -> Path:
+    return tasks[0].path.parent / "grid.png"
+
+
+def _write_grid(tasks: list[ImageTask], report: Report) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ldmcli.image import contact_sheet, save_png
+
+    done = [t for t in tasks if t.path.exists()]
+    if not done:
+        return
+    images = [np.asarray(Image.open(t.path).convert("RGB")) for t in done]
+    if len({i.shape for i in images}) > 1:
+        report.say("no grid: the images differ in size")
+        return
+    captions = [f"{t.job.prompt} (seed {t.seed})" for t in done]
+    path = _grid_path(tasks)
+    save_png(contact_sheet(images, captions), path, overwrite=True, text={})
+    report.say(f"wrote {path} ({len(done)} images)")
+
+
+def recommended_defaults(model: Path) -> dict:
+    """Defaults a model file recommends in its safetensors header (our demo model does), read without loading."""
+    from ldmcli.checkpoint import read_safetensors_metadata
+
+    if not (Path(model).is_file() and Path(model).suffix == ".safetensors"):
+        return {}
+    meta = read_safetensors_metadata(Path(model))
+    found: dict = {}
+    for key, cast in (("steps", int), ("cfg_scale", float), ("sampler", str)):
+        if f"ldm.default_{key}" in meta:
+            found[key] = cast(meta[f"ldm.default_{key}"])
+    if "ldm.native_size" in meta:
+        found["width"] = found["height"] = int(meta["ldm.native_size"])
+    return found

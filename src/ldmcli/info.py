@@ -1,0 +1,60 @@
+"""`ldm info`: what a model file is, or what an image was made with. Reads headers, not weights, where it can."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldmcli.errors import LdmError
+
+
+def describe_model(name: str) -> dict:
+    from ldmcli.detect import detect_spec
+    from ldmcli.hashing import model_hash
+    from ldmcli.layout import read_components
+    from ldmcli.models_dir import resolve_model
+
+    path = resolve_model(name)
+    components = read_components(path, meta=True)
+    spec = detect_spec(components)
+    networks = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
+    described = {
+        "path": str(path),
+        "layout": components.layout,
+        "family": spec.family,
+        "prediction_type": spec.schedule.prediction_type,
+        "prediction_source": spec.schedule_source,
+        "timestep_spacing": spec.schedule.timestep_spacing,
+        "scale_factor": spec.scale_factor,
+        "native_size": spec.native_size,
+        "hash": model_hash(path),
+    }
+    for network, tensors in networks.items():
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+        described[f"{network}_parameters"] = sum(t.numel() for t in tensors.values())
+        described[f"{network}_dtype"] = "/".join(dtypes)
+        described[f"{network}_from"] = components.sources.get(network, str(path))
+    described["unet_config"] = _fields(spec.unet)
+    described["vae_config"] = _fields(spec.vae)
+    described["text_encoder_config"] = _fields(spec.text_encoder)
+    if components.metadata:
+        described["metadata"] = components.metadata
+    return described
+
+
+def describe_image(path: Path) -> dict:
+    from ldmcli.metadata import A1111_KEY, LDM_KEY, job_from_png_text, read_png_text
+
+    if not path.is_file():
+        raise LdmError(f"{path}: no such file")
+    text = read_png_text(path)
+    job, model = job_from_png_text(text, str(path))
+    described = {"path": str(path), "made_by": "ldm" if LDM_KEY in text else "A1111-compatible tool"}
+    described.update({k: v for k, v in job.__dict__.items() if k not in ("source", "name", "batch_count")})
+    described["model"] = model
+    if A1111_KEY in text:
+        described["parameters"] = text[A1111_KEY]
+    return described
+
+
+def _fields(config) -> dict:
+    return dict(config.__dict__)
