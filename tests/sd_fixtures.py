@@ -100,3 +100,10 @@ def save_tiny_sd1_folder(folder: Path, seed: int = 0) -> Path:
     with open(folder / "scheduler" / "scheduler_config.json") as f:
         assert json.load(f)["timestep_spacing"] == "leading"
     return folder
+
+
+def ldm_single_file_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our loaded networks (an `ldmcli.pipeline.StableDiffusion`) under the original LDM single-file prefixes."""
+    parts = {"model.diffusion_model.": model.unet, "first_stage_model.": model.vae,
+             "cond_stage_model.transformer.": model.text_encoder}
+    return {prefix + k: v.contiguous() for prefix, net in parts.items() for k, v in net.state_dict().items()}

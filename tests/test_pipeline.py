@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmcli import pipeline
-from sd_fixtures import SD15_SCHEDULER_CONFIG
+from sd_fixtures import SD15_SCHEDULER_CONFIG, ldm_single_file_state_dict
 
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
@@ -104,13 +104,6 @@ def test_batch_of_seeds_equals_diffusers_generator_list(reference, ours):
     one_by_one = torch.cat([pipeline.sample_latents(ours, request, [s]) for s in seeds])
     # Batched BLAS kernels sum in a different order: equal to float rounding, not bitwise.
     torch.testing.assert_close(pipeline.sample_latents(ours, request, seeds), one_by_one, atol=1e-4, rtol=1e-4)
-
-
-def ldm_single_file_state_dict(model: pipeline.StableDiffusion) -> dict[str, torch.Tensor]:
-    """Our loaded networks under the original LDM single-file prefixes."""
-    parts = {"model.diffusion_model.": model.unet, "first_stage_model.": model.vae,
-             "cond_stage_model.transformer.": model.text_encoder}
-    return {prefix + k: v.contiguous() for prefix, net in parts.items() for k, v in net.state_dict().items()}
 
 
 @torch.inference_mode()

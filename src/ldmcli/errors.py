@@ -17,3 +17,10 @@ class CheckpointError(LdmError):
 
 class UnsupportedModelError(CheckpointError):
     """A readable file that is not a model family this version can run."""
+
+
+def name_keys(keys, limit: int = 5) -> str:
+    """A few of `keys`, sorted, for a one-line message: "a, b, c (+12 more)"."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown

@@ -23,7 +23,7 @@ from ldmcli.checkpoint import (
     read_sharded_or_single,
     read_state_dict,
 )
-from ldmcli.errors import CheckpointError, ModelNotFoundError
+from ldmcli.errors import CheckpointError, ModelNotFoundError, name_keys
 from ldmcli.detect import check_supported_single_file
 
 # Single-file prefix -> network.
@@ -107,7 +107,7 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"{path}: unknown keys {_sample(unknown)}")
+        raise CheckpointError(f"{path}: unknown keys {name_keys(unknown)}")
     for name, tensors in parts.items():
         if not tensors:
             raise CheckpointError(f"{path}: no {name} weights (keys under {_prefix_of(name)!r})")
@@ -186,9 +186,3 @@ def _named(where: Path, what: str, rename, tensors: dict) -> dict:
 
 def _prefix_of(network: str) -> str:
     return next(p for p, n in SINGLE_FILE_PREFIXES.items() if n == network)
-
-
-def _sample(keys: list[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ldmcli.detect import ModelSpec, detect_spec
-from ldmcli.errors import CheckpointError
+from ldmcli.errors import CheckpointError, name_keys
 from ldmcli.layout import Components, read_components
 from ldmcli.models.clip import CLIPTextModel
 from ldmcli.models.unet import UNetModel
@@ -86,21 +86,15 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {_sample(missing)}")
+            parts.append(f"missing {name_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected {_sample(unexpected)}")
+            parts.append(f"unexpected {name_keys(unexpected)}")
         raise CheckpointError(f"{path}: {what} keys do not match the detected architecture: {'; '.join(parts)}")
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:  # shape mismatch
         raise CheckpointError(f"{path}: {what}: {str(exc).splitlines()[-1].strip()}") from exc
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _sample(keys: set[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
 @torch.inference_mode()
