@@ -33,6 +33,7 @@ def _diffusers_scheduler(name: str):
         "ddim": (diffusers.DDIMScheduler, {}),
         "dpmpp_2m/karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
         "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
         "lms": (diffusers.LMSDiscreteScheduler, {}),
         "plms": (diffusers.PNDMScheduler, {}),
     }
@@ -66,7 +67,7 @@ def _reference_pixels(reference, latents: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "sampler_schedule", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m/karras", "dpmpp_2m", "lms", "plms"]
+    "sampler_schedule", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m/karras", "dpmpp_2m", "dpmpp_2m_sde", "lms", "plms"]
 )
 @torch.inference_mode()
 def test_images_equal_diffusers(sampler_schedule, reference, ours):
