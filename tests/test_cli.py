@@ -351,3 +351,21 @@ def test_interrupt_then_resume(tmp_path, tiny_single_file):
     summary = json.loads(resumed.stdout.splitlines()[-1])["summary"]
     assert summary["skipped"] == len(done) and summary["made"] == 4 - len(done)
     assert len(list(out.glob("*.png"))) == 4
+
+
+def test_many_processes_share_a_batch(tmp_path, tiny_single_file):
+    """Under torchrun/`accelerate launch`, each process makes its share; the images are the single-process ones."""
+    args = ["-m", "ldmcli", "generate", "a cat", "a dog", "-s", "1", "-b", "3", "-m", str(tiny_single_file), *TINY]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU kernels' rounding depends on the thread count
+    single, shared = tmp_path / "single", tmp_path / "shared"
+    subprocess.run([sys.executable, *args, "-o", f"{single}/"], check=True, capture_output=True, env=one_thread)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "-o", f"{shared}/", "--json", "--grid"],
+        capture_output=True, text=True, env=one_thread, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = [r["summary"] for r in json_lines(proc.stdout) if "summary" in r]
+    assert sorted((s["process"], s["made"]) for s in summaries) == [(0, 3), (1, 3)]
+    for path in single.glob("*.png"):
+        assert np.array_equal(pixels(path), pixels(shared / path.name))
+    assert (shared / "grid.png").exists()

@@ -76,7 +76,7 @@ def resolve_dtype(dtype: str, device: str):
 
     if dtype == "auto":
         # GPUs: fp16 halves memory and is their fast path. CPU: fp32 until bf16 is measured here.
-        return torch.float16 if device in ("cuda", "mps") else torch.float32
+        return torch.float16 if device.split(":")[0] in ("cuda", "mps") else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
@@ -94,22 +94,29 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     """Make every image of `jobs` not yet made; `defaults` are the model's recommended values."""
     report = Report(json=options.json, quiet=options.quiet)
     tasks, todo = prepare(jobs, options, defaults)
-    report.counts["skipped"] = len(tasks) - len(todo)
+    share = ProcessShare.from_environment()
+    mine = [t for t in tasks if share.owns(t)]
+    todo = [t for t in todo if share.owns(t)]
+    if share.world > 1:
+        report.say(f"process {share.rank + 1} of {share.world}: {len(mine)} image(s)")
+    report.counts["skipped"] = len(mine) - len(todo)
     if report.counts["skipped"]:
         report.say(f"skipping {report.counts['skipped']} existing image(s)")
     started = time.perf_counter()
     interrupted = False
     try:
         if todo:
-            model = _load(options, report)
+            model = _load(options, report, share.device(options.device))
             _make_all(model, todo, options, report)
-        if options.grid:
+        if options.grid and share.wait_for_everyone() and share.rank == 0:
             _write_grid(tasks, report)
     except KeyboardInterrupt:
         interrupted = True
         report.say("interrupted: finished images are saved; re-run with --skip-existing to make the rest")
-    summary = {**report.counts, "total": len(tasks), "interrupted": interrupted,
+    summary = {**report.counts, "total": len(mine), "interrupted": interrupted,
                "seconds": round(time.perf_counter() - started, 3)}
+    if share.world > 1:
+        summary.update(process=share.rank, processes=share.world)
     report.emit({"summary": summary})
     report.say(f"done: {summary['made']} made, {summary['skipped']} skipped, {summary['failed']} failed "
                f"in {summary['seconds']:.1f} s")
@@ -118,11 +125,45 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     return EXIT_FAILURE if report.counts["failed"] else EXIT_OK
 
 
-def _load(options: RunOptions, report: Report):
+@dataclass(frozen=True)
+class ProcessShare:
+    """This process's place among the processes `accelerate launch` (or torchrun) started.
+
+    Images are independent and their names fixed in advance, so process `rank` simply makes the images
+    whose index % world == rank: no communication, and a re-run with --skip-existing resumes the same way.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> ProcessShare:
+        import os
+
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def owns(self, task: ImageTask) -> bool:
+        return task.index % self.world == self.rank
+
+    def device(self, requested: str) -> str:
+        """Each process on its own GPU when there are GPUs."""
+        device = resolve_device(requested)
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+
+    def wait_for_everyone(self) -> bool:
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+        return True
+
+
+def _load(options: RunOptions, report: Report, device: str):
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
 
-    device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype)
