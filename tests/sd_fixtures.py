@@ -107,3 +107,269 @@ def ldm_single_file_state_dict(model) -> dict[str, torch.Tensor]:
     parts = {"model.diffusion_model.": model.unet, "first_stage_model.": model.vae,
              "cond_stage_model.transformer.": model.text_encoder}
     return {prefix + k: v.contiguous() for prefix, net in parts.items() for k, v in net.state_dict().items()}
+
+
+# --- SD 2.x -----------------------------------------------------------------------------------------
+
+# SD 2.1's scheduler/scheduler_config.json (../shared/fixtures/sd21-diffusers-folder.json): DDIM, v-prediction.
+SD21_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+# SD2 rules at tiny widths: 64-channel heads (1 then 2 heads), linear proj_in/out, attention upcast,
+# attention on all levels but the last.
+TINY_SD2_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=(1, 2),  # diffusers' name for the number of heads: width / 64
+    use_linear_projection=True,
+    upcast_attention=True,
+    norm_num_groups=32,
+)
+
+# OpenCLIP ViT-H rules: gelu, 64-channel heads. diffusers folders hold all but the last block.
+TINY_SD2_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=64,
+)
+
+
+def _tokenizer(pad_token: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(DATA / "vocab.json"), str(DATA / "merges.txt"), model_max_length=77, pad_token=pad_token)
+
+
+def build_tiny_sd2_pipeline(seed: int = 0, scheduler_config: dict | None = None):
+    """A diffusers StableDiffusionPipeline in the tiny SD 2.1 structure (v-prediction by default).
+
+    The last output transformer's norm1 bias gets std 0.2: the statistic ComfyUI (and we) read to
+    guess v-prediction in single files, as in a real 768-v checkpoint.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SD2_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT))
+    _spread_norms(unet, vae, text_encoder)
+    with torch.no_grad():
+        probe = unet.up_blocks[-1].attentions[-1].transformer_blocks[0].norm1.bias
+        probe.copy_(torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed + 7)) * 0.2)
+    config = scheduler_config or SD21_SCHEDULER_CONFIG
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer("!"), unet=unet,
+        scheduler=DDIMScheduler.from_config(config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(torch.float32)
+
+
+def ldm_sd2_single_file_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our loaded SD2 networks as an original SD 2.x single file: OpenCLIP text tower under
+    `cond_stage_model.model.` with one more block than diffusers keeps (SD2 conditions on the
+    penultimate block), plus the unused `text_projection` and `logit_scale`."""
+    from ldmcli.keymap.clip import clip_canonical_to_openclip
+
+    text = {k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}
+    n = model.spec.text_encoder.layers
+    g = torch.Generator().manual_seed(99)
+    for key in [k for k in text if k.startswith("text_model.encoder.layers.0.")]:  # a random last block
+        text[key.replace(".layers.0.", f".layers.{n}.")] = torch.randn(text[key].shape, generator=g) * 0.05
+    width = model.spec.text_encoder.width
+    out = {"model.diffusion_model." + k: v.contiguous() for k, v in model.unet.state_dict().items()}
+    out.update({"first_stage_model." + k: v.contiguous() for k, v in model.vae.state_dict().items()})
+    out.update({"cond_stage_model.model." + k: v for k, v in clip_canonical_to_openclip(text).items()})
+    out["cond_stage_model.model.text_projection"] = torch.randn(width, width, generator=g)
+    out["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+# --- SDXL ---------------------------------------------------------------------------------------------
+
+# sd_xl_base_1.0's scheduler/scheduler_config.json (../shared/fixtures/sdxl-diffusers-folder.json).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# sdxl-turbo's scheduler: Euler ancestral with "trailing" timesteps (one step starts at t=999).
+SDXL_TURBO_SCHEDULER_CONFIG = {**SDXL_SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler",
+                               "timestep_spacing": "trailing"}
+
+# SDXL rules at tiny widths: 3 levels, no attention at level 0, deeper transformers below (1, 2 here
+# for 2, 10), 64-channel heads, linear projections, context = CLIP-L width + bigG width, vector
+# conditioning y = pooled bigG (64) + 6 size sinusoids (32 each here, 256 in SDXL).
+TINY_SDXL_TIME_DIM = 32
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    cross_attention_dim=64 + 128,
+    attention_head_dim=(1, 1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+    projection_class_embeddings_input_dim=64 + 6 * TINY_SDXL_TIME_DIM,
+    norm_num_groups=32,
+)
+# CLIP ViT-L rules (quick_gelu), and OpenCLIP bigG rules (gelu, text_projection) at tiny widths.
+TINY_SDXL_TEXT = dict(TINY_TEXT, num_hidden_layers=3)
+TINY_SDXL_TEXT_2 = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=64,
+)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, scheduler_config: dict | None = None):
+    """A diffusers StableDiffusionXLPipeline in the tiny SDXL structure, random weights."""
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2))
+    _spread_norms(unet, vae, text_encoder, text_encoder_2)
+    config = scheduler_config or SDXL_SCHEDULER_CONFIG
+    cls = EulerAncestralDiscreteScheduler if config["_class_name"].startswith("EulerAncestral") else EulerDiscreteScheduler
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=_tokenizer("<|endoftext|>"), tokenizer_2=_tokenizer("!"),  # as sd_xl_base_1.0's folders
+        unet=unet, scheduler=cls.from_config(config), force_zeros_for_empty_prompt=True,
+    ).to(torch.float32)
+
+
+def ldm_sdxl_single_file_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our loaded SDXL networks under sd_xl_base_1.0's single-file prefixes (bigG in OpenCLIP names)."""
+    from ldmcli.keymap.clip import clip_canonical_to_openclip
+
+    parts = {"model.diffusion_model.": model.unet, "first_stage_model.": model.vae,
+             "conditioner.embedders.0.transformer.": model.text_encoder}
+    out = {prefix + k: v.contiguous() for prefix, net in parts.items() for k, v in net.state_dict().items()}
+    bigg = clip_canonical_to_openclip({k: v.contiguous() for k, v in model.text_encoder_2.state_dict().items()})
+    out.update({"conditioner.embedders.1.model." + k: v.contiguous() for k, v in bigg.items()})
+    out["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    out["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return out
+
+
+# --- shared by the SD2/SDXL parity tests ----------------------------------------------------------------
+
+
+def diffusers_scheduler(name: str, config: dict):
+    """The oracle's own configuration of a sampler ("dpmpp_2m/karras" = with Karras sigmas), from a
+    model's scheduler config, as a diffusers user writes it (not taken from our registry)."""
+    import diffusers
+
+    table = {
+        "euler": (diffusers.EulerDiscreteScheduler, {}),
+        "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "dpmpp_2m/karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }
+    cls, kwargs = table[name]
+    return cls.from_config(config, **kwargs)
+
+
+def random_openclip_tower(width: int, layers: int, *, seed: int = 0, projection: int | None = None) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower's state dict (`transformer.resblocks.N.attn.in_proj_weight`, ...), random
+    but well scaled (unit-variance activations, LayerNorms and biases perturbed), as SD2/SDXL files store it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def mat(out: int, inp: int) -> torch.Tensor:
+        return torch.randn(out, inp, generator=g) / inp**0.5
+
+    def vec(n: int, mean: float = 0.0, std: float = 0.1) -> torch.Tensor:
+        return mean + std * torch.randn(n, generator=g)
+
+    sd = {
+        "token_embedding.weight": torch.randn(49408, width, generator=g),
+        "positional_embedding": torch.randn(77, width, generator=g),
+        "ln_final.weight": vec(width, 1.0, 0.2),
+        "ln_final.bias": vec(width),
+        "logit_scale": torch.tensor(4.6052),
+        "text_projection": mat(width, projection or width),  # [width, proj]: x @ P
+    }
+    for i in range(layers):
+        b = f"transformer.resblocks.{i}."
+        sd.update({
+            b + "ln_1.weight": vec(width, 1.0, 0.2), b + "ln_1.bias": vec(width),
+            b + "attn.in_proj_weight": mat(3 * width, width), b + "attn.in_proj_bias": vec(3 * width),
+            b + "attn.out_proj.weight": mat(width, width), b + "attn.out_proj.bias": vec(width),
+            b + "ln_2.weight": vec(width, 1.0, 0.2), b + "ln_2.bias": vec(width),
+            b + "mlp.c_fc.weight": mat(4 * width, width), b + "mlp.c_fc.bias": vec(4 * width),
+            b + "mlp.c_proj.weight": mat(width, 4 * width), b + "mlp.c_proj.bias": vec(width),
+        })
+    return sd
+
+
+def diffusers_text_model_from_openclip(tower: dict[str, torch.Tensor], prefix: str, *, layers: int, projection: bool):
+    """The transformers twin of an OpenCLIP tower, converted by diffusers' own single-file code (the oracle)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    width = tower["token_embedding.weight"].shape[1]
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=width // 64, max_position_embeddings=77, hidden_act="gelu",
+        projection_dim=tower["text_projection"].shape[1], attn_implementation="eager",
+    )
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    converted = convert_open_clip_checkpoint(model, {prefix + k: v for k, v in tower.items()}, prefix=prefix)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 saves CLIPTextModel without text_model.
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    if not projection:
+        converted.pop("text_projection.weight", None)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not missing and not [k for k in unexpected if "layers." not in k], (missing, unexpected)
+    return model

@@ -52,13 +52,6 @@ def test_sd15_single_file_every_key_accounted_for():
     assert placed + 12 + 1 == 1143
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
-@pytest.mark.parametrize("manifest, family", [("sd21-single-file.json", "Stable Diffusion 2.x"), ("sdxl-single-file.json", "SDXL")])
-def test_later_families_are_named_not_loaded(manifest, family):
-    with pytest.raises(UnsupportedModelError, match=family):
-        split_single_file(_meta_state_dict(manifest), Path(manifest))
-
-
 def test_unknown_single_file_key_is_named(tiny_single_file, tmp_path):
     tensors = _load(tiny_single_file)
     tensors["model.diffusion_model.extra_head.weight"] = torch.zeros(2)

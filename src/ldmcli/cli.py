@@ -85,6 +85,8 @@ def cli() -> None:
               help="Images per U-Net batch (speed/memory only: images do not change).")
 @click.option("--sampler", type=SamplerName(), help="Sampler; A1111 names accepted. See `ldm samplers`. [default: euler_a]")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Sigma schedule. [default: the model's timestep spacing]")
+@click.option("--prediction", type=click.Choice(["eps", "v"]),
+              help="What the U-Net predicts, when a single file cannot say (SD 2.x 768 models are v). [default: detected]")
 @click.option("--device", type=click.Choice(DEVICES), envvar="LDM_DEVICE", default="auto", show_default=True, help="[env: LDM_DEVICE]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: fp16 on CUDA/MPS, fp32 on CPU.")
 @click.option("-o", "--output", help="PNG path template, fields {index} {seed} {prompt_slug} {name} {job} {image} ..., "
@@ -98,7 +100,7 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, batch_count, batch_size, sampler, schedule, device, dtype, output, overwrite, skip_existing,
+             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, output, overwrite, skip_existing,
              fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
@@ -118,11 +120,14 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             batch_count=batch_count,
         )
         texts = [*prompts, *prompt_options]
-        model_path = model
+        model_path, prediction_type = model, prediction
         if from_png is not None:
             if texts or prompt_file:
                 raise click.UsageError("--from-png regenerates one image: give no other prompt")
-            jobs, model_path = [_job_from_png(from_png, template, given)], model or _model_from_png(from_png)
+            jobs = [_job_from_png(from_png, template, given)]
+            recorded = _model_from_png(from_png)
+            model_path = model or recorded.get("path") or recorded.get("name")
+            prediction_type = prediction_type or recorded.get("prediction_type")
         else:
             if not texts and not prompt_file:
                 raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
@@ -134,10 +139,10 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         model_file = _resolve_model(model_path, quiet)
         options = RunOptions(
             model=model_file, template=output_template,
-            device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite, skip_existing=skip_existing,
+            device=device, dtype=dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
         )
-        defaults = recommended_defaults(model_file)
+        defaults = recommended_defaults(model_file, prediction_type)
         return run_generate(jobs, options, defaults)
 
     sys.exit(_run(build, debug))
@@ -168,14 +173,14 @@ def _job_from_png(path: Path, template, given: set[str]):
     return replace(job, **overrides)
 
 
-def _model_from_png(path: Path) -> str | None:
-    """The model an image was made with: its recorded path if it still exists, else its name."""
+def _model_from_png(path: Path) -> dict:
+    """The model record of an image: name, path (dropped if it no longer exists), prediction type."""
     from ldmcli.metadata import job_from_png_text, read_png_text
 
     _, model = job_from_png_text(read_png_text(path), str(path))
-    if model.get("path") and Path(model["path"]).exists():
-        return model["path"]
-    return model.get("name")
+    if model.get("path") and not Path(model["path"]).exists():
+        model = {k: v for k, v in model.items() if k != "path"}
+    return model
 
 
 @cli.command()

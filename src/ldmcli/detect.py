@@ -1,14 +1,24 @@
 """What model is this? Family recognition from key names, configs from tensor shapes.
 
 Shapes give widths, depths and attention levels; what they cannot give (head counts, latent
-scale factor, noise schedule) comes from the family's constants — the approach of ComfyUI's
+scale factor, noise schedule, prediction type) comes from the family's constants, a diffusers
+folder's configs, or an honest guess that is reported — the approach of ComfyUI's
 `model_detection.py`. `ModelSpec` is the single source of truth about a loaded model.
+
+Families (the text encoders decide; the U-Net must agree):
+- sd1:  one OpenAI CLIP ViT-L (HF names), 8-head U-Net, epsilon, 512 px;
+- sd2:  one OpenCLIP ViT-H (penultimate block + final LN), 64-channel heads, linear projections,
+        v-prediction for the 768 models and epsilon for 512-base / SD-Turbo;
+- sdxl: CLIP ViT-L + OpenCLIP bigG (penultimate of both, concatenated; pooled bigG projected) and
+        a U-Net with vector conditioning `y` (pooled text + size/crop sinusoids), scale 0.13025.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+import dataclasses
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,16 +36,33 @@ if TYPE_CHECKING:
 class ModelSpec:
     """Everything about a model that is not a weight."""
 
-    family: str  # "sd1"
+    family: str  # "sd1" | "sd2" | "sdxl"
     unet: UNetConfig
     vae: VAEConfig
-    text_encoder: CLIPTextConfig
+    text_encoder: CLIPTextConfig  # SDXL: the CLIP ViT-L
     schedule: DiffusionSchedule
-    schedule_source: str  # where the schedule (and prediction type) came from, said to the user
+    schedule_source: str = field(compare=False)  # where the schedule (spacing, betas) came from (provenance)
     scale_factor: float  # latents are divided by this before decoding (not stored in weights)
-    clip_skip: int  # text-encoder blocks skipped at the end: SD1 uses the last block's output
-    pad_token_id: int  # SD1 (OpenAI CLIP tokenizer) pads with <|endoftext|>
-    native_size: int  # the image side the family was trained at
+    clip_skip: int  # blocks of text encoder 1 skipped before its final LN (SD1 0; SD2 single files 1)
+    pad_token_id: int  # SD1/SDXL-L (OpenAI tokenizer) pad with <|endoftext|> 49407, OpenCLIP with 0
+    native_size: int  # the image side the model was trained at
+    display_name: str = "Stable Diffusion 1.x"  # the family for people ("Stable Diffusion XL")
+    text_encoder_2: CLIPTextConfig | None = None  # SDXL: OpenCLIP bigG with its text_projection
+    pad_token_id_2: int | None = None  # SDXL tokenizer 2 pads with "!" = 0, as OpenCLIP does
+    addition_time_embed_dim: int | None = None  # SDXL: width of each size/crop sinusoid in y (256)
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt conditions on zeros, not on ""
+    vae_fp16_unsafe: bool = False  # SDXL's VAE overflows in fp16: decode in fp32 instead
+    turbo: bool = False  # an adversarially distilled 1-4 step model (SD-Turbo, SDXL-Turbo)
+    recommended: dict = field(default_factory=dict)  # generation defaults the model calls for (Turbo, demo)
+    # How the prediction type was decided, and any guess the user should hear about (provenance,
+    # not part of the model: excluded from ==).
+    prediction_source: str = field(default="", compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction"."""
+        return self.schedule.prediction_type
 
 
 @dataclass(frozen=True)
@@ -48,9 +75,12 @@ class Family:
     unet_head_dim: int | None  # SD2/SDXL: 64-channel heads
     text_activation: str
     scale_factor: float
-    clip_skip: int
     pad_token_id: int
     native_size: int
+    upcast_attention: bool = False  # single files: SD2.1 needs fp32 attention scores in fp16
+    text_2_activation: str | None = None  # SDXL's second encoder
+    pad_token_id_2: int | None = None
+    vae_fp16_unsafe: bool = False
 
 
 SD1 = Family(
@@ -60,72 +90,313 @@ SD1 = Family(
     unet_head_dim=None,
     text_activation="quick_gelu",
     scale_factor=0.18215,
-    clip_skip=0,
     pad_token_id=49407,
     native_size=512,
 )
+SD2 = Family(
+    name="sd2",
+    display="Stable Diffusion 2.x",
+    unet_num_heads=None,
+    unet_head_dim=64,
+    text_activation="gelu",  # OpenCLIP uses exact GELU
+    scale_factor=0.18215,
+    pad_token_id=0,  # OpenCLIP's tokenizer pads with 0 ("!" in diffusers' tokenizer folders)
+    native_size=768,  # the v-prediction models; 512-base and SD-Turbo are 512 (see _native_size)
+    upcast_attention=True,  # diffusers' SD 2.1 config; a no-op in fp32
+)
+SDXL = Family(
+    name="sdxl",
+    display="Stable Diffusion XL",
+    unet_num_heads=None,
+    unet_head_dim=64,
+    text_activation="quick_gelu",  # OpenAI CLIP ViT-L
+    scale_factor=0.13025,
+    pad_token_id=49407,
+    native_size=1024,
+    text_2_activation="gelu",
+    pad_token_id_2=0,  # diffusers' SDXL tokenizer_2 pads with "!" (id 0), as OpenCLIP does
+    vae_fp16_unsafe=True,  # the SDXL VAE's activations overflow fp16 (black/NaN images)
+)
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 
-# Key markers of architectures we recognise but cannot run (yet), checked in order.
+# Turbo models (Sauer et al. 2023, "Adversarial Diffusion Distillation") sample in 1-4 steps from
+# t=999: diffusers' SD-Turbo/SDXL-Turbo folders configure EulerAncestralDiscreteScheduler with
+# timestep_spacing "trailing" (Lin et al. 2023), no classifier-free guidance, 512 x 512.
+TURBO_RECOMMENDED = {"steps": 1, "cfg_scale": 1.0, "sampler": "euler_a", "width": 512, "height": 512}
+
+# ComfyUI's SD2 rule (comfy/supported_models.py, SD20.model_type): v-prediction when the std of
+# this bias exceeds 0.09. Real 768-v and 512-base weights differ there; nothing else in the file does.
+V_PRED_STD_THRESHOLD = 0.09
+
+# Key markers of architectures we recognise but cannot run, checked in order.
 _UNSUPPORTED_MARKERS = (
     ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
     ("double_blocks.", "Flux"),
-    ("conditioner.embedders.", "SDXL"),
-    ("cond_stage_model.model.", "Stable Diffusion 2.x (OpenCLIP text encoder)"),
+    ("embedder.model.visual.", "Stable Diffusion 2.x unCLIP"),
+    ("edm_mean", "Playground v2.5 (EDM)"),
+    ("ztsnr", "zero-terminal-SNR (ztsnr marker, needs rescaled betas)"),  # ComfyUI's marker key
 )
+SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo)"
 
 
 def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
-    """Raise UnsupportedModelError naming what the file is, when it is not an SD 1.x checkpoint."""
+    """Raise UnsupportedModelError naming what the file is, when it is not a model we run."""
     keys = list(keys)
     for marker, name in _UNSUPPORTED_MARKERS:
         if any(k.startswith(marker) or f".{marker}" in k for k in keys):  # bare or prefixed
-            raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint; this version runs SD 1.x only")
+            raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint; this version runs {SUPPORTED}")
     if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
         raise UnsupportedModelError(f"{path}: a LoRA, not a full model: pass a Stable Diffusion checkpoint as -m")
     if keys and all(k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in keys):
         raise UnsupportedModelError(f"{path}: a VAE alone, not a full model: pass a Stable Diffusion checkpoint as -m")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UnsupportedModelError(f"{path}: no U-Net (no keys under 'model.diffusion_model.'): not a Stable Diffusion checkpoint")
+    key_set = set(keys)
+    if "conditioner.embedders.0.model.text_projection" in key_set and "model.diffusion_model.label_emb.0.0.weight" in key_set:
+        raise UnsupportedModelError(f"{path}: looks like an SDXL refiner checkpoint; this version runs {SUPPORTED}")
 
 
-def detect_spec(components: Components) -> ModelSpec:
-    """Build the ModelSpec of an SD 1.x model from its tensors' shapes and the family constants."""
-    family = SD1
+PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+def detect_spec(components: Components, *, prediction: str | None = None) -> ModelSpec:
+    """Build the ModelSpec of a model from its tensors' shapes, configs and family constants.
+
+    prediction: "epsilon"/"eps" or "v_prediction"/"v" overrides whatever the checkpoint says or
+    we would guess.
+    """
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
+    family = _family(components)
+    where = components.path
+    unet = _unet_config(components, family)
+    if unet.in_channels != 4:
+        kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
+        raise UnsupportedModelError(f"{where}: {kind} U-Net; this version runs text-to-image models (4 latent channels)")
+    activation = _activation(components, "text_encoder", family.text_activation)
+    text = clip_config_from_shapes(_shapes(components.text_encoder), activation=activation)
+    text_2 = None
+    time_dim = None
+    if family is SDXL:
+        text_2, time_dim = _sdxl_text(components, unet, text)
+    else:
+        if unet.adm_in_channels is not None:
+            raise UnsupportedModelError(
+                f"{where}: a U-Net with vector conditioning (label_emb) but one text encoder "
+                f"(an SDXL refiner or SD 2.x unCLIP?); this version runs {SUPPORTED}"
+            )
+        if text.width != unet.context_dim:
+            raise UnsupportedModelError(
+                f"{where}: text encoder width {text.width} does not match the U-Net's context width {unet.context_dim}"
+            )
+
+    turbo = _says_turbo(components)
+    notes: list[str] = []
+    schedule, schedule_source = _schedule(components, family, turbo, notes)
+    predicted, prediction_source = _prediction(components, family, turbo, prediction, notes)
+    schedule = dataclasses.replace(schedule, prediction_type=predicted)
+    if family is SD2 and components.text_encoder_format == "openclip":
+        clip_skip = 1  # the OpenCLIP tower is whole: condition on its penultimate block (+ final LN)
+    else:
+        clip_skip = 0  # SD1's last block; diffusers' SD2 text encoder already ends at the penultimate
+    native = _native_size(family, predicted, turbo)
+    scale_factor = _vae_setting(components, "scaling_factor", family.scale_factor)
+    return ModelSpec(
+        family=family.name,
+        display_name=family.display + (" Turbo" if turbo else ""),
+        unet=unet,
+        vae=vae_config_from_shapes(_shapes(components.vae)),
+        text_encoder=text,
+        text_encoder_2=text_2,
+        schedule=schedule,
+        schedule_source=schedule_source,
+        prediction_source=prediction_source,
+        scale_factor=_float_metadata(components, "ldm.scale_factor", scale_factor),
+        clip_skip=clip_skip,
+        pad_token_id=family.pad_token_id,
+        pad_token_id_2=family.pad_token_id_2,
+        native_size=int(_float_metadata(components, "ldm.native_size", native)),
+        addition_time_embed_dim=time_dim,
+        zero_empty_negative=family is SDXL and bool(components.pipeline_index.get("force_zeros_for_empty_prompt", True)),
+        vae_fp16_unsafe=family.vae_fp16_unsafe and bool(_vae_setting(components, "force_upcast", True)),
+        turbo=turbo,
+        recommended=_recommended(components, turbo),
+        notes=tuple(notes),
+    )
+
+
+def _recommended(components: Components, turbo: bool) -> dict:
+    """Generation defaults the model calls for: Turbo's, then any `ldm.default_*` header (the demo model)."""
+    found = dict(TURBO_RECOMMENDED) if turbo else {}
+    for key, cast in (("steps", int), ("cfg_scale", float), ("sampler", str)):
+        value = components.metadata.get(f"ldm.default_{key}")
+        if value is not None:
+            found[key] = cast(value)
+    return found
+
+
+# --- family --------------------------------------------------------------------------------------
+
+
+def _family(components: Components) -> Family:
+    """The text encoders decide the family; the U-Net must agree (checked by the callers)."""
+    declared = components.metadata.get("ldm.family")
+    if declared is not None:
+        if declared not in FAMILIES:
+            raise UnsupportedModelError(f"{components.path}: header says ldm.family={declared!r}; known: {sorted(FAMILIES)}")
+        return FAMILIES[declared]
+    if components.text_encoder_2 is not None:
+        return SDXL
+    if components.layout == "single-file":
+        return SD2 if components.text_encoder_format == "openclip" else SD1
+    # diffusers folders store every text encoder in HF names: the activation tells OpenCLIP from OpenAI.
+    act = components.configs.get("text_encoder", {}).get("hidden_act")
+    if act is not None:
+        return SD2 if act == "gelu" else SD1
+    linear = any(k.endswith("proj_in.weight") and len(v.shape) == 2 for k, v in components.unet.items())
+    return SD2 if linear else SD1
+
+
+def _unet_config(components: Components, family: Family) -> UNetConfig:
+    """Structure from shapes; heads and attention upcast from the folder config, the header or the family."""
+    from ldmcli.keymap.unet import unet_config_from_diffusers
+
     meta = components.metadata
-    # A safetensors header may state what shapes cannot (our demo model does); the family rule otherwise.
     num_heads, head_dim = family.unet_num_heads, family.unet_head_dim
+    # A safetensors header may state what shapes cannot (our demo model does); the family rule otherwise.
     if "ldm.unet.num_heads" in meta or "ldm.unet.head_dim" in meta:
         num_heads = _int_or_none(meta.get("ldm.unet.num_heads"))
         head_dim = _int_or_none(meta.get("ldm.unet.head_dim"))
     unet = unet_config_from_shapes(_shapes(components.unet), num_heads=num_heads, head_dim=head_dim)
+    if "unet" in components.configs:
+        configured = unet_config_from_diffusers(components.configs["unet"])
+        keep = {"num_heads", "head_dim", "upcast_attention"}
+        structure = {f.name for f in dataclasses.fields(UNetConfig)} - keep
+        differs = [n for n in sorted(structure) if getattr(configured, n) != getattr(unet, n)]
+        if differs:
+            raise UnsupportedModelError(f"{components.path}: unet/config.json disagrees with the weights on {differs}")
+        return configured
+    return dataclasses.replace(unet, upcast_attention=family.upcast_attention)
+
+
+def _activation(components: Components, network: str, default: str) -> str:
+    return components.configs.get(network, {}).get("hidden_act", default)
+
+
+def _sdxl_text(components: Components, unet: UNetConfig, text: CLIPTextConfig) -> tuple[CLIPTextConfig, int]:
+    """The bigG config, and the width of each size/crop sinusoid that shapes imply."""
     where = components.path
-    if unet.in_channels != 4:
-        kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
-        raise UnsupportedModelError(f"{where}: {kind} U-Net; this version runs text-to-image models (4 latent channels)")
-    text = clip_config_from_shapes(_shapes(components.text_encoder), activation=family.text_activation)
-    if text.width != unet.context_dim:
-        raise UnsupportedModelError(
-            f"{where}: text encoder width {text.width} does not match the U-Net's context width {unet.context_dim}"
-        )
-    schedule, source = _schedule(components)
-    return ModelSpec(
-        family=family.name,
-        unet=unet,
-        vae=vae_config_from_shapes(_shapes(components.vae)),
-        text_encoder=text,
-        schedule=schedule,
-        schedule_source=source,
-        scale_factor=_float_metadata(components, "ldm.scale_factor", family.scale_factor),
-        clip_skip=family.clip_skip,
-        pad_token_id=family.pad_token_id,
-        native_size=int(_float_metadata(components, "ldm.native_size", family.native_size)),
+    assert components.text_encoder_2 is not None
+    text_2 = clip_config_from_shapes(
+        _shapes(components.text_encoder_2), activation=_activation(components, "text_encoder_2", SDXL.text_2_activation)
     )
+    if text_2.projection_dim is None:
+        raise UnsupportedModelError(f"{where}: SDXL's second text encoder has no text_projection (needed for the pooled embedding)")
+    if text.width + text_2.width != unet.context_dim:
+        raise UnsupportedModelError(
+            f"{where}: text encoder widths {text.width} + {text_2.width} do not add up to the U-Net's context width {unet.context_dim}"
+        )
+    if unet.adm_in_channels is None:
+        raise UnsupportedModelError(f"{where}: two text encoders but a U-Net without vector conditioning (label_emb)")
+    # y = [pooled (projection_dim) | 6 sinusoids: original size, crop top-left, target size]
+    rest = unet.adm_in_channels - text_2.projection_dim
+    if rest <= 0 or rest % 6:
+        raise UnsupportedModelError(
+            f"{where}: U-Net vector input {unet.adm_in_channels} is not the pooled width {text_2.projection_dim} + 6 size embeddings"
+        )
+    configured = components.configs.get("unet", {}).get("addition_time_embed_dim")
+    if configured is not None and configured * 6 != rest:
+        raise UnsupportedModelError(f"{where}: unet/config.json addition_time_embed_dim={configured} disagrees with the weights")
+    return text_2, rest // 6
 
 
-def _schedule(components: Components) -> tuple[DiffusionSchedule, str]:
+def _vae_setting(components: Components, key: str, default):
+    value = components.configs.get("vae", {}).get(key)
+    return default if value is None else value
+
+
+# --- schedule and prediction ------------------------------------------------------------------------
+
+
+def _says_turbo(components: Components) -> bool:
+    """Turbo files are the same architectures; only their name (or header) tells. A folder in the
+    Hugging Face hub cache is named by commit: its repository is two levels up
+    (`models--stabilityai--sdxl-turbo/snapshots/<commit>`)."""
+    meta = components.metadata
+    path = components.path
+    texts = [path.name, meta.get("modelspec.title", ""), meta.get("modelspec.architecture", "")]
+    if path.parent.name == "snapshots":
+        texts.append(path.parent.parent.name)
+    return any("turbo" in t.lower() for t in texts)
+
+
+def _schedule(components: Components, family: Family, turbo: bool, notes: list[str]) -> tuple[DiffusionSchedule, str]:
     if components.scheduler_config is not None:
         return DiffusionSchedule.from_diffusers_config(components.scheduler_config), "scheduler/scheduler_config.json"
-    return DiffusionSchedule(), "SD 1.x defaults (epsilon prediction, scaled_linear betas)"
+    if turbo:
+        notes.append(
+            "Turbo model (from its name): timesteps spaced 'trailing' so one step starts at t=999, as "
+            "diffusers' SD-Turbo/SDXL-Turbo scheduler config; use 1-4 steps with CFG scale 1"
+        )
+        return DiffusionSchedule(timestep_spacing="trailing"), f"{family.display} Turbo defaults (scaled_linear betas, trailing spacing)"
+    return DiffusionSchedule(), f"{family.display} defaults (scaled_linear betas, leading spacing)"
+
+
+def _prediction(
+    components: Components, family: Family, turbo: bool, override: str | None, notes: list[str]
+) -> tuple[str, str]:
+    """(prediction type, how it was decided). Guesses are explained in `notes`."""
+    if override is not None:
+        return PREDICTIONS[override], "override"
+    if components.scheduler_config is not None:
+        return components.scheduler_config.get("prediction_type", "epsilon"), "scheduler/scheduler_config.json"
+    if "v_pred" in components.markers:
+        return "v_prediction", "the file's 'v_pred' marker tensor (ComfyUI/Forge convention)"
+    meta = components.metadata
+    for key in ("ldm.prediction_type", "modelspec.prediction_type"):
+        if key in meta and meta[key].lower() in PREDICTIONS:
+            return PREDICTIONS[meta[key].lower()], f"the file's {key} header"
+    if family is not SD2:
+        return "epsilon", f"{family.display} default"
+    if turbo:
+        notes.append("SD-Turbo predicts epsilon (Stability's sd_2_1.yaml); pass the prediction override if images look wrong")
+        return "epsilon", "SD-Turbo (from the file name)"
+    probe = _v_pred_probe(components.unet)
+    if probe is None:
+        notes.append("SD 2.x single file: could not read the weights the v-prediction guess needs; assumed epsilon")
+        return "epsilon", "guess (SD 2.x single file; no probe weights)"
+    name, std = probe
+    guess = "v_prediction" if std > V_PRED_STD_THRESHOLD else "epsilon"
+    kind = "a 768-v model" if guess == "v_prediction" else "a 512-base model"
+    notes.append(
+        f"SD 2.x single files do not say their prediction type; guessed {guess} ({kind}) as ComfyUI does: "
+        f"std of {name} = {std:.3f} {'>' if std > V_PRED_STD_THRESHOLD else '<='} {V_PRED_STD_THRESHOLD}. "
+        "Override it if images come out wrong (washed out or noise)"
+    )
+    return guess, f"guess from the weights (ComfyUI's rule: {name} std {std:.3f})"
+
+
+_PROBE = re.compile(r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
+
+
+def _v_pred_probe(unet: dict) -> tuple[str, float] | None:
+    """ComfyUI reads output_blocks.11 of the real SD2 U-Net: the last output block with attention."""
+    found = sorted((int(m.group(1)), k) for k in unet if (m := _PROBE.fullmatch(k)))
+    if not found:
+        return None
+    key = found[-1][1]
+    tensor = unet[key]
+    if tensor.is_meta:
+        return None
+    return "model.diffusion_model." + key, tensor.float().std(unbiased=False).item()
+
+
+def _native_size(family: Family, prediction: str, turbo: bool) -> int:
+    if turbo:
+        return 512  # SD-Turbo and SDXL-Turbo were distilled at 512 x 512
+    if family is SD2:
+        return 768 if prediction == "v_prediction" else 512  # 768-v vs 512-base
+    return family.native_size
 
 
 def _int_or_none(value: str | None) -> int | None:

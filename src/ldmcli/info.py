@@ -17,12 +17,16 @@ def describe_model(name: str) -> dict:
     components = read_components(path, meta=True)
     spec = detect_spec(components)
     networks = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
+    if components.text_encoder_2 is not None:
+        networks["text_encoder_2"] = components.text_encoder_2
     described = {
         "path": str(path),
         "layout": components.layout,
         "family": spec.family,
-        "prediction_type": spec.schedule.prediction_type,
-        "prediction_source": spec.schedule_source,
+        "name": spec.display_name,
+        "prediction_type": spec.prediction_type,
+        "prediction_source": spec.prediction_source,
+        "schedule_source": spec.schedule_source,
         "timestep_spacing": spec.schedule.timestep_spacing,
         "scale_factor": spec.scale_factor,
         "native_size": spec.native_size,
@@ -36,6 +40,12 @@ def describe_model(name: str) -> dict:
     described["unet_config"] = _fields(spec.unet)
     described["vae_config"] = _fields(spec.vae)
     described["text_encoder_config"] = _fields(spec.text_encoder)
+    if spec.text_encoder_2 is not None:
+        described["text_encoder_2_config"] = _fields(spec.text_encoder_2)
+    if spec.recommended:
+        described["recommended"] = spec.recommended
+    if spec.notes:
+        described["notes"] = list(spec.notes)
     if components.metadata:
         described["metadata"] = components.metadata
     return described

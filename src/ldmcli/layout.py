@@ -1,16 +1,20 @@
 """Split a checkpoint into its networks, under our canonical names.
 
 Canonical names: LDM names for the U-Net and VAE (what single files use, prefix stripped) and
-HF CLIP names (`text_model.*`) for the text encoder. Two layouts reach this module:
+HF CLIP names (`text_model.*`) for the text encoders. Two layouts reach this module:
 
-- single files (`.safetensors`/`.ckpt`): one flat dict, networks told apart by prefix;
-- diffusers folders: one subfolder per network, diffusers names, renamed by `keymap`.
+- single files (`.safetensors`/`.ckpt`): one flat dict, networks told apart by prefix
+  (SD1 `cond_stage_model.transformer.`, SD2 `cond_stage_model.model.` (OpenCLIP), SDXL
+  `conditioner.embedders.0.transformer.` + `conditioner.embedders.1.model.`);
+- diffusers folders: one subfolder per network, diffusers names, renamed by `keymap`
+  (SDXL adds `text_encoder_2/` and `tokenizer_2/`).
 
 Every key of the input is either placed, or named in an explicit ignore rule, or an error.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +30,15 @@ from ldmcli.checkpoint import (
 from ldmcli.errors import CheckpointError, ModelNotFoundError, name_keys
 from ldmcli.detect import check_supported_single_file
 
-# Single-file prefix -> network.
+# Single-file prefix -> (network, key format of that network).
 SINGLE_FILE_PREFIXES = {
-    "model.diffusion_model.": "unet",
-    "first_stage_model.": "vae",
-    "cond_stage_model.transformer.": "text_encoder",
+    "model.diffusion_model.": ("unet", "ldm"),
+    "first_stage_model.": ("vae", "ldm"),
+    "cond_stage_model.transformer.": ("text_encoder", "hf"),  # SD1: OpenAI CLIP ViT-L in HF names
+    "cond_stage_model.model.": ("text_encoder", "openclip"),  # SD2: OpenCLIP ViT-H
+    "conditioner.embedders.0.transformer.": ("text_encoder", "hf"),  # SDXL: CLIP ViT-L
+    "conditioner.embedders.0.model.": ("text_encoder", "openclip"),  # SD2 in Stability's sgm layout (SD-Turbo)
+    "conditioner.embedders.1.model.": ("text_encoder_2", "openclip"),  # SDXL: OpenCLIP ViT-bigG
 }
 
 # LDM training buffers stored beside the weights. `alphas_cumprod` is read; the rest follow from it.
@@ -56,6 +64,14 @@ SCHEDULE_BUFFERS = frozenset(
 IGNORED_PREFIXES = ("model_ema.",)
 IGNORED_KEYS = frozenset({"logvar", "model_ema.decay", "model_ema.num_updates"})
 
+# Marker tensors: no weights, but they say something about the model (recorded in `markers`).
+# `v_pred`: ComfyUI/Forge save an empty tensor of that name in v-prediction checkpoints.
+MARKER_KEYS = frozenset({"v_pred"})
+
+# U-Net tensors whose VALUES detection needs (ComfyUI's SD2 v-prediction statistic reads the
+# last output transformer's norm1 bias). With meta=True they are still read, from the header offsets.
+PROBE_KEY = re.compile(r"model\.diffusion_model\.output_blocks\.\d+\.1\.transformer_blocks\.0\.norm1\.bias")
+
 
 @dataclass
 class Components:
@@ -66,11 +82,27 @@ class Components:
     unet: dict[str, torch.Tensor]
     vae: dict[str, torch.Tensor]
     text_encoder: dict[str, torch.Tensor]
+    text_encoder_2: dict[str, torch.Tensor] | None = None  # SDXL's OpenCLIP bigG
+    # Key format the first text encoder was stored in: "hf" or "openclip". An OpenCLIP tower is
+    # complete (SD2 conditions on its penultimate block); diffusers ship SD2's already cut to 23.
+    text_encoder_format: str = "hf"
     alphas_cumprod: torch.Tensor | None = None
     scheduler_config: dict | None = None
     tokenizer_dir: Path | None = None
+    tokenizer_2_dir: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # network -> file it came from
+    configs: dict[str, dict] = field(default_factory=dict)  # diffusers: network -> its config.json
+    pipeline_index: dict = field(default_factory=dict)  # diffusers: model_index.json
+    markers: frozenset[str] = frozenset()  # MARKER_KEYS present in a single file
+
+    @property
+    def networks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every network's tensors by name (text_encoder_2 only when present)."""
+        nets = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            nets["text_encoder_2"] = self.text_encoder_2
+        return nets
 
 
 def read_components(path: Path, *, meta: bool = False) -> Components:
@@ -88,77 +120,131 @@ def read_components(path: Path, *, meta: bool = False) -> Components:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    return split_single_file(read_state_dict(path, meta=meta), path, metadata)
+    state_dict = read_state_dict(path, meta=meta)
+    if meta and path.suffix == ".safetensors":
+        _read_probes(path, state_dict)
+    return split_single_file(state_dict, path, metadata)
+
+
+def _read_probes(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace the (few, small) PROBE_KEY meta tensors with their real values."""
+    from safetensors import safe_open
+
+    keys = [k for k in state_dict if PROBE_KEY.fullmatch(k)]
+    if keys:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in keys:
+                state_dict[key] = f.get_tensor(key)
 
 
 def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Components:
-    """Sort an LDM-layout single file's keys into networks by prefix."""
-    from ldmcli.keymap.clip import clip_hf_to_canonical
-
+    """Sort an LDM/sgm-layout single file's keys into networks by prefix, each renamed to canonical names."""
     check_supported_single_file(state_dict.keys(), path)
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in SINGLE_FILE_PREFIXES.values()}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    formats: dict[str, str] = {}
+    prefixes: dict[str, str] = {}
     unknown = []
     for key, tensor in state_dict.items():
         prefix = next((p for p in SINGLE_FILE_PREFIXES if key.startswith(p)), None)
         if prefix is not None:
-            parts[SINGLE_FILE_PREFIXES[prefix]][key[len(prefix):]] = tensor
-        elif key in SCHEDULE_BUFFERS or key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            network, fmt = SINGLE_FILE_PREFIXES[prefix]
+            if prefixes.setdefault(network, prefix) != prefix:
+                raise CheckpointError(
+                    f"{path}: two {network.replace('_', ' ')}s (keys under {prefixes[network]!r} and {prefix!r})"
+                )
+            formats[network] = fmt
+            parts.setdefault(network, {})[key[len(prefix):]] = tensor
+        elif key in SCHEDULE_BUFFERS or key in IGNORED_KEYS or key in MARKER_KEYS or key.startswith(IGNORED_PREFIXES):
             continue
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: unknown keys {name_keys(unknown)}")
-    for name, tensors in parts.items():
-        if not tensors:
-            raise CheckpointError(f"{path}: no {name} weights (keys under {_prefix_of(name)!r})")
+    for name in ("unet", "vae", "text_encoder"):
+        if not parts.get(name):
+            where = " or ".join(repr(p) for p, (n, _) in SINGLE_FILE_PREFIXES.items() if n == name)
+            raise CheckpointError(f"{path}: no {name.replace('_', ' ')} weights (keys under {where})")
+    text = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in parts:
+            # SDXL pools bigG through its text_projection; SD2 never uses the projection.
+            rename = _text_encoder_map(formats[name], keep_projection=name == "text_encoder_2")
+            text[name] = _named(path, name.replace("_", " "), rename, parts[name])
     return Components(
         layout="single-file",
         path=path,
         unet=parts["unet"],
         vae=parts["vae"],
-        text_encoder=_named(path, "text encoder", clip_hf_to_canonical, parts["text_encoder"]),
+        text_encoder=text["text_encoder"],
+        text_encoder_2=text.get("text_encoder_2"),
+        text_encoder_format=formats["text_encoder"],
         alphas_cumprod=state_dict.get("alphas_cumprod"),
         metadata=metadata or {},
         sources={name: str(path) for name in parts},
+        markers=frozenset(k for k in MARKER_KEYS if k in state_dict),
     )
 
 
+def _text_encoder_map(fmt: str, *, keep_projection: bool):
+    from ldmcli.keymap.clip import clip_hf_to_canonical, clip_openclip_to_canonical
+
+    if fmt == "hf":
+        return clip_hf_to_canonical
+    return lambda sd: clip_openclip_to_canonical(sd, keep_projection=keep_projection)
+
+
 def read_diffusers_folder(folder: Path, *, meta: bool = False) -> Components:
-    """Read `unet/`, `vae/`, `text_encoder/` (+ `tokenizer/`, `scheduler/`) of a diffusers pipeline folder."""
+    """Read `unet/`, `vae/`, `text_encoder/` (SDXL: + `text_encoder_2/`), tokenizers and `scheduler/`
+    of a diffusers pipeline folder."""
     from ldmcli.keymap.clip import clip_hf_to_canonical
     from ldmcli.keymap.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
     from ldmcli.keymap.vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     check_supported_folder(folder, index)
+    names = ["unet", "vae", "text_encoder"]
+    if index.get("_class_name") == "StableDiffusionXLPipeline" or (folder / "text_encoder_2").is_dir():
+        names.append("text_encoder_2")
+    # Weight file stems, preferred first; `.fp16` variants are what `from_pretrained(variant="fp16")`
+    # downloads (the only files of such a download).
+    unet_stems = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
+    stems = {"unet": unet_stems, "vae": unet_stems}
     networks = {}
     sources = {}
-    for name, stems in (
-        ("unet", ("diffusion_pytorch_model",)),
-        ("vae", ("diffusion_pytorch_model",)),
-        ("text_encoder", ("model", "pytorch_model")),
-    ):
+    configs = {}
+    for name in names:
         sub = folder / name
         if not sub.is_dir():
             raise CheckpointError(f"{folder}: missing {name}/ folder")
-        tensors, source = read_sharded_or_single(sub, stems, meta=meta)
+        tensors, source = read_sharded_or_single(sub, stems.get(name, ("model", "pytorch_model", "model.fp16")), meta=meta)
         networks[name] = tensors
         sources[name] = str(source)
+        if (sub / "config.json").is_file():
+            configs[name] = read_json(sub / "config.json")
 
     # The rename tables are generated from the structure the folder's configs describe.
     unet_config = _named(folder / "unet", "config", unet_config_from_diffusers, read_json(folder / "unet" / "config.json"))
     vae_config = _named(folder / "vae", "config", vae_config_from_diffusers, read_json(folder / "vae" / "config.json"))
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    tokenizer_dir = folder / "tokenizer"
+    tokenizer_dir, tokenizer_2_dir = folder / "tokenizer", folder / "tokenizer_2"
+    text = {
+        name: _named(folder / name, "text encoder", clip_hf_to_canonical, networks[name])
+        for name in ("text_encoder", "text_encoder_2")
+        if name in networks
+    }
     return Components(
         layout="diffusers",
         path=folder,
         unet=_named(folder / "unet", "U-Net", lambda sd: unet_diffusers_to_ldm(sd, unet_config), networks["unet"]),
         vae=_named(folder / "vae", "VAE", lambda sd: vae_diffusers_to_ldm(sd, vae_config), networks["vae"]),
-        text_encoder=_named(folder / "text_encoder", "text encoder", clip_hf_to_canonical, networks["text_encoder"]),
+        text_encoder=text["text_encoder"],
+        text_encoder_2=text.get("text_encoder_2"),
         scheduler_config=read_json(scheduler_file) if scheduler_file.is_file() else None,
         tokenizer_dir=tokenizer_dir if _has_tokenizer(tokenizer_dir) else None,
+        tokenizer_2_dir=tokenizer_2_dir if _has_tokenizer(tokenizer_2_dir) else None,
         sources=sources,
+        configs=configs,
+        pipeline_index=index,
     )
 
 
@@ -166,13 +252,19 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
+# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo).
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
 def check_supported_folder(folder: Path, index: dict) -> None:
     """Refuse pipeline classes we cannot run, naming them, before reading gigabytes."""
     cls = index.get("_class_name", "StableDiffusionPipeline")
-    if cls != "StableDiffusionPipeline":
+    if cls not in SUPPORTED_PIPELINES:
         from ldmcli.errors import UnsupportedModelError
 
-        raise UnsupportedModelError(f"{folder}: a {cls} folder; this version runs StableDiffusionPipeline (SD 1.x)")
+        raise UnsupportedModelError(
+            f"{folder}: a {cls} folder; this version runs {' and '.join(SUPPORTED_PIPELINES)} folders"
+        )
 
 
 def _named(where: Path, what: str, rename, tensors: dict) -> dict:
@@ -182,7 +274,3 @@ def _named(where: Path, what: str, rename, tensors: dict) -> dict:
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if exc.args else str(exc)
         raise CheckpointError(f"{where}: {what}: {message}") from exc
-
-
-def _prefix_of(network: str) -> str:
-    return next(p for p, n in SINGLE_FILE_PREFIXES.items() if n == network)

@@ -3,12 +3,18 @@
 Modules are built on the meta device and receive the checkpoint's tensors with
 `load_state_dict(strict=True, assign=True)`: no random initialisation that is then overwritten,
 no second copy of the weights.
+
+Conditioning by family (what diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline do):
+- sd1/sd2: `context` = the text encoder's hidden states (SD2 single files: penultimate block + LN);
+- sdxl: `context` = [CLIP-L penultimate | bigG penultimate] (raw, no final LN), and
+  `y` = [pooled, projected bigG | size/crop sinusoids] (`conditioning.py`); an empty negative
+  prompt conditions on zeros (`force_zeros_for_empty_prompt`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +42,11 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     hash: str | None = None  # A1111's short file hash, filled in by whoever needs it (hashing costs seconds)
+    tokenizer_2: PromptTokenizer | None = None  # SDXL: OpenCLIP bigG's tokenizer (pads with 0)
+    text_encoder_2: CLIPTextModel | None = None  # SDXL: OpenCLIP bigG
+    # Things that happened while generating that the user should hear about (e.g. a VAE decode
+    # redone in fp32). The caller prints and clears them.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -56,25 +67,46 @@ class ImageRequest:
     spacing: str | None = None  # None: the model's own timestep spacing (diffusers' default)
 
 
-def load(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Read, detect and load a single file or diffusers folder."""
+def load(
+    path: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prediction: str | None = None,
+) -> StableDiffusion:
+    """Read, detect and load a single file or diffusers folder.
+
+    prediction: "epsilon"/"eps" or "v_prediction"/"v" overrides what the checkpoint says or what
+    detection guesses (`spec.prediction_source` says which happened; `spec.notes` explains guesses).
+    """
     components = read_components(Path(path))
-    return load_components(components, device=torch.device(device), dtype=dtype)
+    return load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
 
 
-def load_components(components: Components, *, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
-    spec = detect_spec(components)
-    tokenizer = PromptTokenizer(components.tokenizer_dir, pad_token_id=spec.pad_token_id)
-    return StableDiffusion(
+def load_components(
+    components: Components, *, device: torch.device, dtype: torch.dtype, prediction: str | None = None
+) -> StableDiffusion:
+    spec = detect_spec(components, prediction=prediction)
+    # SDXL's VAE overflows in fp16 (black or NaN images): keep it in fp32 unless the folder says it is safe.
+    vae_dtype = torch.float32 if dtype == torch.float16 and spec.vae_fp16_unsafe else dtype
+    path = components.path
+    model = StableDiffusion(
         spec=spec,
-        path=components.path,
-        tokenizer=tokenizer,
-        text_encoder=_build(CLIPTextModel, spec.text_encoder, components.text_encoder, "text encoder", components.path, device, dtype),
-        unet=_build(UNetModel, spec.unet, components.unet, "U-Net", components.path, device, dtype),
-        vae=_build(AutoencoderKL, spec.vae, components.vae, "VAE", components.path, device, dtype),
+        path=path,
+        tokenizer=PromptTokenizer(components.tokenizer_dir, pad_token_id=spec.pad_token_id),
+        text_encoder=_build(CLIPTextModel, spec.text_encoder, components.text_encoder, "text encoder", path, device, dtype),
+        unet=_build(UNetModel, spec.unet, components.unet, "U-Net", path, device, dtype),
+        vae=_build(AutoencoderKL, spec.vae, components.vae, "VAE", path, device, vae_dtype),
         device=device,
         dtype=dtype,
     )
+    if spec.text_encoder_2 is not None:
+        assert components.text_encoder_2 is not None and spec.pad_token_id_2 is not None
+        model.tokenizer_2 = PromptTokenizer(components.tokenizer_2_dir, pad_token_id=spec.pad_token_id_2)
+        model.text_encoder_2 = _build(
+            CLIPTextModel, spec.text_encoder_2, components.text_encoder_2, "text encoder 2", path, device, dtype
+        )
+    return model
 
 
 def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, device, dtype) -> nn.Module:
@@ -97,11 +129,53 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the prompt encoders give: the cross-attention context and (SDXL) the pooled embedding."""
+
+    context: torch.Tensor  # [B, 77, context_dim]
+    pooled: torch.Tensor | None = None  # [B, projection_dim]: SDXL's projected bigG EOS state
+
+
 @torch.inference_mode()
+def encode_text(model: StableDiffusion, prompts: Sequence[str]) -> TextConditioning:
+    """Prompts -> context (and SDXL's pooled embedding), as the family's reference pipeline does."""
+    ids = model.tokenizer(list(prompts)).to(model.device)
+    if model.text_encoder_2 is None:
+        return TextConditioning(model.text_encoder(ids, skip_last_layers=model.spec.clip_skip).hidden_states)
+    assert model.tokenizer_2 is not None
+    ids_2 = model.tokenizer_2(list(prompts)).to(model.device)
+    first = model.text_encoder(ids)
+    second = model.text_encoder_2(ids_2)
+    # SDXL conditions on both encoders' penultimate blocks, raw (no final LayerNorm).
+    context = torch.cat([first.penultimate, second.penultimate], dim=-1)
+    return TextConditioning(context, second.pooled)
+
+
 def encode_prompts(model: StableDiffusion, prompts: Sequence[str]) -> torch.Tensor:
     """Prompts -> cross-attention context [B, 77, width]."""
-    ids = model.tokenizer(list(prompts)).to(model.device)
-    return model.text_encoder(ids, skip_last_layers=model.spec.clip_skip).hidden_states
+    return encode_text(model, prompts).context
+
+
+@torch.inference_mode()
+def unet_conditioning(
+    model: StableDiffusion, prompts: Sequence[str], height: int, width: int, *, zeros: bool = False
+) -> dict[str, torch.Tensor]:
+    """The U-Net's keyword arguments for `prompts`: {"context"} or, for SDXL, {"context", "y"}.
+
+    zeros: condition on all-zero text embeddings (SDXL's empty negative prompt).
+    """
+    from ldmcli.conditioning import SizeConditioning, sdxl_vector
+
+    text = encode_text(model, prompts)
+    if zeros:
+        pooled = None if text.pooled is None else torch.zeros_like(text.pooled)
+        text = TextConditioning(torch.zeros_like(text.context), pooled)
+    if text.pooled is None:
+        return {"context": text.context}
+    dim = model.spec.addition_time_embed_dim
+    assert dim is not None
+    return {"context": text.context, "y": sdxl_vector(text.pooled, SizeConditioning.for_image(height, width), dim)}
 
 
 def noise_source(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> Callable[[], torch.Tensor]:
@@ -143,8 +217,12 @@ def sample_latents(
     from ldmcli.samplers import sample
 
     n = len(seeds)
-    cond = encode_prompts(model, [request.prompt] * n)
-    uncond = encode_prompts(model, [request.negative_prompt] * n) if request.cfg_scale != 1 else None
+    size = (request.height, request.width)
+    cond = unet_conditioning(model, [request.prompt] * n, *size)
+    uncond = None
+    if request.cfg_scale != 1:  # guidance off: no unconditional pass at all (Turbo)
+        zeros = model.spec.zero_empty_negative and request.negative_prompt == ""
+        uncond = unet_conditioning(model, [request.negative_prompt] * n, *size, zeros=zeros)
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
     denoiser = CFGDenoiser(Denoiser(model.unet, model.spec.schedule), cond, uncond, request.cfg_scale)
@@ -161,7 +239,23 @@ def sample_latents(
 
 @torch.inference_mode()
 def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds."""
-    images = model.vae.decode(latents / model.spec.scale_factor)
+    """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds.
+
+    A decode that overflows (inf/NaN: SDXL's VAE in fp16 is the classic case) is redone in fp32
+    rather than saved as a black image; `model.warnings` says so.
+    """
+    vae = model.vae
+    vae_dtype = next(vae.parameters()).dtype
+    z = latents.float() / model.spec.scale_factor
+    images = vae.decode(z.to(vae_dtype))
+    if not torch.isfinite(images).all() and vae_dtype != torch.float32:
+        model.warnings.append(
+            f"VAE decode in {str(vae_dtype).removeprefix('torch.')} overflowed (inf/NaN); decoded again in float32"
+        )
+        vae.to(torch.float32)  # in place: no second copy; back afterwards (exact, the values came from vae_dtype)
+        try:
+            images = vae.decode(z)
+        finally:
+            vae.to(vae_dtype)
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()

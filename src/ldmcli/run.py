@@ -27,6 +27,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 1  # images per U-Net batch (within a job); never changes an image
+    prediction: str | None = None  # "eps" | "v" overrides what the model says or what is guessed
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -166,10 +167,14 @@ def _load(options: RunOptions, report: Report, device: str):
 
     dtype = resolve_dtype(options.dtype, device)
     started = time.perf_counter()
-    model = pipeline.load(options.model, device=device, dtype=dtype)
+    model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction)
     model.hash = model_hash(options.model)
-    report.say(f"loaded {model.name} ({model.spec.family}, {str(dtype).removeprefix('torch.')} on {device}) "
+    spec = model.spec
+    report.say(f"loaded {model.name}: {spec.display_name}, {spec.prediction_type} prediction "
+               f"({spec.prediction_source or 'family default'}), {str(dtype).removeprefix('torch.')} on {device}, "
                f"in {time.perf_counter() - started:.1f} s")
+    for note in spec.notes:
+        report.say(f"note: {note}")
     return model
 
 
@@ -219,6 +224,9 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     with tqdm(total=job.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
         pixels = pipeline.generate(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1))
     seconds = (time.perf_counter() - started) / len(batch)
+    for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
+        report.say(f"warning: {warning}")
+    model.warnings.clear()
     for task, image in zip(batch, pixels.numpy()):
         record = image_record(model, task)
         save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, task, record))
@@ -243,7 +251,7 @@ def image_record(model, task: ImageTask) -> dict:
         "width": job.width,
         "height": job.height,
         "model": {"name": model.name, "path": str(Path(model.path).resolve()), "hash": model.hash,
-                  "family": model.spec.family, "prediction_type": model.spec.schedule.prediction_type},
+                  "family": model.spec.family, "prediction_type": model.spec.prediction_type},
     }
 
 
@@ -295,17 +303,11 @@ def _write_grid(tasks: list[ImageTask], report: Report) -> None:
     report.say(f"wrote {path} ({len(done)} images)")
 
 
-def recommended_defaults(model: Path) -> dict:
-    """Defaults a model file recommends in its safetensors header (our demo model does), read without loading."""
-    from ldmcli.checkpoint import read_safetensors_metadata
+def recommended_defaults(model: Path, prediction: str | None = None) -> dict:
+    """What the model calls for where the user said nothing: its native size, Turbo's or the demo model's
+    steps/CFG/sampler. Read from headers and shapes only (safetensors headers, mmap-ed .ckpt), not weights."""
+    from ldmcli.detect import detect_spec
+    from ldmcli.layout import read_components
 
-    if not (Path(model).is_file() and Path(model).suffix == ".safetensors"):
-        return {}
-    meta = read_safetensors_metadata(Path(model))
-    found: dict = {}
-    for key, cast in (("steps", int), ("cfg_scale", float), ("sampler", str)):
-        if f"ldm.default_{key}" in meta:
-            found[key] = cast(meta[f"ldm.default_{key}"])
-    if "ldm.native_size" in meta:
-        found["width"] = found["height"] = int(meta["ldm.native_size"])
-    return found
+    spec = detect_spec(read_components(Path(model), meta=True), prediction=prediction)
+    return {"width": spec.native_size, "height": spec.native_size, **spec.recommended}
