@@ -61,6 +61,9 @@ def test_samplers_lists_every_sampler_and_alias():
         (["--overwrite", "--skip-existing"], "contradict"),
         (["-o", "out/{nope}.png"], "unknown field {nope}"),
         (["-o", "out/image.jpg"], "must end in .png"),
+        (["--tile-vae", "sometimes"], "--tile-vae"),
+        (["--threads", "0"], "--threads"),
+        (["--dtype", "fp8"], "--dtype"),
     ],
 )
 def test_usage_errors_exit_2_before_loading(args, message, tmp_path):
@@ -159,13 +162,15 @@ def test_prompts_from_stdin(tmp_path, tiny_single_file):
 
 
 def test_image_independent_of_batch_size_position_and_neighbours(tmp_path, tiny_single_file):
+    # fp32: the one-level bound is fp32's (bf16 rounds batched kernels' differences more coarsely).
+    fp32 = ("--dtype", "fp32")
     alone = tmp_path / "alone"
-    assert invoke("generate", "a red circle", "-s", "40", "-b", "3", "-m", tiny_single_file, *TINY, "-o", f"{alone}/").exit_code == 0
+    assert invoke("generate", "a red circle", "-s", "40", "-b", "3", "-m", tiny_single_file, *TINY, *fp32, "-o", f"{alone}/").exit_code == 0
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "something else", "seed": 5, "batch_count": 2}\n{"prompt": "a red circle", "seed": 40, "batch_count": 3}\n')
     for batch_size in ("1", "2", "3"):
         mixed = tmp_path / f"mixed{batch_size}"
-        result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, *TINY, "--batch-size", batch_size,
+        result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, *TINY, *fp32, "--batch-size", batch_size,
                         "-o", f"{mixed}/")
         assert result.exit_code == 0, result.output
         for i in range(3):
@@ -300,6 +305,53 @@ def test_from_png_reproduces_bytes(tmp_path, tiny_single_file):
     assert json.loads(read_png_text(other)["ldm"])["seed"] == 10
 
 
+def test_compute_dtype_is_recorded_and_reused(tmp_path, tiny_single_file):
+    """bf16 and fp32 give other pixels for one seed: the record says which, and --from-png reuses it."""
+    first = tmp_path / "fp32.png"
+    result = invoke("generate", "a cat", "-m", tiny_single_file, "-s", "3", "--dtype", "fp32", *TINY, "-o", first, "--json")
+    assert result.exit_code == 0, result.output
+    assert "running fp32 (requested)" in result.output
+    assert json.loads(read_png_text(first)["ldm"])["model"]["dtype"] == "fp32"
+    again = tmp_path / "again.png"
+    assert invoke("generate", "--from-png", first, "-o", again).exit_code == 0
+    assert again.read_bytes() == first.read_bytes()
+    bf16 = tmp_path / "bf16.png"
+    assert invoke("generate", "--from-png", first, "--dtype", "bf16", "-o", bf16).exit_code == 0
+    assert json.loads(read_png_text(bf16)["ldm"])["model"]["dtype"] == "bf16"
+
+
+def test_tiled_decode_from_the_command_line(tmp_path, tiny_single_file, monkeypatch):
+    """--tile-vae on/off reach the decoder as (tile, overlap) or None (here 32 px tiles, 8 px overlaps)."""
+    from ldmcli import pipeline, run
+
+    monkeypatch.setattr(run, "VAE_TILE_PIXELS", 32)
+    monkeypatch.setattr(run, "VAE_TILE_OVERLAP_PIXELS", 8)
+    calls = []
+    real = pipeline.decode_latents
+
+    def spy(model, latents, tile=None):
+        calls.append(tile)
+        return real(model, latents, tile=tile)
+
+    monkeypatch.setattr(pipeline, "decode_latents", spy)
+    args = ["generate", "a cat", "-m", tiny_single_file, "-s", "5", "--dtype", "fp32", "-W", "96", "-H", "64", "--steps", "4"]
+    assert invoke(*args, "--tile-vae", "off", "-o", tmp_path / "whole.png").exit_code == 0
+    result = invoke(*args, "--tile-vae", "on", "-o", tmp_path / "tiled.png")
+    assert result.exit_code == 0, result.output
+    assert calls == [None, (4, 1)]  # latent pixels at the tiny model's 8x factor
+    # the tiles really were decoded separately (seam-free blending is tested in test_runtime.py)
+    assert not np.array_equal(pixels(tmp_path / "whole.png"), pixels(tmp_path / "tiled.png"))
+
+
+def test_auto_tiling_threshold():
+    from ldmcli.run import AUTO_TILE_PIXELS, vae_tile
+
+    assert vae_tile("auto", 1024, 1024, 8) is None  # SD's sizes decode whole
+    assert vae_tile("auto", 1024, 1032, 8) == (64, 16) and 1024 * 1032 > AUTO_TILE_PIXELS  # 512 px tiles, 128 px overlaps
+    assert vae_tile("on", 64, 64, 4) == (128, 32)
+    assert vae_tile("off", 4096, 4096, 8) is None
+
+
 def test_from_a1111_only_png(tmp_path, tiny_single_file):
     first = tmp_path / "first.png"
     assert invoke("generate", "a cat, sitting", "-m", tiny_single_file, "-s", "3", "--sampler", "DPM++ 2M Karras",
@@ -333,7 +385,10 @@ def test_interrupt_then_resume(tmp_path, tiny_single_file):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "ldmcli", "generate", "a cat", "-m", str(tiny_single_file), "-s", "1", "-b", "4",
             "-W", "64", "-H", "64", "--steps", "400", "-o", f"{out}/", "--json"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest &`, CI runners) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child Ctrl-C's default disposition back.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(out.glob("*.png")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -162,3 +162,31 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cast_on_read(tmp_path, suffix, dtype):
+    """read_state_dict(dtype=...) returns exactly the stored values cast once; integer tensors keep their dtype."""
+    from ldmcli.checkpoint import read_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(3, 5, generator=gen, dtype=torch.float32),
+        "b.weight": torch.randn(7, generator=gen).to(torch.float16),
+        "position_ids": torch.arange(77, dtype=torch.int64)[None],
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(tensors, path)
+    else:
+        torch.save({"state_dict": tensors}, path)
+    read = read_state_dict(path, dtype=dtype)
+    assert read.keys() == tensors.keys()
+    for key, original in tensors.items():
+        expected = original.to(dtype) if original.is_floating_point() else original
+        assert read[key].dtype == expected.dtype, key
+        torch.testing.assert_close(read[key], expected, rtol=0, atol=0)
+    as_stored = read_state_dict(path)
+    assert {k: v.dtype for k, v in as_stored.items()} == {k: v.dtype for k, v in tensors.items()}

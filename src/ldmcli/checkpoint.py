@@ -21,18 +21,20 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 
-def read_state_dict(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, meta: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of one weights file, by key. Raises CheckpointError naming the file on any problem.
 
     meta=True gives shape-and-dtype-only tensors, read from a safetensors header without the data.
+    dtype: floating-point tensors come back in this dtype, cast one tensor at a time as they are read.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     if path.suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors_header(path) if meta else _read_safetensors(path)
+        return _read_safetensors_header(path) if meta else _read_safetensors(path, dtype)
     if path.suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
+        tensors = _read_pickle(path)
+        return tensors if dtype is None else {k: _cast(v, dtype) for k, v in tensors.items()}
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
 
 
@@ -42,9 +44,38 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    with _open_safetensors(path) as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read tensor by tensor with plain file reads, casting each as it arrives.
+
+    Not through safetensors' memory map: every page of a mapped file that is touched counts in the
+    process's RSS until the map closes, so mapping a 2 GB fp16 file and copying it out (to cast or
+    to own the memory) peaks at twice the weights. Reading into one tensor at a time peaks at the
+    weights plus the largest tensor; the file's pages stay in the page cache for the next run.
+    """
+    with _open_safetensors(path) as f:  # validates the header and the file's length first
+        keys = list(f.keys())
+    with open(path, "rb") as stream:
+        header_len = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_len))
+        data_start = 8 + header_len
+        tensors = {}
+        for key in keys:
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            buffer = bytearray(end - begin)
+            stream.seek(data_start + begin)
+            if stream.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{path}: truncated while reading {key}")
+            file_dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if file_dtype is None:
+                raise CheckpointError(f"{path}: {key} has unsupported dtype {entry['dtype']}")
+            tensor = torch.frombuffer(buffer, dtype=file_dtype) if buffer else torch.empty(0, dtype=file_dtype)
+            tensors[key] = _cast(tensor.reshape(entry["shape"]), dtype)
+        return tensors
 
 
 def _read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:
@@ -96,7 +127,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_sharded_or_single(folder: Path, stems: tuple[str, ...], *, meta: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
+def read_sharded_or_single(
+    folder: Path, stems: tuple[str, ...], *, meta: bool = False, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], Path]:
     """Weights of one diffusers component folder: the first of `stems` found, safetensors preferred.
 
     Handles sharded files (`<stem>.safetensors.index.json`) too.
@@ -108,11 +141,11 @@ def read_sharded_or_single(folder: Path, stems: tuple[str, ...], *, meta: bool =
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
                 tensors: dict[str, torch.Tensor] = {}
                 for shard in shards:
-                    tensors.update(read_state_dict(folder / shard, meta=meta))
+                    tensors.update(read_state_dict(folder / shard, meta=meta, dtype=dtype))
                 return tensors, index
             single = folder / f"{stem}{suffix}"
             if single.is_file():
-                return read_state_dict(single, meta=meta), single
+                return read_state_dict(single, meta=meta, dtype=dtype), single
     raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
 
 

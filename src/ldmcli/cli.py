@@ -88,7 +88,14 @@ def cli() -> None:
 @click.option("--prediction", type=click.Choice(["eps", "v"]),
               help="What the U-Net predicts, when a single file cannot say (SD 2.x 768 models are v). [default: detected]")
 @click.option("--device", type=click.Choice(DEVICES), envvar="LDM_DEVICE", default="auto", show_default=True, help="[env: LDM_DEVICE]")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: fp16 on CUDA/MPS, fp32 on CPU.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="auto: bf16 on CPUs with bf16 units (AMX, AVX512-BF16), else fp32; bf16 on CUDA GPUs that have it, "
+              "else fp16; fp16 on MPS. --from-png: the image's.")
+@click.option("--tile-vae", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Decode in 512 px tiles with blended overlaps (bounded memory). auto: above 1024x1024.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the U-Net and VAE (slow first run, cached on disk under ~/.cache/ldm/inductor).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: one per core]")
 @click.option("-o", "--output", help="PNG path template, fields {index} {seed} {prompt_slug} {name} {job} {image} ..., "
               "or a folder ending in /. [default: $LDM_OUTPUT_DIR or outputs/, then 00000-SEED.png]")
 @click.option("--overwrite", is_flag=True, help="Replace existing images.")
@@ -100,8 +107,8 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, output, overwrite, skip_existing,
-             fail_fast, grid, json_lines, quiet, debug):
+             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads,
+             output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
     def build():
@@ -120,7 +127,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             batch_count=batch_count,
         )
         texts = [*prompts, *prompt_options]
-        model_path, prediction_type = model, prediction
+        model_path, prediction_type, run_dtype = model, prediction, dtype
         if from_png is not None:
             if texts or prompt_file:
                 raise click.UsageError("--from-png regenerates one image: give no other prompt")
@@ -128,6 +135,8 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             recorded = _model_from_png(from_png)
             model_path = model or recorded.get("path") or recorded.get("name")
             prediction_type = prediction_type or recorded.get("prediction_type")
+            if "dtype" not in given and recorded.get("dtype") in DTYPES:
+                run_dtype = recorded["dtype"]  # the same pixels need the same arithmetic
         else:
             if not texts and not prompt_file:
                 raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
@@ -139,7 +148,8 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         model_file = _resolve_model(model_path, quiet)
         options = RunOptions(
             model=model_file, template=output_template,
-            device=device, dtype=dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
+            device=device, dtype=run_dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
+            compile=compile_, tile_vae=tile_vae, threads=threads,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
         )
         defaults = recommended_defaults(model_file, prediction_type)

@@ -105,22 +105,23 @@ class Components:
         return nets
 
 
-def read_components(path: Path, *, meta: bool = False) -> Components:
+def read_components(path: Path, *, meta: bool = False, dtype: torch.dtype | None = None) -> Components:
     """Read a single file or a diffusers folder into canonically named networks.
 
     meta=True reads shapes only where the format allows (safetensors headers): for `ldm info`.
+    dtype: cast floating-point tensors to it while reading (one copy of the weights, never two).
     """
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
-            return read_diffusers_folder(path, meta=meta)
+            return read_diffusers_folder(path, meta=meta, dtype=dtype)
         raise CheckpointError(f"{path}: a folder without a model (no model_index.json or unet/)")
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    state_dict = read_state_dict(path, meta=meta)
+    state_dict = read_state_dict(path, meta=meta, dtype=dtype)
     if meta and path.suffix == ".safetensors":
         _read_probes(path, state_dict)
     return split_single_file(state_dict, path, metadata)
@@ -193,7 +194,7 @@ def _text_encoder_map(fmt: str, *, keep_projection: bool):
     return lambda sd: clip_openclip_to_canonical(sd, keep_projection=keep_projection)
 
 
-def read_diffusers_folder(folder: Path, *, meta: bool = False) -> Components:
+def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtype | None = None) -> Components:
     """Read `unet/`, `vae/`, `text_encoder/` (SDXL: + `text_encoder_2/`), tokenizers and `scheduler/`
     of a diffusers pipeline folder."""
     from ldmcli.keymap.clip import clip_hf_to_canonical
@@ -216,7 +217,7 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False) -> Components:
         sub = folder / name
         if not sub.is_dir():
             raise CheckpointError(f"{folder}: missing {name}/ folder")
-        tensors, source = read_sharded_or_single(sub, stems.get(name, ("model", "pytorch_model", "model.fp16")), meta=meta)
+        tensors, source = read_sharded_or_single(sub, stems.get(name, ("model", "pytorch_model", "model.fp16")), meta=meta, dtype=dtype)
         networks[name] = tensors
         sources[name] = str(source)
         if (sub / "config.json").is_file():

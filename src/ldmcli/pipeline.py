@@ -79,7 +79,10 @@ def load(
     prediction: "epsilon"/"eps" or "v_prediction"/"v" overrides what the checkpoint says or what
     detection guesses (`spec.prediction_source` says which happened; `spec.notes` explains guesses).
     """
-    components = read_components(Path(path))
+    # Cast while reading, so the process never holds the file's dtype and the compute dtype at once.
+    # Not to fp16: SDXL's VAE must then stay fp32, and fp32 -> fp16 -> fp32 would lose its precision.
+    read_dtype = dtype if torch.device(device).type == "cpu" and dtype != torch.float16 else None
+    components = read_components(Path(path), dtype=read_dtype)
     return load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
 
 
@@ -107,6 +110,20 @@ def load_components(
             CLIPTextModel, spec.text_encoder_2, components.text_encoder_2, "text encoder 2", path, device, dtype
         )
     return model
+
+
+def optimize(model: StableDiffusion, *, compile: bool = False) -> list[str]:
+    """Make a loaded model fast on its device, in place (`runtime.prepare_for_inference`): fused,
+    packed oneDNN layers on CPU, channels_last, optionally torch.compile. Returns what was done.
+
+    The networks are inference-only afterwards (packed CPU layers cannot be moved, cast or trained).
+    """
+    from ldmcli import runtime
+
+    parts = {"unet": model.unet, "vae": model.vae}
+    notes = runtime.prepare_for_inference(parts, model.device, model.dtype, compile=compile)
+    model.unet, model.vae = parts["unet"], parts["vae"]
+    return notes
 
 
 def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, device, dtype) -> nn.Module:
@@ -199,9 +216,10 @@ def generate(
     seeds: Sequence[int],
     *,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    vae_tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Images for `request`, one per seed, as uint8 [N, H, W, 3]."""
-    return decode_latents(model, sample_latents(model, request, seeds, callback=callback))
+    """Images for `request`, one per seed, as uint8 [N, H, W, 3] (vae_tile: see `decode_latents`)."""
+    return decode_latents(model, sample_latents(model, request, seeds, callback=callback), tile=vae_tile)
 
 
 @torch.inference_mode()
@@ -231,31 +249,27 @@ def sample_latents(
         model.spec.schedule,
         request.steps,
         denoiser,
-        noise_source(seeds, latent_shape, model.device, model.dtype),
+        # The sampler's state stays fp32 whatever the networks compute in: bf16 keeps 8 bits of
+        # mantissa, too few for latents updated in small steps over many iterations.
+        noise_source(seeds, latent_shape, model.device, torch.float32),
         spacing=request.spacing,
         callback=callback,
     )
 
 
 @torch.inference_mode()
-def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds.
 
-    A decode that overflows (inf/NaN: SDXL's VAE in fp16 is the classic case) is redone in fp32
-    rather than saved as a black image; `model.warnings` says so.
+    tile: (side, overlap) in latent pixels: decode in tiles of that side whose overlaps are blended
+    (`runtime.decode_tiled`), so memory stays bounded at any image size. A decode that overflows (inf/NaN: SDXL's VAE in fp16
+    is the classic case) is redone in fp32 rather than saved as a black image; `model.warnings`
+    says so.
     """
-    vae = model.vae
-    vae_dtype = next(vae.parameters()).dtype
+    from ldmcli.runtime import decode_latents_safely
+
     z = latents.float() / model.spec.scale_factor
-    images = vae.decode(z.to(vae_dtype))
-    if not torch.isfinite(images).all() and vae_dtype != torch.float32:
-        model.warnings.append(
-            f"VAE decode in {str(vae_dtype).removeprefix('torch.')} overflowed (inf/NaN); decoded again in float32"
-        )
-        vae.to(torch.float32)  # in place: no second copy; back afterwards (exact, the values came from vae_dtype)
-        try:
-            images = vae.decode(z)
-        finally:
-            vae.to(vae_dtype)
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    side, overlap = tile if tile is not None else (None, 0)
+    images = decode_latents_safely(model.vae, z, tile=side, overlap=overlap, on_redo=model.warnings.append)
+    images = (images / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()

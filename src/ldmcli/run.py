@@ -28,6 +28,9 @@ class RunOptions:
     dtype: str = "auto"
     batch_size: int = 1  # images per U-Net batch (within a job); never changes an image
     prediction: str | None = None  # "eps" | "v" overrides what the model says or what is guessed
+    compile: bool = False  # torch.compile the U-Net and VAE decoder (inductor, cached on disk)
+    tile_vae: str = "auto"  # on | off | auto: tiled VAE decode above AUTO_TILE_PIXELS
+    threads: int | None = None  # CPU intra-op threads (None: PyTorch's default, one per core)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -72,13 +75,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str):
-    import torch
+# Tiled VAE decoding: above this many pixels with --tile-vae auto (strictly more than SDXL's native
+# 1024x1024, so every model's native size decodes exactly as diffusers does); tiles of 512 px with
+# 128 px blended overlaps at SD's 8x latent factor.
+AUTO_TILE_PIXELS = 1024 * 1024
+VAE_TILE_PIXELS, VAE_TILE_OVERLAP_PIXELS = 512, 128
 
-    if dtype == "auto":
-        # GPUs: fp16 halves memory and is their fast path. CPU: fp32 until bf16 is measured here.
-        return torch.float16 if device.split(":")[0] in ("cuda", "mps") else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+def vae_tile(mode: str, width: int, height: int, factor: int) -> tuple[int, int] | None:
+    """(tile side, overlap) in latent pixels of the VAE decode of an image, or None to decode it whole."""
+    if mode == "off" or (mode == "auto" and width * height <= AUTO_TILE_PIXELS):
+        return None
+    return VAE_TILE_PIXELS // factor, VAE_TILE_OVERLAP_PIXELS // factor
 
 
 def prepare(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> tuple[list[ImageTask], list[ImageTask]]:
@@ -165,14 +173,19 @@ def _load(options: RunOptions, report: Report, device: str):
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
 
-    dtype = resolve_dtype(options.dtype, device)
+    from ldmcli.runtime import choose_dtype, configure_threads
+
+    threads = configure_threads(options.threads) if device == "cpu" else None
+    dtype, why = choose_dtype(device, options.dtype)
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction)
+    done = pipeline.optimize(model, compile=options.compile)
     model.hash = model_hash(options.model)
     spec = model.spec
+    where = f"{device}, {threads} threads" if threads else device
     report.say(f"loaded {model.name}: {spec.display_name}, {spec.prediction_type} prediction "
-               f"({spec.prediction_source or 'family default'}), {str(dtype).removeprefix('torch.')} on {device}, "
-               f"in {time.perf_counter() - started:.1f} s")
+               f"({spec.prediction_source or 'family default'}), in {time.perf_counter() - started:.1f} s")
+    report.say(f"running {why} on {where}" + (f"; {', '.join(done)}" if done else ""))
     for note in spec.notes:
         report.say(f"note: {note}")
     return model
@@ -222,7 +235,9 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     )
     started = time.perf_counter()
     with tqdm(total=job.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
-        pixels = pipeline.generate(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1))
+        tile = vae_tile(options.tile_vae, job.width, job.height, model.spec.vae.downsample_factor)
+        pixels = pipeline.generate(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1),
+                                   vae_tile=tile)
     seconds = (time.perf_counter() - started) / len(batch)
     for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
         report.say(f"warning: {warning}")
@@ -251,8 +266,16 @@ def image_record(model, task: ImageTask) -> dict:
         "width": job.width,
         "height": job.height,
         "model": {"name": model.name, "path": str(Path(model.path).resolve()), "hash": model.hash,
-                  "family": model.spec.family, "prediction_type": model.spec.prediction_type},
+                  "family": model.spec.family, "prediction_type": model.spec.prediction_type,
+                  # the compute dtype: the same seed gives other pixels in bf16 than in fp32
+                  "dtype": dtype_name(model.dtype)},
     }
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bf16": the names --dtype takes."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
 
 
 def png_text(model, task: ImageTask, record: dict) -> dict[str, str]:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmcli.runtime import conv2d, upsample_conv2d
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -58,6 +60,11 @@ def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps, affine=True)
 
 
+def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """SiLU(GroupNorm(x)); the SiLU in place when no autograd needs its input (one full-size write less)."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     """Pre-activation ResNet block (GroupNorm, SiLU, 3x3 conv) x2, no time embedding."""
 
@@ -71,10 +78,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        h = conv2d(self.conv1, _norm_silu(self.norm1, x))
+        skip = x if self.nin_shortcut is None else conv2d(self.nin_shortcut, x)
+        return conv2d(self.conv2, _norm_silu(self.norm2, h), residual=skip)
 
 
 class AttnBlock(nn.Module):
@@ -99,9 +105,10 @@ class AttnBlock(nn.Module):
             return t.reshape(b, 1, c, hh * ww).transpose(-1, -2)
 
         # SDPA's default scale 1/sqrt(C) is exactly LDM's `c ** -0.5`.
-        h = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        q, k, v = (tokens(conv2d(proj, h)) for proj in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(b, c, hh, ww)
-        return x + self.proj_out(h)
+        return conv2d(self.proj_out, h, residual=x)
 
 
 class Downsample(nn.Module):
@@ -116,7 +123,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return conv2d(self.conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
 class Upsample(nn.Module):
@@ -127,7 +134,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv2d(self.conv, x)
 
 
 class MidBlock(nn.Module):
@@ -187,11 +194,11 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = conv2d(self.conv_in, x)
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return conv2d(self.conv_out, _norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -220,10 +227,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(conv2d(self.conv_in, z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return conv2d(self.conv_out, _norm_silu(self.norm_out, h))
 
 
 class AutoencoderKL(nn.Module):
@@ -248,7 +255,7 @@ class AutoencoderKL(nn.Module):
         Sample a latent as ``mean + exp(0.5 * logvar) * noise``; the scale
         factor is applied by the caller.
         """
-        moments = self.quant_conv(self.encoder(x))
+        moments = conv2d(self.quant_conv, self.encoder(x))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(self.LOGVAR_MIN, self.LOGVAR_MAX)
 
@@ -257,7 +264,7 @@ class AutoencoderKL(nn.Module):
 
         The output is roughly in [-1, 1] but deliberately not clamped.
         """
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(conv2d(self.post_quant_conv, z))
 
 
 def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:

@@ -1,0 +1,452 @@
+"""ldm vs diffusers on the same random weights in SD1.5 shapes, on this machine, side by side.
+
+    python benchmarks/bench.py                      # everything (about half an hour on 2 cores)
+    python benchmarks/bench.py --pieces unet,vae    # some pieces
+    python benchmarks/bench.py --markdown docs/performance-table.md
+
+Pieces (each tool's numbers come from the same process and the same weights, runs interleaved so
+that noise from other load hits both; medians of --runs runs after one warm-up):
+  text   CLIP text encoder, batch 2 (one prompt + negative)
+  unet   one U-Net step at 512x512 (latents 64x64), batch 2 (CFG), 77 tokens
+  vae    VAE decode of one 512x512 image
+  image  one 512x512 image, 20 steps DPM++ 2M, CFG 7.5: diffusers' StableDiffusionPipeline and ldm's
+         pipeline.generate, each with its defaults on this CPU, plus diffusers' best (bf16 + channels_last)
+  load   `ldm generate` from an SD1.5-shaped fp16 single file (~2.1 GB, written once to --workdir):
+         process start to the first U-Net step, and the process's peak RSS for a whole image; the same
+         for diffusers loading its folder (peak RSS). --src DIR runs ldm from another source tree
+         (before/after comparisons of loading changes).
+  tiles  peak RSS of a VAE decode at 512, 1024, 2048 px, untiled and tiled (512 px tiles, 128 px
+         blended overlaps), each in its own process, and max/mean |difference| tiled vs untiled
+  compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
+  demo   bf16 quality: prompt adherence of the bundled demo model (weights/ldm-demo.safetensors),
+         fp32 against bf16 (prepared, fused), same cases and seeds
+
+"diffusers' best" is bf16 weights + channels_last (its fastest eager configuration on this CPU).
+Nothing here is a test: nothing asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+UNET_TFLOP = 1.6065  # one SD1.5 U-Net forward, batch 2, 64x64 latents, 77 tokens (torch FlopCounterMode)
+VAE_TFLOP = 2.5145  # one SD1.5 VAE decode to 512x512
+BF16_PEAK_TFLOPS = 2.2  # measured bf16 matmul peak of this 2-core machine (issue 5)
+
+
+# ------------------------------------------------------------------------------------ bookkeeping
+
+
+@dataclass
+class Results:
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row: object) -> None:
+        self.rows.append(tuple(str(c) for c in row))
+        print(" | ".join(str(c) for c in row), flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(text, flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| what | measured | median s (runs) | vs diffusers best | vs diffusers fp32 |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
+
+
+def timed(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """One warm-up each, then `runs` rounds calling every function once per round (interleaved)."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(runs):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(results: Results, what: str, times: dict[str, list[float]], best: str, default: str,
+           flops: float | None = None) -> None:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, values in times.items():
+        extra = ""
+        if flops and name.startswith("ldm"):
+            extra = f" ({flops / med[name]:.2f} TFLOP/s, {flops / med[name] / BF16_PEAK_TFLOPS:.0%} of bf16 peak)"
+        results.add(what, name + extra, f"{med[name]:.3f} ({', '.join(f'{v:.2f}' for v in values)})",
+                    f"{med[name] / med[best]:.2f}x", f"{med[name] / med[default]:.2f}x")
+
+
+def machine_load() -> str:
+    load1, load5, _ = os.getloadavg()
+    training = subprocess.run(["pgrep", "-f", "ldmcli.demo.train"], capture_output=True, text=True).stdout.strip()
+    return f"load average {load1:.1f}/{load5:.1f}" + (" (a training run was active)" if training else "")
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def diffusers_folder(workdir: Path) -> Path:
+    """A full-size SD1.5-structured diffusers folder with random weights (fp32, written once)."""
+    from sd15_pipeline import write_sd15_folder
+
+    return write_sd15_folder(workdir / "sd15-diffusers")
+
+
+def load_both(folder: Path, *, ldm_dtypes=("bf16",), diffusers_dtypes=("fp32", "bf16")):
+    """{name: (pipeline-like)} for diffusers (fp32 default / bf16+channels_last best) and ldm."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from ldmcli import pipeline, runtime
+
+    out = {}
+    for d in diffusers_dtypes:
+        dtype = runtime.DTYPES[d]
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if d != "fp32":
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        out[f"diffusers {d}" + (" + channels_last" if d != "fp32" else "")] = pipe
+    for d in ldm_dtypes:
+        dtype = runtime.choose_dtype("cpu", "auto")[0] if d == "auto" else runtime.DTYPES[d]
+        model = pipeline.load(folder, dtype=dtype)
+        parts = {"unet": model.unet, "vae": model.vae}
+        runtime.prepare_for_inference(parts, "cpu", dtype)
+        model.unet, model.vae = parts["unet"], parts["vae"]
+        out[f"ldm {str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"] = model
+    return out
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def piece_components(results: Results, folder: Path, runs: int, which: set[str], with_ldm_fp32: bool) -> None:
+    import torch
+
+    models = load_both(folder, ldm_dtypes=("bf16", "fp32") if with_ldm_fp32 else ("bf16",))
+    best, default = "diffusers bf16 + channels_last", "diffusers fp32"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49407, (2, 77), generator=g)
+
+    def dt(name):
+        return torch.float32 if "fp32" in name else torch.bfloat16
+
+    if "text" in which:
+        fns = {}
+        for name, m in models.items():
+            if name.startswith("diffusers"):
+                fns[name] = (lambda m=m: m.text_encoder(ids)[0])
+            else:
+                fns[name] = (lambda m=m: m.text_encoder(ids).hidden_states)
+        report(results, "text encoder, batch 2", timed(fns, runs), best, default)
+
+    if "unet" in which:
+        x = torch.randn(2, 4, 64, 64, generator=g)
+        t = torch.tensor([500.0, 500.0])
+        ctx = torch.randn(2, 77, 768, generator=g)
+        fns = {}
+        for name, m in models.items():
+            xi, ci = x.to(dt(name)), ctx.to(dt(name))
+            if "channels_last" in name:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            if name.startswith("diffusers"):
+                fns[name] = (lambda m=m, xi=xi, ci=ci: m.unet(xi, t, ci).sample)
+            else:
+                fns[name] = (lambda m=m, xi=xi, ci=ci: m.unet(xi, t, ci))
+        report(results, "U-Net step 512², batch 2", timed(fns, runs), best, default, UNET_TFLOP)
+        _errors(results, "U-Net, one forward", fns, best)
+
+    if "vae" in which:
+        z = torch.randn(1, 4, 64, 64, generator=g)
+        fns = {}
+        for name, m in models.items():
+            zi = z.to(dt(name))
+            if name.startswith("diffusers"):
+                fns[name] = (lambda m=m, zi=zi: m.vae.decode(zi).sample)
+            else:
+                fns[name] = (lambda m=m, zi=zi: m.vae.decode(zi))
+        report(results, "VAE decode 512²", timed(fns, runs), best, default, VAE_TFLOP)
+        _errors(results, "VAE decode (pixels in [-1, 1])", fns, best)
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _errors(results: Results, what: str, fns: dict, best: str) -> None:
+    """bf16 outputs against the fp32 reference (diffusers fp32; ldm's fp32 path equals it to ~1e-5)."""
+    import torch
+
+    with torch.inference_mode():
+        ref = fns["diffusers fp32"]().float()
+        parts = []
+        for name in [n for n in fns if n != "diffusers fp32"]:
+            out = fns[name]().float()
+            parts.append(f"{name}: relative L2 {_rel(out, ref):.2e}, max |d| {(out - ref).abs().max():.3g}")
+    results.note(f"{what} against fp32 (diffusers fp32): " + "; ".join(parts))
+
+
+def piece_image(results: Results, folder: Path, runs: int) -> None:
+    import torch
+
+    from ldmcli import pipeline
+
+    models = load_both(folder, ldm_dtypes=("auto",))
+    prompt, negative = "a photograph of an astronaut riding a horse", "blurry"
+    fns = {}
+    for name, m in models.items():
+        if name.startswith("diffusers"):
+            fns[name] = (lambda m=m: m(prompt, negative_prompt=negative, num_inference_steps=20, guidance_scale=7.5,
+                                       generator=torch.Generator().manual_seed(0), output_type="np").images)
+        else:
+            request = pipeline.ImageRequest(prompt, negative, steps=20, cfg_scale=7.5, sampler="dpmpp_2m")
+            fns[name + " (auto)"] = (lambda m=m, r=request: pipeline.generate(m, r, [0]))
+    report(results, "image 512², 20 steps DPM++ 2M, CFG 7.5", timed(fns, runs),
+           "diffusers bf16 + channels_last", "diffusers fp32")
+
+
+CHILD_LDM = r"""
+import os, sys, time, json
+t0 = float(os.environ["BENCH_T0"])
+import ldmcli.models.unet as unet
+forward = unet.UNetModel.forward
+def first(self, *a, **k):
+    if not getattr(first, "done", False):
+        first.done = True
+        print(json.dumps({"first_step": time.time() - t0}), file=sys.stderr, flush=True)
+    return forward(self, *a, **k)
+unet.UNetModel.forward = first
+from ldmcli.cli import cli
+sys.argv = ["ldm", *sys.argv[1:]]
+try:
+    cli()
+except SystemExit as e:
+    if e.code: raise
+"""
+
+CHILD_DIFFUSERS = r"""
+import sys, time, torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+folder, dtype = sys.argv[1], {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]]
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                               requires_safety_checker=False, local_files_only=True)
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+if dtype != torch.float32:
+    pipe.unet.to(memory_format=torch.channels_last); pipe.vae.to(memory_format=torch.channels_last)
+pipe("a cat", num_inference_steps=int(sys.argv[3]), guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+"""
+
+
+def run_child(code: str, args: list[str], env_src: str | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GB, stderr) of `python -c code args` in a fresh process."""
+    env = dict(os.environ)
+    if env_src:
+        env["PYTHONPATH"] = env_src + os.pathsep + env.get("PYTHONPATH", "")
+    env["BENCH_T0"] = repr(time.time())
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 1024**2, err
+
+
+def piece_load(results: Results, workdir: Path, runs: int, src: str | None, steps: int, folder: Path | None) -> None:
+    from sd15_file import write_sd15_file
+
+    path = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    out = workdir / "out"
+    args = ["generate", "a cat", "-m", str(path), "--steps", str(steps), "-s", "1", "-o", str(out) + "/",
+            "--overwrite", "-q", "--sampler", "dpmpp_2m"]
+    first, rss, wall = [], [], []
+    for _ in range(runs + 1):  # the first run also warms the page cache
+        w, r, err = run_child(CHILD_LDM, args, src)
+        line = next(line for line in err.splitlines() if line.startswith("{"))
+        first.append(json.loads(line)["first_step"])
+        rss.append(r)
+        wall.append(w)
+    first, rss, wall = first[1:], rss[1:], wall[1:]
+    who = f"ldm ({src})" if src else "ldm"
+    results.add(f"`ldm generate` from the 2.1 GB fp16 file, {steps} steps", f"{who}: process start to first step",
+                f"{statistics.median(first):.2f} ({', '.join(f'{v:.2f}' for v in first)})", "", "")
+    results.add(f"`ldm generate` from the 2.1 GB fp16 file, {steps} steps", f"{who}: peak RSS GB; whole run s",
+                f"{statistics.median(rss):.2f} GB; {statistics.median(wall):.1f} s", "", "")
+    if folder is not None:
+        for d in ("fp32", "bf16"):
+            w, r, _ = run_child(CHILD_DIFFUSERS, [str(folder), d, str(steps)])
+            results.add(f"diffusers folder, {steps} steps", f"diffusers {d}: peak RSS GB; whole run s",
+                        f"{r:.2f} GB; {w:.1f} s", "", "")
+
+
+CHILD_DECODE = r"""
+import sys, time, torch
+sys.path.insert(0, sys.argv[4])
+from ldmcli.models.vae import AutoencoderKL, VAEConfig
+from ldmcli import runtime
+side, tile, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+with torch.device("meta"):
+    vae = AutoencoderKL(VAEConfig())
+from sd15_pipeline import vae_state_dict
+vae.load_state_dict(vae_state_dict(), strict=True, assign=True)
+vae = vae.to(torch.bfloat16)
+parts = {"vae": vae}
+runtime.prepare_for_inference(parts, "cpu", torch.bfloat16)
+z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(1))
+with torch.inference_mode():
+    start = time.perf_counter()
+    img = runtime.decode_latents_safely(vae, z, tile=None if tile == "none" else int(tile), overlap=16)
+    print(f"{time.perf_counter() - start:.2f}", file=sys.stderr)
+torch.save(img.to(torch.float16), out)
+"""
+
+
+def piece_tiles(results: Results, workdir: Path) -> None:
+    import torch
+
+    for side in (512, 1024, 2048):
+        outs = {}
+        for tile in ("none", "64"):
+            out = workdir / f"decode-{side}-{tile}.pt"
+            wall, rss, err = run_child(CHILD_DECODE, [str(side), tile, str(out), str(HERE)])
+            outs[tile] = out
+            label = "untiled" if tile == "none" else "tiled 512 px, 128 px overlap"
+            results.add(f"VAE decode {side}² bf16", f"{label}: peak RSS GB; decode s",
+                        f"{rss:.2f} GB; {err.strip().splitlines()[-1]} s", "", "")
+        a, b = torch.load(outs["none"]).float(), torch.load(outs["64"]).float()
+        d = (a - b).abs()
+        results.note(f"tiled vs untiled decode at {side}² (random SD1.5-shaped VAE, pixels in [-1, 1]): "
+                     f"max |d| {d.max():.3f}, mean |d| {d.mean():.4f}")
+
+
+CHILD_COMPILE = r"""
+import sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from ldmcli import runtime
+from ldmcli.models.unet import UNetConfig, UNetModel
+from sd15_pipeline import unet_state_dict
+with torch.device("meta"):
+    unet = UNetModel(UNetConfig())
+unet.load_state_dict(unet_state_dict(), strict=True, assign=True)
+unet = unet.to(torch.bfloat16)
+parts = {"unet": unet}
+runtime.prepare_for_inference(parts, "cpu", torch.bfloat16, compile=True, cache_dir=sys.argv[1])
+x = torch.randn(2, 4, 64, 64).bfloat16(); t = torch.tensor([500.0, 500.0]); c = torch.randn(2, 77, 768).bfloat16()
+with torch.inference_mode():
+    s = time.perf_counter(); parts["unet"](x, t, c); first = time.perf_counter() - s
+    steps = []
+    for _ in range(3):
+        s = time.perf_counter(); parts["unet"](x, t, c); steps.append(time.perf_counter() - s)
+print(f"{first:.1f} {sorted(steps)[1]:.3f}", file=sys.stderr)
+"""
+
+
+def piece_compile(results: Results, workdir: Path) -> None:
+    cache = workdir / "inductor-cache"
+    for label in ("cold cache", "warm cache (second process)"):
+        _, rss, err = run_child(CHILD_COMPILE, [str(cache), str(HERE)])
+        first, step = err.strip().splitlines()[-1].split()
+        results.add("ldm U-Net, torch.compile (inductor, freezing), bf16", f"{label}: first call s; step s",
+                    f"{first}; {step}", "", "")
+
+
+def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
+    import torch
+
+    from ldmcli import pipeline, runtime
+    from ldmcli.demo import DEMO_MODEL
+    from ldmcli.demo.analysis import adherence, adherence_cases
+
+    path = path or DEMO_MODEL
+    if not path.is_file():
+        results.note(f"demo: no {path}; skipped")
+        return
+    cases = adherence_cases()
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = pipeline.load(path, dtype=dtype)
+        parts = {"unet": model.unet, "vae": model.vae}
+        runtime.prepare_for_inference(parts, "cpu", dtype)
+        model.unet, model.vae = parts["unet"], parts["vae"]
+        with torch.inference_mode():
+            rates[dtype], details = adherence(model, cases, list(range(seeds)))
+        name = str(dtype).removeprefix("torch.")
+        results.add("demo model prompt adherence", f"ldm {name}: colour / position / shape / all",
+                    " / ".join(f"{rates[dtype][k]:.3f}" for k in ("colour", "position", "shape", "all")) +
+                    f" ({len(details)} images)", "", "")
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pieces", default="text,unet,vae,image,load,tiles")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--image-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"))
+    parser.add_argument("--src", help="run the load piece's ldm from this source tree (its src/ dir)")
+    parser.add_argument("--load-steps", type=int, default=20)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--demo-seeds", type=int, default=4, help="seeds per adherence case (demo piece)")
+    parser.add_argument("--demo-model", type=Path, help="demo model file [default: weights/ldm-demo.safetensors]")
+    parser.add_argument("--with-ldm-fp32", action="store_true", help="also time ldm in fp32 (4 GB more memory)")
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pieces = set(args.pieces.split(","))
+    results = Results()
+    results.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_load()} at start")
+    folder = diffusers_folder(args.workdir) if pieces & {"text", "unet", "vae", "image", "load"} else None
+    if pieces & {"text", "unet", "vae"}:
+        piece_components(results, folder, args.runs, pieces, args.with_ldm_fp32)
+    if "image" in pieces:
+        piece_image(results, folder, args.image_runs)
+    if "load" in pieces:
+        piece_load(results, args.workdir, 3, args.src, args.load_steps, folder)
+    if "tiles" in pieces:
+        piece_tiles(results, args.workdir)
+    if "compile" in pieces:
+        piece_compile(results, args.workdir)
+    if "demo" in pieces:
+        piece_demo(results, args.demo_seeds, args.demo_model)
+    results.note(f"{machine_load()} at end")
+    text = results.markdown()
+    print("\n" + text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
