@@ -261,6 +261,18 @@ pipe("a cat", num_inference_steps=int(sys.argv[3]), guidance_scale=7.5, generato
 """
 
 
+# Prepended to every child: its own peak RSS (VmHWM) on stderr at exit. Not the rusage of wait4: Linux
+# carries ru_maxrss across exec, so a child forked from this (large) process would report our size.
+PEAK_RSS = r"""
+import atexit, sys
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print(f"VmHWM_KB {line.split()[1]}", file=sys.stderr, flush=True)
+atexit.register(_peak)
+"""
+
+
 def run_child(code: str, args: list[str], env_src: str | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS GB, stderr) of `python -c code args` in a fresh process."""
     env = dict(os.environ)
@@ -268,15 +280,15 @@ def run_child(code: str, args: list[str], env_src: str | None = None) -> tuple[f
         env["PYTHONPATH"] = env_src + os.pathsep + env.get("PYTHONPATH", "")
     env["BENCH_T0"] = repr(time.time())
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS + code, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read() if proc.stderr else ""  # read before waiting: a full pipe would block the child
+    status = proc.wait()
     wall = time.perf_counter() - start
-    err = proc.stderr.read() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"child failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024**2, err
+    if status:
+        raise RuntimeError(f"child failed ({status}):\n{err[-3000:]}")
+    peak_kb = int(next(line.split()[1] for line in err.splitlines() if line.startswith("VmHWM_KB ")))
+    return wall, peak_kb / 1024**2, err
 
 
 def piece_load(results: Results, workdir: Path, runs: int, src: str | None, steps: int, folder: Path | None) -> None:
@@ -316,8 +328,7 @@ torch.manual_seed(0)
 with torch.device("meta"):
     vae = AutoencoderKL(VAEConfig())
 from sd15_pipeline import vae_state_dict
-vae.load_state_dict(vae_state_dict(), strict=True, assign=True)
-vae = vae.to(torch.bfloat16)
+vae.load_state_dict(vae_state_dict(dtype=torch.bfloat16), strict=True, assign=True)
 parts = {"vae": vae}
 runtime.prepare_for_inference(parts, "cpu", torch.bfloat16)
 z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(1))

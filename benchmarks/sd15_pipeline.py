@@ -63,9 +63,13 @@ def unet_state_dict(folder: Path = DEFAULT_FOLDER) -> dict[str, torch.Tensor]:
     return _components(folder).unet
 
 
-def vae_state_dict(folder: Path = DEFAULT_FOLDER) -> dict[str, torch.Tensor]:
-    """The folder's VAE under ldm's (LDM) names."""
-    return _components(folder).vae
+def vae_state_dict(folder: Path = DEFAULT_FOLDER, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The folder's VAE under ldm's (LDM) names, read alone (peak memory: the VAE, not the pipeline)."""
+    from ldmcli.checkpoint import read_state_dict
+    from ldmcli.keymap.vae import vae_diffusers_to_ldm
+    from ldmcli.models.vae import VAEConfig
+
+    return vae_diffusers_to_ldm(read_state_dict(Path(folder) / "vae" / "diffusion_pytorch_model.safetensors", dtype=dtype), VAEConfig())
 
 
 if __name__ == "__main__":

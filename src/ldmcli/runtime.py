@@ -74,6 +74,31 @@ class _Fused:
     keep_dense: bool = False  # an upsampling conv keeps it for sizes the sub-pixel form cannot do
 
 
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Packing replaces each loaded convolution weight by a packed copy. glibc keeps the freed dense
+    weights in its heap (they are below its adaptive mmap threshold), so without this the process
+    would hold both copies: measured on SD1.5 in bf16, 3.9 GB peak instead of 2.6 GB.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def _is_fused(layer: nn.Module, x: Tensor) -> _Fused | None:
     fused = layer.__dict__.get(_FUSED)
     if fused is not None and x.dtype != fused.dtype:
@@ -109,6 +134,7 @@ def conv2d(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None, bias_add:
         fused.packed = torch.ops.mkldnn._reorder_convolution_weight(fused.dense, *_conv_args(conv), list(x.shape))
         if not fused.keep_dense:
             fused.dense = None
+            return_freed_memory()
     x = x.contiguous(memory_format=torch.channels_last)  # no-op inside a channels_last network
     bias = fused.bias
     if bias_add is not None:
