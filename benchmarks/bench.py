@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,6 +118,7 @@ def load_both(folder: Path, *, ldm_dtypes=("bf16",), diffusers_dtypes=("fp32", "
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from ldmcli import pipeline, runtime
+    from ldmcli.run import dtype_name
 
     out = {}
     for d in diffusers_dtypes:
@@ -134,10 +134,8 @@ def load_both(folder: Path, *, ldm_dtypes=("bf16",), diffusers_dtypes=("fp32", "
     for d in ldm_dtypes:
         dtype = runtime.choose_dtype("cpu", "auto")[0] if d == "auto" else runtime.DTYPES[d]
         model = pipeline.load(folder, dtype=dtype)
-        parts = {"unet": model.unet, "vae": model.vae}
-        runtime.prepare_for_inference(parts, "cpu", dtype)
-        model.unet, model.vae = parts["unet"], parts["vae"]
-        out[f"ldm {str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"] = model
+        pipeline.optimize(model)  # what `ldm generate` does
+        out[f"ldm {dtype_name(dtype)}"] = model
     return out
 
 
@@ -392,8 +390,9 @@ def piece_compile(results: Results, workdir: Path) -> None:
 def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
     import torch
 
-    from ldmcli import pipeline, runtime
+    from ldmcli import pipeline
     from ldmcli.demo import DEMO_MODEL
+    from ldmcli.run import dtype_name
     from ldmcli.demo.analysis import adherence, adherence_cases
 
     path = path or DEMO_MODEL
@@ -404,12 +403,10 @@ def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = pipeline.load(path, dtype=dtype)
-        parts = {"unet": model.unet, "vae": model.vae}
-        runtime.prepare_for_inference(parts, "cpu", dtype)
-        model.unet, model.vae = parts["unet"], parts["vae"]
+        pipeline.optimize(model)
         with torch.inference_mode():
             rates[dtype], details = adherence(model, cases, list(range(seeds)))
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         results.add("demo model prompt adherence", f"ldm {name}: colour / position / shape / all",
                     " / ".join(f"{rates[dtype][k]:.3f}" for k in ("colour", "position", "shape", "all")) +
                     f" ({len(details)} images)", "", "")

@@ -19,14 +19,12 @@ from ldmcli import runtime
 from ldmcli.models.unet import UNetConfig, UNetModel
 from ldmcli.models.vae import AutoencoderKL, VAEConfig
 
+from test_unet import TINY_SD2  # SD2 rules: fixed head width, linear proj, fp32 attention
+
 needs_fused = pytest.mark.skipif(not runtime.fused_path_available(), reason="no oneDNN in this PyTorch build")
 
 TINY_SD1 = UNetConfig(
     model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0), context_dim=32
-)
-TINY_SD2 = UNetConfig(
-    model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, transformer_depth=(1, 1, 0), context_dim=48,
-    num_heads=None, head_dim=16, use_linear_projection=True, upcast_attention=True,
 )
 TINY_SDXL = UNetConfig(
     model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),

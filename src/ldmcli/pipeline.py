@@ -283,9 +283,9 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple
     """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds.
 
     tile: (side, overlap) in latent pixels: decode in tiles of that side whose overlaps are blended
-    (`runtime.decode_tiled`), so memory stays bounded at any image size. A decode that overflows (inf/NaN: SDXL's VAE in fp16
-    is the classic case) is redone in fp32 rather than saved as a black image; `model.warnings`
-    says so.
+    (`runtime.decode_tiled`), so memory stays bounded at any image size. A decode that overflows
+    (inf/NaN: SDXL's VAE in fp16 is the classic case) is redone in fp32 rather than saved as a black
+    image; `model.warnings` says so.
     """
     from ldmcli.runtime import decode_latents_safely
 

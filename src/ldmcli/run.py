@@ -274,8 +274,9 @@ def image_record(model, task: ImageTask) -> dict:
 
 def dtype_name(dtype) -> str:
     """torch.bfloat16 -> "bf16": the names --dtype takes."""
-    name = str(dtype).removeprefix("torch.")
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+    from ldmcli.runtime import DTYPES
+
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def png_text(model, task: ImageTask, record: dict) -> dict[str, str]:
