@@ -1,10 +1,12 @@
 """PromptTokenizer: known ids, framing (BOS/EOS/pad/truncation), and equality with two references:
-transformers' CLIPTokenizer built from the same files, and an independent re-implementation of
-OpenAI's SimpleTokenizer BPE (github.com/openai/CLIP, clip/simple_tokenizer.py)."""
+transformers' fast CLIP tokenizer built from the same files (the oracle: our BPE must give its ids),
+and an independent re-implementation of OpenAI's SimpleTokenizer BPE (github.com/openai/CLIP,
+clip/simple_tokenizer.py), which differs from HF only in the cases of HF_ONLY_PROMPTS."""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import pytest
 import torch
 
 from ldmcli.tokenizer import (
+    BOS_TOKEN as BOS,
+    EOS_TOKEN as EOS,
     NUM_MERGES,
     VOCAB_SIZE,
     PromptTokenizer,
@@ -45,6 +49,11 @@ TRICKY_PROMPTS = [
     "word!!! ??? ... --- ***",
     "",
     "   ",
+    "(masterpiece:1.2), a cat's hat!!, [[blurry]], (((best quality)))",
+    "x² 10³ ½ ① Ⅻ ٣٤ १२ 𝟙",  # unicode digits are single-digit words
+    "nbsp\u00a0em\u2003ideographic\u3000space\x0bvt\x85nel\u200bzwsp\ufeffbom",
+    "x<|endoftext|>> a<|startoftext|>b",
+    "ﬁne ﬀ Å K µ ǅ İstanbul Straße",  # compatibility characters are not NFKC-folded
 ]
 
 
@@ -53,11 +62,21 @@ def tok() -> PromptTokenizer:
     return PromptTokenizer()
 
 
+# Where OpenAI's SimpleTokenizer and HF differ, we follow HF (what diffusers runs):
+HF_ONLY_PROMPTS = [
+    "ΟΔΟΣ ΣΑΣ",  # HF lowercases per code point: final capital sigma -> "σ", not "ς"
+    "it'ſ",  # the regex is case-sensitive in HF: "'ſ" (long s) is no "'s" contraction
+    "<|ENDOFTEXT|> <|Startoftext|>",  # only exact specials are special; these are BPE text
+    "!<|endoftext|>!",  # specials are cut out first; OpenAI's regex reads "!<|" as one word
+    "file\x1cseparator",  # U+001C..U+001F: whitespace to Python's str.split and re, not to Unicode/HF
+]
+
+
 @pytest.fixture(scope="module")
 def hf_reference():
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizerFast  # the Rust `tokenizers` BPE (transformers 5: = CLIPTokenizer)
 
-    return CLIPTokenizer(str(DATA / "vocab.json"), str(DATA / "merges.txt"))
+    return CLIPTokenizerFast(str(DATA / "vocab.json"), str(DATA / "merges.txt"))
 
 
 class OpenAIReferenceBPE:
@@ -214,6 +233,158 @@ def test_loads_from_a_diffusers_tokenizer_folder(tmp_path: Path, tok: PromptToke
         PromptTokenizer(folder)
 
 
-def test_import_does_not_load_transformers() -> None:
-    code = "import sys, ldmcli.tokenizer; assert 'transformers' not in sys.modules, 'eager import'"
+def test_tokenizing_does_not_load_transformers() -> None:
+    code = (
+        "import sys, ldmcli.cli, ldmcli.pipeline\n"
+        "from ldmcli.tokenizer import PromptTokenizer\n"
+        "assert PromptTokenizer()(['a photo of a cat'])[0, :7].tolist() == %r\n"
+        "assert 'transformers' not in sys.modules and 'tokenizers' not in sys.modules\n" % CAT_IDS
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("prompt", HF_ONLY_PROMPTS)
+def test_follows_hf_where_openai_differs(
+    tok: PromptTokenizer, hf_reference, openai_reference: OpenAIReferenceBPE, prompt: str
+) -> None:
+    expected = hf_reference(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.tokenize(prompt) == expected
+    assert openai_reference.encode(prompt) != expected  # else the prompt belongs in TRICKY_PROMPTS
+
+
+# Generated prompts for the comparison with HF: Stable Diffusion style prompts (weights, LoRA tags,
+# numbers, contractions, case, whitespace runs, accents, CJK, emoji, combining marks, unicode
+# digits, specials, up to ~120 tokens so that truncation happens) and random strings.
+WORDS = (
+    "a photo of cat dog astronaut riding horse on mars portrait woman castle forest night sunset highly "
+    "detailed masterpiece best quality 8k uhd octane render trending artstation by greg rutkowski "
+    "cinematic lighting bokeh dslr sharp focus intricate concept art oil painting anime girl cyberpunk"
+).split()
+EXOTIC = [
+    "café", "naïve", "Ångström", "Straße", "ΟΔΟΣ", "Σίσυφος", "İstanbul", "Москва", "東京", "夜景", "서울",
+    "القاهرة", "हिन्दी", "ﬁne", "Ⅻ", "²", "٣", "१२", "🐱", "👩‍🚀", "🇯🇵", "❤️", "e\u0301", "n\u0303o", "ǅ",
+    "'ſ", "K", "µ", "½", "①", "𝔘𝔫𝔦", "\u200b", "\ufeff", "it's", "don't", "we're", "they've", "I'M",
+    "you'll", "he'd", "o'clock", "<|startoftext|>", "<|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "|>",
+]
+SPACES = [" ", "  ", "\t", "\n", " \n\t ", "\r\n", "\x0b", "\x1c", "\x85", "\u00a0", "\u2003", "\u3000"]
+PUNCTUATION = list(",.!?:;()[]{}<>|/\\-_'\"`~@#$%^&*+=")
+ALPHABET = (
+    "abcxyzABCXYZ0123456789 \t\n.,;:!?'\"()[]{}<>|/\\-_*&^%$#@~`+=éèêëàÄÖÜßçñøåæœΣσςΑαΩωЖжЯя日本語中文한국어"
+    "ابتअआक٠١٢٣०१२²³¹½⅓①Ⅻ\u0301\u0308\u0327\u200d🙂🐱🏻👍🏿\u00a0\u2003\u3000\u200b\ufeff\x1c\x85ſKǅﬁ<|>"
+)
+
+
+def sd_prompt(rng: random.Random) -> str:
+    pieces = []
+    for _ in range(rng.randint(1, 30)):
+        kind = rng.random()
+        if kind < 0.6:
+            piece = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+        elif kind < 0.75:
+            piece = rng.choice(EXOTIC)
+        elif kind < 0.85:
+            piece = rng.choice([
+                str(rng.randint(0, 10 ** rng.randint(1, 7))), f"{rng.random() * 100:.3f}",
+                f"{rng.randint(1, 4096)}x{rng.randint(1, 4096)}", f"f/{rng.uniform(1, 22):.1f}",
+                f"<lora:{rng.choice(WORDS)}_v{rng.randint(1, 9)}:0.{rng.randint(1, 9)}>",
+            ])
+        else:
+            piece = rng.choice(PUNCTUATION) * rng.randint(1, 3)
+        style = rng.random()
+        if style < 0.2:
+            piece = f"({piece}:{rng.uniform(0.3, 2):.{rng.randint(1, 2)}f})"
+        elif style < 0.3:
+            piece = rng.choice(["(({}))", "[{}]", "{{{}}}"]).format(piece)
+        elif style < 0.4:
+            piece = rng.choice([str.upper, str.title, str.swapcase])(piece)
+        pieces.append(piece)
+    prompt = pieces[0]
+    for piece in pieces[1:]:
+        prompt += rng.choice([", ", " ", ",", ". ", "|", "", rng.choice(SPACES)]) + piece
+    return prompt
+
+
+def random_prompt(rng: random.Random) -> str:
+    return "".join(rng.choices(ALPHABET, k=rng.randint(0, 120)))
+
+
+def generated_prompts(n_sd: int, n_random: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [sd_prompt(rng) for _ in range(n_sd)] + [random_prompt(rng) for _ in range(n_random)]
+
+
+def test_matches_hf_on_generated_prompts(tok: PromptTokenizer, hf_reference) -> None:
+    prompts = generated_prompts(3000, 2000, seed=0)
+    expected = hf_reference(prompts, add_special_tokens=False)["input_ids"]
+    mismatches = [(p, e) for p, e in zip(prompts, expected) if tok.tokenize(p) != e]
+    assert not mismatches, f"{len(mismatches)} of {len(prompts)} differ, first: {mismatches[0]!r}"
+    assert sum(len(e) > 75 for e in expected) > 100  # truncation is exercised below
+    # Framing, as diffusers asks HF for it: BOS, at most 75 tokens, EOS, padding with EOS.
+    rows = hf_reference(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert tok(prompts).tolist() == rows
+
+
+@pytest.mark.parametrize("merge_format", ["pairs", "strings"])
+def test_loads_a_tokenizer_json_folder(tmp_path: Path, tok: PromptTokenizer, hf_reference, merge_format: str) -> None:
+    from transformers import CLIPTokenizerFast
+
+    data = json.loads(hf_reference.backend_tokenizer.to_str())
+    assert isinstance(data["model"]["merges"][0], list)  # what tokenizers >= 0.20 writes
+    if merge_format == "strings":  # what older tokenizers wrote
+        data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    ours = PromptTokenizer(tmp_path, pad_token_id=0)
+    assert (ours.vocab_size, ours.bos_token_id, ours.eos_token_id) == (49408, 49406, 49407)
+    prompts = TRICKY_PROMPTS + HF_ONLY_PROMPTS + generated_prompts(600, 400, seed=1)
+    hf = CLIPTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert [ours.tokenize(p) for p in prompts] == hf(prompts, add_special_tokens=False)["input_ids"]
+    assert torch.equal(ours(prompts), PromptTokenizer(pad_token_id=0)(prompts))
+
+
+def test_tokenizer_json_specials_are_cut_out_as_in_hf(tmp_path: Path) -> None:
+    """transformers 5 saves SD2's tokenizer (pad "!") with "!" as a special added token; HF then
+    never merges "!" ("!!" is 0, 0 instead of 748) and neither do we, for the same ids as diffusers."""
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer(str(DATA / "vocab.json"), str(DATA / "merges.txt"), pad_token="!").save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists()
+    hf = CLIPTokenizer.from_pretrained(tmp_path)
+    ours = PromptTokenizer(tmp_path, pad_token_id=0)
+    prompts = ["hello!! world!", "a!b !! <|endoftext|>!"] + generated_prompts(200, 100, seed=2)
+    assert [ours.tokenize(p) for p in prompts] == hf(prompts, add_special_tokens=False)["input_ids"]
+    assert ours.tokenize("hi!!") == [1883, 0, 0] and PromptTokenizer().tokenize("hi!!") == [1883, 748]
+
+
+def test_unknown_symbols_become_endoftext_as_in_hf(tmp_path: Path) -> None:
+    from transformers import CLIPTokenizerFast
+
+    vocab = {BOS: 0, EOS: 1, "h": 2, "e": 3, "l": 4, "o": 5, "o</w>": 6, "!</w>": 7, "he": 8, "ll": 9, "hell": 10,
+             "hello</w>": 11, "x": 12}  # fmt: skip
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nl l\nhe ll\nhell o</w>\n", encoding="utf-8")
+    ours = PromptTokenizer(tmp_path)
+    hf = CLIPTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    prompts = ["hello", "Hello hxllo!!", "hellö? ell", "zz", "<|endoftext|>hello"]
+    assert [ours.tokenize(p) for p in prompts] == hf(prompts, add_special_tokens=False)["input_ids"]
+    assert ours.tokenize("Hello hxllo!!") == [11, 2, 12, 9, 6, 1, 7] and ours.vocab_size == 13
+
+
+def test_missing_special_token_or_files_raise(tmp_path: Path) -> None:
+    vocab = json.loads((DATA / "vocab.json").read_text(encoding="utf-8"))
+    del vocab[BOS]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(DATA / "merges.txt", tmp_path / "merges.txt")
+    with pytest.raises(ValueError, match="startoftext"):
+        PromptTokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="vocab.json.*merges.txt"):
+        PromptTokenizer(tmp_path / "empty")
+
+
+def test_word_cache_is_bounded(tmp_path: Path) -> None:
+    shutil.copy(DATA / "vocab.json", tmp_path / "vocab.json")
+    shutil.copy(DATA / "merges.txt", tmp_path / "merges.txt")
+    small = PromptTokenizer(tmp_path)
+    small._bpe.CACHE_SIZE = 3
+    prompt = "a photo of a cat on the moon, a photo of a dog"
+    assert small.tokenize(prompt) == small.tokenize(prompt) == PromptTokenizer().tokenize(prompt)
+    assert len(small._bpe._cache) <= 3

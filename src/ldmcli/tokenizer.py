@@ -1,23 +1,40 @@
-"""Prompt -> token ids for the CLIP text encoders (byte-level BPE, Radford et al. 2021).
+"""Prompt -> token ids for the CLIP text encoders: byte-level BPE (Radford et al. 2021), our own code.
 
-The vocabulary is OpenAI's ``bpe_simple_vocab_16e6`` (MIT), shipped with this package as
-``data/vocab.json`` + ``data/merges.txt`` in the layout ``transformers.CLIPTokenizer`` reads;
-``convert_openai_bpe`` documents (and reproduces) how those two files were made.
+Only the vocabulary comes from files: OpenAI's ``bpe_simple_vocab_16e6`` (MIT), shipped with this
+package as ``data/vocab.json`` + ``data/merges.txt`` (the layout ``transformers.CLIPTokenizer``
+reads; ``convert_openai_bpe`` documents and reproduces how they were made), or a diffusers
+``tokenizer/`` folder with the same two files or only a ``tokenizer.json``.
 
-The BPE itself is ``transformers``' tokenizer; this module only fixes the framing Stable
-Diffusion expects: ``[BOS] tokens [EOS] pad...`` of exactly ``max_length`` ids, where the pad id
-depends on the family (SD1 pads with EOS 49407, SD2/OpenCLIP pads with 0).
+The algorithm reproduces, id for id, Hugging Face's fast CLIP tokenizer (what diffusers runs, and
+the oracle of our tests), which is OpenAI's ``clip/simple_tokenizer.py`` without ftfy/html cleaning:
+
+1. special tokens (``<|startoftext|>``, ``<|endoftext|>``) are cut out of the raw text;
+2. each piece between them is NFC-normalised and lowercased;
+3. words are the matches of the CLIP regex, their UTF-8 bytes spelled with GPT-2's byte symbols;
+4. each word is BPE-merged, lowest merge rank first, with ``</w>`` on its last symbol; a symbol
+   missing from the vocabulary becomes ``<|endoftext|>`` (HF's ``unk_token``).
+
+Lowercasing and the regex's letter/digit classes use the Unicode tables of Python and ``regex``;
+they agree with HF's (Rust, Oniguruma) on every code point assigned in Python's Unicode database
+(14.0 on Python 3.11), and may differ on characters of newer Unicode versions.
+
+``PromptTokenizer`` then frames the ids as Stable Diffusion expects: ``[BOS] tokens [EOS] pad...`` of
+exactly ``max_length`` ids, where the pad id depends on the family (SD1 pads with EOS 49407,
+SD2/OpenCLIP pads with 0).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from importlib import resources
+from math import inf
 from pathlib import Path
-from typing import Any
 
+import regex
 import torch
 
 BOS_TOKEN = "<|startoftext|>"
@@ -25,6 +42,17 @@ EOS_TOKEN = "<|endoftext|>"
 # Size of the OpenAI CLIP vocabulary: 512 byte symbols + 48,894 merges + 2 special tokens.
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 512 - 2  # 48,894
+END_OF_WORD = "</w>"
+
+# CLIP's pre-tokenizer. Case-sensitive, as in HF: the text is already lowercase, and IGNORECASE
+# would also let "'ſ" (long s) match "'s".
+_WORD_RE = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+# A special token that only appears after lowercasing ("<|ENDOFTEXT|>") is a word of the regex
+# above, but HF's second pre-tokenizer (GPT-2's byte-level regex) cuts it at letter/punctuation
+# boundaries and it is BPE-encoded as text.
+_SPELLED_SPECIALS = {tok: ("<|", tok[2:-2], "|>") for tok in (BOS_TOKEN, EOS_TOKEN)}
 
 
 class PromptTokenizer:
@@ -43,16 +71,13 @@ class PromptTokenizer:
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
-        if directory is None:
-            data = resources.files("ldmcli") / "data"
-            with resources.as_file(data / "vocab.json") as vocab:
-                with resources.as_file(data / "merges.txt") as merges:
-                    self._hf = _load_hf_tokenizer(Path(vocab), Path(merges))
-        elif (Path(directory) / "vocab.json").is_file() or not (Path(directory) / "tokenizer.json").is_file():
-            directory = Path(directory)
-            self._hf = _load_hf_tokenizer(directory / "vocab.json", directory / "merges.txt")
+        folder = None if directory is None else Path(directory)
+        if folder is None:
+            self._bpe = _bundled_bpe()
+        elif (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            self._bpe = BytePairEncoder.from_vocab_and_merges(folder / "vocab.json", folder / "merges.txt")
         else:  # transformers >= 5 saves only the fast tokenizer's single file
-            self._hf = _load_hf_tokenizer_file(Path(directory) / "tokenizer.json")
+            self._bpe = BytePairEncoder.from_tokenizer_json(folder / "tokenizer.json")
         self.bos_token_id: int = self._special_id(BOS_TOKEN)
         self._eos_token_id: int = self._special_id(EOS_TOKEN)
         self.pad_token_id = pad_token_id
@@ -66,17 +91,16 @@ class PromptTokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids including the special tokens (49408 for OpenAI's vocabulary)."""
-        return len(self._hf)
+        return len(self._bpe.vocab)
 
     def _special_id(self, token: str) -> int:
-        token_id = self._hf.convert_tokens_to_ids(token)
-        if not isinstance(token_id, int) or self._hf.convert_ids_to_tokens(token_id) != token:
+        if token not in self._bpe.vocab:
             raise ValueError(f"tokenizer vocabulary has no {token!r}")
-        return token_id
+        return self._bpe.vocab[token]
 
     def tokenize(self, prompt: str) -> list[int]:
         """BPE ids of ``prompt`` without BOS/EOS and without truncation."""
-        return list(self._hf(prompt, add_special_tokens=False)["input_ids"])
+        return self._bpe.encode(prompt)
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         """Ids ``[B, max_length]`` (int64): BOS, tokens, EOS, then padding.
@@ -87,31 +111,133 @@ class PromptTokenizer:
         if isinstance(prompts, str):
             raise TypeError("PromptTokenizer expects a sequence of prompts, not a single str")
         rows = []
-        for ids in self._hf(list(prompts), add_special_tokens=False)["input_ids"]:
-            row = [self.bos_token_id, *ids[: self.max_length - 2], self._eos_token_id]
+        for prompt in prompts:
+            row = [self.bos_token_id, *self.tokenize(prompt)[: self.max_length - 2], self._eos_token_id]
             rows.append(row + [self.pad_token_id] * (self.max_length - len(row)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
 
-def _load_hf_tokenizer(vocab: Path, merges: Path) -> Any:
-    missing = [str(p) for p in (vocab, merges) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"tokenizer file(s) not found: {', '.join(missing)}")
-    # Imported here, not at module level: transformers takes seconds to import and the CLI
-    # must start instantly for --help.
-    try:  # the Rust `tokenizers` BPE; transformers 5 calls it CLIPTokenizer (Fast is an alias)
-        from transformers import CLIPTokenizerFast as HFCLIPTokenizer
-    except ImportError:  # a future transformers without the alias
-        from transformers import CLIPTokenizer as HFCLIPTokenizer
-    # Built from the two files directly (not from tokenizer_config.json) so that every
-    # folder tokenizes identically; padding/truncation is done by PromptTokenizer itself.
-    return HFCLIPTokenizer(str(vocab), str(merges))
+class BytePairEncoder:
+    """CLIP's byte-level BPE (see the module docstring) over a vocabulary and a ranked merge list.
+
+    ``merges`` are "left right" strings, lowest rank first; ``specials`` are the tokens cut out of
+    the raw text before normalisation (HF's special added tokens).
+    """
+
+    # Words seen per encoder before the cache is emptied: bounds memory for endless inputs.
+    CACHE_SIZE = 100_000
+
+    def __init__(self, vocab: dict[str, int], merges: Iterable[str], specials: Iterable[str]) -> None:
+        self.vocab = vocab
+        # Keyed by "left right" as merges.txt spells it: byte symbols never contain a space.
+        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self._unk_id = vocab.get(EOS_TOKEN)
+        # Longest first, so that the leftmost match is also the longest (HF's leftmost-longest).
+        specials = sorted((s for s in specials if s in vocab), key=len, reverse=True)
+        self._specials_re = regex.compile("(" + "|".join(map(regex.escape, specials)) + ")") if specials else None
+        self._byte_symbols = str.maketrans({chr(b): s for b, s in bytes_to_unicode().items()})
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_vocab_and_merges(cls, vocab_json: Path, merges_txt: Path) -> BytePairEncoder:
+        """Read ``vocab.json`` ({token: id}) and ``merges.txt`` ("#version" line, then "a b" by rank)."""
+        missing = [str(p) for p in (vocab_json, merges_txt) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"tokenizer file(s) not found: {', '.join(missing)}")
+        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+        lines = merges_txt.read_text(encoding="utf-8").splitlines()
+        merges = [line for line in lines if line and not line.startswith("#version")]
+        # tokenizer_config.json is not read, so that every such folder tokenizes alike: HF would
+        # make its pad token ("!" for SD2 and SDXL's tokenizer_2) special as well.
+        return cls(vocab, merges, specials=(BOS_TOKEN, EOS_TOKEN))
+
+    @classmethod
+    def from_tokenizer_json(cls, tokenizer_json: Path) -> BytePairEncoder:
+        """Read ``model.vocab``, ``model.merges`` and the special added tokens of an HF ``tokenizer.json``.
+
+        Every special added token is cut out of the text, as HF does: files that transformers 5
+        writes for a tokenizer padding with "!" (SD2, SDXL's ``tokenizer_2``) list "!" among them,
+        so there each "!" is id 0 instead of being merged ("!!" -> 748 with ``vocab.json``).
+        """
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        vocab = dict(data["model"]["vocab"])
+        # tokenizers >= 0.20 writes each merge as a ["a", "b"] pair, older versions as "a b".
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        added = [t for t in data.get("added_tokens", []) if t.get("special") and not t.get("normalized")]
+        for token in added:
+            vocab.setdefault(token["content"], token["id"])
+        return cls(vocab, merges, specials=[t["content"] for t in added])
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``: special tokens cut out first, the pieces between them BPE-encoded."""
+        if self._specials_re is None:
+            return self._encode_text(text)
+        ids: list[int] = []
+        # split() with a capturing group alternates text, special, text, ...
+        for i, piece in enumerate(self._specials_re.split(text)):
+            if i % 2:
+                ids.append(self.vocab[piece])
+            elif piece:
+                ids += self._encode_text(piece)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        text = _lowercase(unicodedata.normalize("NFC", text))
+        # HF also replaces whitespace runs by one space here; the regex drops whitespace anyway.
+        ids: list[int] = []
+        for word in _WORD_RE.findall(text):
+            for part in _SPELLED_SPECIALS.get(word, (word,)):
+                ids += self._encode_word(part)
+        return ids
+
+    def _encode_word(self, word: str) -> list[int]:
+        cached = self._cache.get(word)
+        if cached is None:
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            symbols = self._merge(word.encode("utf-8").decode("latin-1").translate(self._byte_symbols))
+            cached = self._cache[word] = [self.vocab.get(s, self._unk_id) for s in symbols]
+        return cached
+
+    def _merge(self, word: str) -> list[str]:
+        """BPE: repeatedly join every occurrence (left to right) of the adjacent pair of lowest rank."""
+        symbols = [*word[:-1], word[-1] + END_OF_WORD]
+        ranks = self._ranks
+        while len(symbols) > 1:
+            pairs = [f"{a} {b}" for a, b in zip(symbols, symbols[1:])]
+            best = min(pairs, key=lambda pair: ranks.get(pair, inf))
+            if best not in ranks:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i < len(pairs) and pairs[i] == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
 
 
-def _load_hf_tokenizer_file(tokenizer_json: Path) -> Any:
-    from transformers import CLIPTokenizerFast
+@lru_cache(maxsize=1)
+def _bundled_bpe() -> BytePairEncoder:
+    """The OpenAI vocabulary shipped in ``ldmcli/data``, read once per process."""
+    data = resources.files("ldmcli") / "data"
+    with resources.as_file(data / "vocab.json") as vocab, resources.as_file(data / "merges.txt") as merges:
+        return BytePairEncoder.from_vocab_and_merges(Path(vocab), Path(merges))
 
-    return CLIPTokenizerFast(tokenizer_file=str(tokenizer_json))
+
+def _lowercase(text: str) -> str:
+    """Lowercase code point by code point, as Rust's ``char::to_lowercase`` in HF's normaliser.
+
+    ``str.lower`` differs only by the context rule for a word-final capital sigma (-> "ς"); HF
+    maps every "Σ" to "σ".
+    """
+    if "Σ" in text:
+        return "".join(c.lower() for c in text)
+    return text.lower()
 
 
 def bytes_to_unicode() -> dict[int, str]:
