@@ -23,6 +23,8 @@ def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwri
         info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.part", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); an image should get what open() would give it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(pixels, "RGB").save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -35,6 +37,13 @@ def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwri
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _rename_no_clobber(tmp: str, path: Path) -> None:
