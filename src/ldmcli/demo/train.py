@@ -1,6 +1,7 @@
 """Train the bundled demo model: a small Stable Diffusion 1.x-architecture latent diffusion model.
 
-    python -m ldmcli.demo.train --out weights/ldm-demo.safetensors          # the shipped file
+    python -m ldmcli.demo.train --stage vae --threads 1                      # then two diffusion phases:
+    python -m ldmcli.demo.train --stage diffusion ...                         # see docs/demo-model.md
     python -m ldmcli.demo.train --evaluate weights/ldm-demo.safetensors     # adherence rates
     python -m ldmcli.demo.train --contact-sheet docs/demo-contact-sheet.png
 
@@ -12,10 +13,11 @@ images, with the same classes the SD pipeline loads:
 2. A fixed pool of scenes is encoded once (posterior mean and std); the latent scale factor is
    1 / std of sampled latents, as SD computed its 0.18215.
 3. Text encoder (`CLIPTextModel`, real CLIP BPE, 77 tokens) and U-Net (`UNetModel`) jointly, with
-   the epsilon loss (Ho et al. 2020) on SD's scaled_linear schedule, offset noise, extra loss weight
-   on the high-noise steps (a truncated v-prediction weighting, after Min-SNR: Hang et al. 2023),
-   10 % of captions replaced by "" so classifier-free guidance (Ho & Salimans 2022) works, and an
-   EMA of the weights, which is what ships.
+   the epsilon loss (Ho et al. 2020) on SD's scaled_linear schedule, offset noise, 10 % of captions
+   replaced by "" so classifier-free guidance (Ho & Salimans 2022) works, and an EMA of the weights,
+   which is what ships. In two phases: "layout" with extra loss weight on the high-noise steps (a
+   truncated v-prediction weighting, after Min-SNR: Hang et al. 2023), then "shapes", continued
+   with `--init` on the plain epsilon loss.
 4. Export: one LDM-layout safetensors file (fp16), `__metadata__` saying what shapes cannot.
 
 Every random draw comes from generators seeded by `--seed` and the stage, so stages run separately
