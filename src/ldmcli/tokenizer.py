@@ -265,7 +265,7 @@ def convert_openai_bpe(gz_path: str | Path, out_dir: str | Path) -> None:
     lines = gzip.open(gz_path).read().decode("utf-8").split("\n")
     merges = lines[1 : NUM_MERGES + 1]  # line 0 is a header
     symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += [BOS_TOKEN, EOS_TOKEN]
     assert len(vocab) == VOCAB_SIZE == len(set(vocab))
     out = Path(out_dir)
