@@ -134,3 +134,20 @@ def test_ckpt_equals_safetensors(tmp_path, ours):
     loaded = pipeline.load(path)
     for a, b in zip(loaded.unet.state_dict().values(), ours.unet.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@torch.inference_mode()
+def test_prompts_encoded_up_front_give_the_same_images(tiny_folder):
+    """`ldm generate` encodes a run's prompts first and frees the text encoder: same pixels, and each
+    prompt's embedding is computed alone, so it does not depend on the others in its batch."""
+    model = pipeline.load(tiny_folder)
+    mixed = pipeline.encode_text(model, [PROMPT, NEGATIVE, PROMPT]).context
+    alone = pipeline.encode_text(model, [NEGATIVE]).context
+    assert torch.equal(mixed[1:2], alone) and torch.equal(mixed[0], mixed[2])
+    request = pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, steps=3, cfg_scale=5.0, sampler="euler")
+    before = pipeline.generate(model, request, [SEED, SEED + 1])
+    pipeline.encode_up_front(model, [PROMPT, NEGATIVE])
+    assert model.text_encoder is None
+    assert torch.equal(pipeline.generate(model, request, [SEED, SEED + 1]), before)
+    with pytest.raises(RuntimeError, match="not encoded up front"):
+        pipeline.encode_text(model, ["a prompt nobody encoded"])

@@ -233,26 +233,30 @@ def test_fused_conv_and_linear_epilogues() -> None:
     torch.manual_seed(0)
     conv, lin, proj = torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Linear(16, 24), torch.nn.Linear(16, 48)
     x, res, e = torch.randn(2, 16, 5, 6), torch.randn(2, 32, 5, 6), torch.randn(32)
-    tokens, other = torch.randn(2, 7, 16), torch.randn(2, 7, 24)
+    tokens, other, rows = torch.randn(2, 7, 16), torch.randn(2, 7, 24), torch.randn(3, 16)
     want = {
         "conv": conv(x) + e[:, None, None] + res,
         "gelu": F.gelu(lin(tokens)),
-        "mul": lin(tokens) * other,
         "add": lin(tokens) + other,
+        "other row count": lin(rows),
         "geglu": (lambda a, g: a * F.gelu(g))(*proj(tokens).chunk(2, dim=-1)),
+        "geglu, other row count": (lambda a, g: a * F.gelu(g))(*proj(rows).chunk(2, dim=-1)),
     }
     for m in (conv, lin, proj):
         runtime.pack_for_cpu(m)
     with torch.inference_mode():
         got = {
             "conv": runtime.conv2d(conv, x, residual=res, bias_add=e),
-            "gelu": runtime.linear(lin, tokens, gelu=True),
-            "mul": runtime.linear(lin, tokens, mul=other),
+            "gelu": runtime.linear(lin, tokens, gelu=True),  # packs for 14 rows
             "add": runtime.linear(lin, tokens, residual=other),
+            "other row count": runtime.linear(lin, rows),
             "geglu": runtime.geglu(proj, tokens),
+            "geglu, other row count": runtime.geglu(proj, rows),
         }
     for key in want:
         assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
+    # Packed once: the dense weights are gone, from the record and from the module.
+    assert lin.weight.is_meta and proj.weight.is_meta and conv.weight.is_meta
 
 
 @pytest.mark.parametrize("fuse", [False, pytest.param(True, marks=needs_fused)], ids=["eager", "fused"])
@@ -350,8 +354,11 @@ def test_nonfinite_fp16_decode_is_redone_in_fp32() -> None:
 
 
 @needs_fused
-def test_nonfinite_decode_of_a_packed_vae_uses_an_fp32_twin(monkeypatch) -> None:
+@pytest.mark.parametrize("encoder", ["kept", "dropped"])  # `ldm generate` drops it
+def test_nonfinite_decode_of_a_packed_vae_uses_an_fp32_twin(monkeypatch, encoder) -> None:
     vae = _vae()
+    if encoder == "dropped":
+        vae.drop_encoder()
     reference = copy.deepcopy(vae).bfloat16().float()  # fp32 network with the bf16-rounded weights
     packed = _prepared(vae, torch.bfloat16, "vae")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))

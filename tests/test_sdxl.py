@@ -354,3 +354,15 @@ def test_missing_bigg_projection_is_refused(sdxl_single_file, tmp_path):
     save_file(tensors, path)
     with pytest.raises(UnsupportedModelError, match="text_projection"):
         pipeline.load(path)
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""])  # "" conditions on zeros
+@torch.inference_mode()
+def test_prompts_encoded_up_front_give_the_same_images(sdxl_folder, negative):
+    """Both encoders released after the run's prompts are encoded: context, pooled vector and pixels unchanged."""
+    model = pipeline.load(sdxl_folder)
+    request = pipeline.ImageRequest(PROMPT, negative, SIZE, SIZE, steps=2, cfg_scale=5.0, sampler="euler")
+    before = pipeline.generate(model, request, [SEED])
+    pipeline.encode_up_front(model, [PROMPT, negative])
+    assert model.text_encoder is None and model.text_encoder_2 is None
+    assert torch.equal(pipeline.generate(model, request, [SEED]), before)

@@ -80,6 +80,20 @@ def test_tiny_encode_parity(tiny_pair):
     torch.testing.assert_close(logvar, dist.logvar, atol=ATOL, rtol=RTOL)
 
 
+@torch.inference_mode()
+def test_drop_encoder_frees_it_and_keeps_decode(tiny_pair):
+    _, ours = tiny_pair
+    vae = AutoencoderKL(TINY)
+    vae.load_state_dict(ours.state_dict())
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    before = vae.decode(z)
+    vae.drop_encoder()
+    assert torch.equal(vae.decode(z), before)
+    assert not [k for k in vae.state_dict() if k.startswith(("encoder.", "quant_conv."))]
+    with pytest.raises(RuntimeError, match="encoder was dropped"):
+        vae.encode(torch.zeros(1, 3, 16, 16))
+
+
 @torch.no_grad()
 def test_logvar_is_clamped():
     ref = _diffusers_vae(TINY, seed=4)

@@ -89,11 +89,19 @@ def vae_tile(mode: str, width: int, height: int, factor: int) -> tuple[int, int]
     return VAE_TILE_PIXELS // factor, VAE_TILE_OVERLAP_PIXELS // factor
 
 
-def prepare(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> tuple[list[ImageTask], list[ImageTask]]:
-    """Everything checkable without the model: every job's values, every output path. (all, to do)."""
+def prepare(
+    jobs: list[Job], options: RunOptions, defaults: dict | None = None, share: ProcessShare | None = None
+) -> tuple[list[ImageTask], list[ImageTask]]:
+    """Everything checkable without the model: every job's values, every output path.
+
+    Returns (all tasks, this process's tasks still to do). Only this process's output paths are
+    checked: other processes of a shared run may already be writing theirs.
+    """
+    share = share or ProcessShare()
     checked = [check_job(job, defaults) for job in jobs]
     tasks = plan_images(checked, options.template)
-    todo = check_outputs(tasks, overwrite=options.overwrite, skip_existing=options.skip_existing)
+    mine = [t for t in tasks if share.owns(t)]
+    todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
     if options.grid and _grid_path(tasks).exists() and not (options.overwrite or options.skip_existing):
         raise LdmError(f"{_grid_path(tasks)} exists: use --skip-existing or --overwrite to replace the grid")
     return tasks, todo
@@ -102,10 +110,9 @@ def prepare(jobs: list[Job], options: RunOptions, defaults: dict | None = None) 
 def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> int:
     """Make every image of `jobs` not yet made; `defaults` are the model's recommended values."""
     report = Report(json=options.json, quiet=options.quiet)
-    tasks, todo = prepare(jobs, options, defaults)
     share = ProcessShare.from_environment()
+    tasks, todo = prepare(jobs, options, defaults, share)
     mine = [t for t in tasks if share.owns(t)]
-    todo = [t for t in todo if share.owns(t)]
     if share.world > 1:
         report.say(f"process {share.rank + 1} of {share.world}: {len(mine)} image(s)")
     report.counts["skipped"] = len(mine) - len(todo)
@@ -116,6 +123,7 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     try:
         if todo:
             model = _load(options, report, share.device(options.device))
+            _encode_up_front(model, todo)
             _make_all(model, todo, options, report)
         if options.grid and share.wait_for_everyone() and share.rank == 0:
             _write_grid(tasks, report)
@@ -179,6 +187,7 @@ def _load(options: RunOptions, report: Report, device: str):
     dtype, why = choose_dtype(device, options.dtype)
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction)
+    model.vae.drop_encoder()  # text-to-image only decodes
     done = pipeline.optimize(model, compile=options.compile)
     model.hash = model_hash(options.model)
     spec = model.spec
@@ -189,6 +198,27 @@ def _load(options: RunOptions, report: Report, device: str):
     for note in spec.notes:
         report.say(f"note: {note}")
     return model
+
+
+# At most this many distinct prompts are encoded before the first image (about 10 s on a CPU for
+# SD1.5); a longer prompt file keeps its text encoder and encodes as it goes.
+PROMPTS_UP_FRONT = 256
+
+
+def _encode_up_front(model, todo: list[ImageTask]) -> None:
+    """Encode the run's prompts now and release the text encoders, when that saves memory.
+
+    The U-Net and VAE then run without the text encoder resident (SD1.5 in bf16: 0.25 GB less at the
+    peak, SDXL 1.6 GB). Skipped when the cached embeddings would not be smaller than the encoders.
+    """
+    from ldmcli import pipeline
+
+    prompts = list(dict.fromkeys(p for t in todo for p in (
+        (t.job.prompt, t.job.negative_prompt) if t.job.cfg_scale != 1 else (t.job.prompt,))))
+    width = model.spec.unet.context_dim
+    per_prompt = 77 * width * model.dtype.itemsize  # 77 tokens
+    if len(prompts) <= PROMPTS_UP_FRONT and len(prompts) * per_prompt < pipeline.text_encoder_bytes(model):
+        pipeline.encode_up_front(model, prompts)
 
 
 def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report) -> None:

@@ -65,13 +65,14 @@ def fused_path_available() -> bool:
 class _Fused:
     """What `pack_for_cpu` leaves on a layer: its weights in the forms the fused ops need."""
 
-    dense: Tensor | None  # the weight as loaded; a conv drops it once packed (unless keep_dense)
+    dense: Tensor | None  # the weight as loaded; dropped once packed (unless keep_dense)
     bias: Tensor | None
     dtype: torch.dtype  # what the layer was prepared for; inputs must match
-    packed: Tensor | None = None  # conv: oneDNN-blocked 3x3 (or kxk) weight, packed on first use
+    packed: Tensor | None = None  # oneDNN-blocked weight (conv: for its kxk kernel), packed on first use
     subpixel: Tensor | None = None  # upsampling conv: packed [4*out, in, 2, 2] phase weights
     subpixel_bias: Tensor | None = None
     keep_dense: bool = False  # an upsampling conv keeps it for sizes the sub-pixel form cannot do
+    halves: tuple[Tensor, Tensor] | None = None  # GEGLU projection: (value, gate) rows, each packed
 
 
 def return_freed_memory() -> None:
@@ -213,27 +214,48 @@ def linear(
     x: Tensor,
     *,
     gelu: bool = False,
-    mul: Tensor | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """`gelu(lin(x))`, `lin(x) * mul` or `lin(x) + residual`, fused into the GEMM when `lin` was packed."""
-    assert sum((gelu, mul is not None, residual is not None)) <= 1, "one epilogue at a time"
+    """`gelu(lin(x))` or `lin(x) + residual`, one oneDNN call with a packed weight when `lin` was prepared."""
+    assert not (gelu and residual is not None), "one epilogue at a time"
     fused = _is_fused(lin, x)
     if fused is None:
         y = lin(x)
         if gelu:
             return F.gelu(y)
-        if mul is not None:
-            return y * mul
         return y if residual is None else residual + y
+    weight = _packed_linear_weight(lin, fused, x)
     if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x, fused.dense, fused.bias, "gelu", [], "none")
-    if mul is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, mul.contiguous(), fused.dense, fused.bias, "mul")
-    y = torch.ops.mkldnn._linear_pointwise(x, fused.dense, fused.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, fused.bias, "gelu", [], "none")
+    y = torch.ops.mkldnn._linear_pointwise(x, weight, fused.bias, "none", [], "")
     # The fused "add" epilogue measured slower than an in-place add (its binary path has a fixed
     # per-call overhead), so the residual is added after the GEMM, in place.
     return y if residual is None else y.add_(residual)
+
+
+def _pack_linear(weight: Tensor, x: Tensor) -> Tensor:
+    """A [out, in] weight in oneDNN's blocked layout for x's row count (the layout is chosen per GEMM
+    shape; other row counts still run). Measured at SD1.5's 16x16 level (512 rows): 25 % faster GEMMs."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), x.numel() // x.shape[-1])
+
+
+def _packed_linear_weight(lin: nn.Linear, fused: _Fused, x: Tensor) -> Tensor:
+    """Pack on first use through `linear`, then drop the dense weight and the module's copy of it.
+
+    Only layers that reach `linear` are packed: the timestep MLPs call their nn.Linear directly and
+    keep their plain weights.
+    """
+    if fused.packed is None:
+        assert fused.dense is not None
+        fused.packed = _pack_linear(fused.dense, x)
+        _drop_dense(lin, fused)
+    return fused.packed
+
+
+def _drop_dense(layer: nn.Module, fused: _Fused) -> None:
+    fused.dense = None
+    layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
+    return_freed_memory()
 
 
 def pack_for_cpu(model: nn.Module) -> int:
@@ -241,8 +263,9 @@ def pack_for_cpu(model: nn.Module) -> int:
 
     Convolution weights move into the layer's record (the module keeps a meta-device placeholder of
     the same shape) and are packed on first use, so the network holds one copy of its weights but can
-    no longer be moved, cast or saved: prepare a network once it is loaded and cast. Linear weights
-    stay shared with the module. Only fp32 and bf16 CPU weights are packed.
+    no longer be moved, cast or saved: prepare a network once it is loaded and cast. A linear layer
+    keeps its weight until its first call through `linear`/`geglu` packs it (layers called directly,
+    like the timestep MLPs, keep theirs). Only fp32 and bf16 CPU weights are packed.
     """
     if not fused_path_available():
         return 0
@@ -266,17 +289,24 @@ def pack_for_cpu(model: nn.Module) -> int:
 def geglu(proj: nn.Linear, x: Tensor) -> Tensor:
     """GEGLU (Shazeer 2020): `a * gelu(gate)` with `a, gate = proj(x).chunk(2)`.
 
-    Packed: two GEMMs over the halves of the weight (row slices, no copy), the first with a GELU
-    epilogue, the second multiplying by it in its epilogue; nothing [tokens, 2 * inner] wide is written.
+    Packed: two GEMMs over the halves of the weight, each packed once; the gate's GELU rides in its
+    GEMM, and the product is taken in place on `a` (measured 12 % faster than oneDNN's binary "mul"
+    epilogue). Nothing [tokens, 2 * inner] wide is written.
     """
     fused = _is_fused(proj, x)
     if fused is None:
         a, gate = proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
-    half = fused.dense.shape[0] // 2
-    w, b = fused.dense, fused.bias
-    gate = torch.ops.mkldnn._linear_pointwise(x, w[half:], None if b is None else b[half:], "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, gate, w[:half], None if b is None else b[:half], "mul")
+    if fused.halves is None:
+        assert fused.dense is not None
+        half = fused.dense.shape[0] // 2
+        fused.halves = (_pack_linear(fused.dense[:half], x), _pack_linear(fused.dense[half:], x))
+        _drop_dense(proj, fused)
+    value_weight, gate_weight = fused.halves
+    b = fused.bias
+    gate = torch.ops.mkldnn._linear_pointwise(x, gate_weight, None if b is None else b[b.shape[0] // 2:], "gelu", [], "none")
+    value = torch.ops.mkldnn._linear_pointwise(x, value_weight, None if b is None else b[: b.shape[0] // 2], "none", [], "")
+    return value.mul_(gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +554,8 @@ def _fp32_twin(vae: nn.Module) -> nn.Module:
                 state[f"{name}.{pname}" if name else pname] = p.detach().float()
     with torch.device("meta"):
         twin = type(vae)(vae.config)
+    if vae.encoder is None:  # dropped for text-to-image: the twin matches
+        twin.drop_encoder()
     twin.load_state_dict(state, strict=True, assign=True)
     twin = twin.to(device).eval().requires_grad_(False)
     vae.__dict__["_ldm_fp32_twin"] = twin

@@ -243,9 +243,9 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig = VAEConfig()) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder: Encoder | None = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.quant_conv: nn.Conv2d | None = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -255,9 +255,16 @@ class AutoencoderKL(nn.Module):
         Sample a latent as ``mean + exp(0.5 * logvar) * noise``; the scale
         factor is applied by the caller.
         """
+        if self.encoder is None or self.quant_conv is None:
+            raise RuntimeError("this VAE's encoder was dropped (drop_encoder): it can only decode")
         moments = conv2d(self.quant_conv, self.encoder(x))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(self.LOGVAR_MIN, self.LOGVAR_MAX)
+
+    def drop_encoder(self) -> None:
+        """Free the encoder half (text-to-image only decodes: SD's is 34 M parameters); `encode` raises after."""
+        self.encoder = None
+        self.quant_conv = None
 
     def decode(self, z: Tensor) -> Tensor:
         """Latent [B, embed_dim, h, w] (already divided by the scale factor) -> image [B, out, h*f, w*f].
