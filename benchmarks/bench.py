@@ -18,6 +18,9 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
   tiles  peak RSS of a VAE decode at 512, 1024, 2048 px, untiled and tiled (512 px tiles, 128 px
          blended overlaps), each in its own process, and max/mean |difference| tiled vs untiled
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
+  profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
+         (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
+         can come to the goal: attention runs the same PyTorch kernel in both tools
   demo   bf16 quality: prompt adherence of the bundled demo model (weights/ldm-demo.safetensors),
          fp32 against bf16 (prepared, fused), same cases and seeds
 
@@ -189,6 +192,52 @@ def piece_components(results: Results, folder: Path, runs: int, which: set[str],
                 fns[name] = (lambda m=m, zi=zi: m.vae.decode(zi))
         report(results, "VAE decode 512²", timed(fns, runs), best, default, VAE_TFLOP)
         _errors(results, "VAE decode (pixels in [-1, 1])", fns, best)
+
+
+# How the profiler names each kind of op, for the profile piece.
+OP_KINDS = {
+    "attention (SDPA)": ("scaled_dot_product", "flash_attention"),
+    "convolution": ("convolution", "conv2d", "mkldnn_convolution"),
+    "linear / matmul": ("linear", "addmm", "matmul", "mm", "bmm"),
+}
+ATTENTION_TFLOP = 0.2521  # SDPA's QK^T and PV in one SD1.5 U-Net forward, batch 2, 64x64 latents, 77 tokens
+
+
+def piece_profile(results: Results, folder: Path, runs: int) -> None:
+    """Self CPU time of one U-Net step by kind of op, ldm against diffusers' best, medians of `runs`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    models = load_both(folder, diffusers_dtypes=("bf16",))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 64, 64, generator=g).bfloat16()
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=g).bfloat16()
+    for name, m in models.items():
+        if name.startswith("diffusers"):
+            xi = x.contiguous(memory_format=torch.channels_last)
+            step = lambda m=m, xi=xi: m.unet(xi, t, ctx).sample  # noqa: E731
+        else:
+            step = lambda m=m: m.unet(x, t, ctx)  # noqa: E731
+        shares: dict[str, list[float]] = {}
+        with torch.inference_mode():
+            step()
+            for _ in range(runs):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    step()
+                totals = {kind: 0.0 for kind in [*OP_KINDS, "everything else"]}
+                for event in prof.key_averages():
+                    kind = next((k for k, keys in OP_KINDS.items() if any(key in event.key for key in keys)),
+                                "everything else")
+                    totals[kind] += event.self_cpu_time_total / 1e6
+                for kind, seconds in totals.items():
+                    shares.setdefault(kind, []).append(seconds)
+        total = sum(statistics.median(v) for v in shares.values())
+        parts = ", ".join(f"{kind} {statistics.median(v):.2f} s ({statistics.median(v) / total:.0%})"
+                          for kind, v in shares.items())
+        attention = statistics.median(shares["attention (SDPA)"])
+        results.note(f"U-Net step profile, {name}: {total:.2f} s = {parts}; attention at "
+                     f"{ATTENTION_TFLOP / attention:.2f} TFLOP/s")
 
 
 def _rel(a, b) -> float:
@@ -447,6 +496,8 @@ def main() -> None:
         piece_tiles(results, args.workdir)
     if "compile" in pieces:
         piece_compile(results, args.workdir)
+    if "profile" in pieces:
+        piece_profile(results, diffusers_folder(args.workdir), args.runs)
     if "demo" in pieces:
         piece_demo(results, args.demo_seeds, args.demo_model)
     results.note(f"{machine_load()} at end")
