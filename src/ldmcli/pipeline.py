@@ -187,7 +187,7 @@ def encode_text(model: StableDiffusion, prompts: Sequence[str]) -> TextCondition
     """
     encoded = {prompt: _encode_one(model, prompt) for prompt in dict.fromkeys(prompts)}
     context = torch.cat([encoded[p].context for p in prompts])
-    if model.text_encoder_2 is None and all(e.pooled is None for e in encoded.values()):
+    if any(e.pooled is None for e in encoded.values()):  # one text encoder: no pooled embedding
         return TextConditioning(context)
     return TextConditioning(context, torch.cat([encoded[p].pooled for p in prompts]))
 

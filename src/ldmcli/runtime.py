@@ -134,8 +134,7 @@ def conv2d(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None, bias_add:
         assert fused.dense is not None
         fused.packed = torch.ops.mkldnn._reorder_convolution_weight(fused.dense, *_conv_args(conv), list(x.shape))
         if not fused.keep_dense:
-            fused.dense = None
-            return_freed_memory()
+            _drop_dense(conv, fused)
     x = x.contiguous(memory_format=torch.channels_last)  # no-op inside a channels_last network
     bias = fused.bias
     if bias_add is not None:
