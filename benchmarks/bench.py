@@ -321,7 +321,7 @@ atexit.register(_peak)
 
 
 def run_child(code: str, args: list[str], env_src: str | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS GB, stderr) of `python -c code args` in a fresh process."""
+    """(wall seconds, peak RSS GiB, stderr) of `python -c code args` in a fresh process."""
     env = dict(os.environ)
     if env_src:
         env["PYTHONPATH"] = env_src + os.pathsep + env.get("PYTHONPATH", "")
@@ -356,13 +356,13 @@ def piece_load(results: Results, workdir: Path, runs: int, src: str | None, step
     who = f"ldm ({src})" if src else "ldm"
     results.add(f"`ldm generate` from the 2.1 GB fp16 file, {steps} steps", f"{who}: process start to first step",
                 f"{statistics.median(first):.2f} ({', '.join(f'{v:.2f}' for v in first)})", "", "")
-    results.add(f"`ldm generate` from the 2.1 GB fp16 file, {steps} steps", f"{who}: peak RSS GB; whole run s",
-                f"{statistics.median(rss):.2f} GB; {statistics.median(wall):.1f} s", "", "")
+    results.add(f"`ldm generate` from the 2.1 GB fp16 file, {steps} steps", f"{who}: peak RSS GiB; whole run s",
+                f"{statistics.median(rss):.2f} GiB; {statistics.median(wall):.1f} s", "", "")
     if folder is not None:
         for d in ("fp32", "bf16"):
             w, r, _ = run_child(CHILD_DIFFUSERS, [str(folder), d, str(steps)])
-            results.add(f"diffusers folder, {steps} steps", f"diffusers {d}: peak RSS GB; whole run s",
-                        f"{r:.2f} GB; {w:.1f} s", "", "")
+            results.add(f"diffusers folder, {steps} steps", f"diffusers {d}: peak RSS GiB; whole run s",
+                        f"{r:.2f} GiB; {w:.1f} s", "", "")
 
 
 CHILD_DECODE = r"""
@@ -397,8 +397,8 @@ def piece_tiles(results: Results, workdir: Path) -> None:
             wall, rss, err = run_child(CHILD_DECODE, [str(side), tile, str(out), str(HERE)])
             outs[tile] = out
             label = "untiled" if tile == "none" else "tiled 512 px, 128 px overlap"
-            results.add(f"VAE decode {side}² bf16", f"{label}: peak RSS GB; decode s",
-                        f"{rss:.2f} GB; {err.strip().splitlines()[-1]} s", "", "")
+            results.add(f"VAE decode {side}² bf16", f"{label}: peak RSS GiB; decode s",
+                        f"{rss:.2f} GiB; {err.strip().splitlines()[-1]} s", "", "")
         a, b = torch.load(outs["none"]).float(), torch.load(outs["64"]).float()
         d = (a - b).abs()
         results.note(f"tiled vs untiled decode at {side}² (random SD1.5-shaped VAE, pixels in [-1, 1]): "

@@ -256,14 +256,14 @@ def test_grid(tmp_path, tiny_single_file):
 def test_one_failure_does_not_stop_the_batch(tmp_path, tiny_single_file, monkeypatch):
     from ldmcli import pipeline
 
-    real = pipeline.generate
+    real = pipeline.sample_latents
 
     def flaky(model, request, seeds, **kw):
         if request.prompt == "explodes":
             raise RuntimeError("simulated failure")
         return real(model, request, seeds, **kw)
 
-    monkeypatch.setattr(pipeline, "generate", flaky)
+    monkeypatch.setattr(pipeline, "sample_latents", flaky)
     args = ["generate", "a cat", "explodes", "a dog", "-m", tiny_single_file, "-s", "1", *TINY, "--json"]
     result = invoke(*args, "-o", f"{tmp_path / 'a'}/")
     assert result.exit_code == 1
@@ -272,6 +272,31 @@ def test_one_failure_does_not_stop_the_batch(tmp_path, tiny_single_file, monkeyp
     assert records[-1]["summary"]["failed"] == 1 and records[-1]["summary"]["made"] == 2
     result = invoke(*args, "--fail-fast", "-o", f"{tmp_path / 'b'}/")
     assert result.exit_code == 1 and len(list((tmp_path / "b").glob("*.png"))) == 1
+
+
+def test_last_batch_decodes_without_the_unet(tmp_path, tiny_single_file, monkeypatch):
+    """The U-Net is released after the run's last denoising step, before its decode (the memory peak),
+    and not before: every image is still made, with the pixels a run that keeps it makes."""
+    from ldmcli import pipeline
+
+    events = []
+    for name in ("sample_latents", "release_unet", "decode_latents"):
+        real = getattr(pipeline, name)
+
+        def spy(*args, real=real, name=name, **kw):
+            events.append(name)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(pipeline, name, spy)
+    args = ["generate", "a cat", "-m", tiny_single_file, "-s", "1", "-b", "3", "--batch-size", "2", *TINY]
+    assert invoke(*args, "-o", f"{tmp_path / 'a'}/").exit_code == 0
+    assert events == ["sample_latents", "decode_latents", "sample_latents", "release_unet", "decode_latents"]
+    made = sorted((tmp_path / "a").glob("*.png"))
+    assert len(made) == 3
+    monkeypatch.setattr(pipeline, "release_unet", lambda model: None)
+    assert invoke(*args, "-o", f"{tmp_path / 'b'}/").exit_code == 0
+    for path in made:
+        assert np.array_equal(pixels(path), pixels(tmp_path / "b" / path.name))
 
 
 # --- metadata -------------------------------------------------------------------------------------

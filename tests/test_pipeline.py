@@ -151,3 +151,17 @@ def test_prompts_encoded_up_front_give_the_same_images(tiny_folder):
     assert torch.equal(pipeline.generate(model, request, [SEED, SEED + 1]), before)
     with pytest.raises(RuntimeError, match="not encoded up front"):
         pipeline.encode_text(model, ["a prompt nobody encoded"])
+
+
+@torch.inference_mode()
+def test_decode_after_releasing_the_unet(tiny_folder):
+    """`release_unet` frees the U-Net for a run's last decode: the decode is unchanged, sampling refuses."""
+    model = pipeline.load(tiny_folder)
+    request = pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, steps=2, cfg_scale=5.0, sampler="euler")
+    latents = pipeline.sample_latents(model, request, [SEED])
+    before = pipeline.decode_latents(model, latents)
+    pipeline.release_unet(model)
+    assert model.unet is None
+    assert torch.equal(pipeline.decode_latents(model, latents), before)
+    with pytest.raises(RuntimeError, match="released"):
+        pipeline.sample_latents(model, request, [SEED])

@@ -214,9 +214,10 @@ def test_fused_vae_equals_eager_in_fp32() -> None:
 
 @needs_fused
 @pytest.mark.parametrize("size", [None, (12, 14), (11, 13)], ids=["2x", "2x-given", "odd"])
-def test_subpixel_upsample_conv_equals_upsample_then_conv(size) -> None:
+@pytest.mark.parametrize("out", [48, 300])  # 300: the phase weights are built in slices of 128 channels
+def test_subpixel_upsample_conv_equals_upsample_then_conv(size, out) -> None:
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    conv = torch.nn.Conv2d(32, out, 3, padding=1)
     x = torch.randn(2, 32, 6, 7)
     want = conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size))
     runtime.pack_for_cpu(conv)

@@ -225,9 +225,10 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
     from tqdm import tqdm
 
     with tqdm(total=len(todo), desc="images", unit="img", disable=not report.progress, position=0) as bar:
-        for batch in _batches(todo, options.batch_size):
+        batches = _batches(todo, options.batch_size)
+        for number, batch in enumerate(batches, 1):
             try:
-                _make_batch(model, batch, options, report)
+                _make_batch(model, batch, options, report, last=number == len(batches))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - one job's failure must not lose the others
@@ -252,7 +253,8 @@ def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     return batches
 
 
-def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report) -> None:
+def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report, *, last: bool = False) -> None:
+    """Make and save one batch; `last`: the run's final batch, whose decode runs without the U-Net."""
     from tqdm import tqdm
 
     from ldmcli import pipeline
@@ -266,8 +268,11 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     started = time.perf_counter()
     with tqdm(total=job.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
         tile = vae_tile(options.tile_vae, job.width, job.height, model.spec.vae.downsample_factor)
-        pixels = pipeline.generate(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1),
-                                   vae_tile=tile)
+        latents = pipeline.sample_latents(model, request, [t.seed for t in batch],
+                                          callback=lambda i, _x: steps.update(1))
+    if last:
+        pipeline.release_unet(model)
+    pixels = pipeline.decode_latents(model, latents, tile=tile)
     seconds = (time.perf_counter() - started) / len(batch)
     for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
         report.say(f"warning: {warning}")

@@ -195,17 +195,24 @@ def _subpixel_weights(weight: Tensor) -> Tensor:
     """3x3 kernel [O, C, 3, 3] -> the four 2x2 phase kernels [4*O, C, 2, 2], phase (a, b) at block 2a+b.
 
     Along one axis, phase 0 (even outputs) reads input offsets {-1, 0} with taps {w0, w1 + w2}, phase 1
-    (odd outputs) reads offsets {0, +1} with taps {w0 + w1, w2}. Summed in fp32, rounded once.
+    (odd outputs) reads offsets {0, +1} with taps {w0 + w1, w2}. Summed in fp32, rounded once. Built a
+    slice of output channels at a time: the fp32 intermediates of a whole 1280-channel kernel would
+    briefly take 0.2 GB, the largest spike of a U-Net step's memory.
     """
-    wf = weight.float()
+    out = weight.shape[0]
+    phases = weight.new_empty((4 * out, weight.shape[1], 2, 2))
 
     def fold(t: Tensor, dim: int, phase: int) -> Tensor:
         t0, t1, t2 = t.unbind(dim)
         pair = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
         return torch.stack(pair, dim)
 
-    blocks = [fold(fold(wf, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
-    return torch.cat(blocks, dim=0).to(weight.dtype)
+    step = 128
+    for start in range(0, out, step):
+        wf = weight[start:start + step].float()
+        for block, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            phases[block * out + start:block * out + start + len(wf)] = fold(fold(wf, 2, a), 3, b)
+    return phases
 
 
 def linear(
