@@ -7,6 +7,7 @@ scheduler config. The single-file path is checked against diffusers' own LDM con
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -160,8 +161,9 @@ def test_decode_after_releasing_the_unet(tiny_folder):
     request = pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, steps=2, cfg_scale=5.0, sampler="euler")
     latents = pipeline.sample_latents(model, request, [SEED])
     before = pipeline.decode_latents(model, latents)
+    unet = weakref.ref(model.unet)
     pipeline.release_unet(model)
-    assert model.unet is None
+    assert model.unet is None and unet() is None  # nothing else holds it: its memory is freed
     assert torch.equal(pipeline.decode_latents(model, latents), before)
     with pytest.raises(RuntimeError, match="released"):
         pipeline.sample_latents(model, request, [SEED])

@@ -237,7 +237,8 @@ def release_unet(model: StableDiffusion) -> None:
 
     The VAE decode that follows is the memory peak of generating an image (the full-resolution
     activations on top of every weight); without the U-Net resident that peak drops by the U-Net's
-    size (SD1.5 in bf16: 1.7 GB), and the run's peak becomes the denoising steps'.
+    size (SD1.5 in bf16: 1.7 GB), and the run's peak becomes the denoising steps'. Under `--compile`
+    the compiled graph's cache keeps its own reference to the weights, so this frees nothing there.
     """
     model.unet = None
     from ldmcli.runtime import return_freed_memory

@@ -197,7 +197,7 @@ def _subpixel_weights(weight: Tensor) -> Tensor:
     Along one axis, phase 0 (even outputs) reads input offsets {-1, 0} with taps {w0, w1 + w2}, phase 1
     (odd outputs) reads offsets {0, +1} with taps {w0 + w1, w2}. Summed in fp32, rounded once. Built a
     slice of output channels at a time: the fp32 intermediates of a whole 1280-channel kernel would
-    briefly take 0.2 GB, the largest spike of a U-Net step's memory.
+    briefly take about 0.25 GB during the first step, when the phases are built.
     """
     out = weight.shape[0]
     phases = weight.new_empty((4 * out, weight.shape[1], 2, 2))
