@@ -214,7 +214,7 @@ def test_fused_vae_equals_eager_in_fp32() -> None:
 
 @needs_fused
 @pytest.mark.parametrize("size", [None, (12, 14), (11, 13)], ids=["2x", "2x-given", "odd"])
-@pytest.mark.parametrize("out", [48, 300])  # 300: the phase weights are built in slices of 128 channels
+@pytest.mark.parametrize("out", [48, 300])  # 300 > runtime.SUBPIXEL_SLICE: crosses a slice boundary
 def test_subpixel_upsample_conv_equals_upsample_then_conv(size, out) -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, out, 3, padding=1)

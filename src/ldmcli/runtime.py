@@ -191,6 +191,9 @@ def upsample_conv2d(conv: nn.Conv2d, x: Tensor, size: Sequence[int] | None = Non
     return result.permute(0, 3, 1, 2)  # [N, out, 2H, 2W], channels_last
 
 
+SUBPIXEL_SLICE = 128  # output channels folded at a time by `_subpixel_weights`
+
+
 def _subpixel_weights(weight: Tensor) -> Tensor:
     """3x3 kernel [O, C, 3, 3] -> the four 2x2 phase kernels [4*O, C, 2, 2], phase (a, b) at block 2a+b.
 
@@ -207,9 +210,8 @@ def _subpixel_weights(weight: Tensor) -> Tensor:
         pair = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
         return torch.stack(pair, dim)
 
-    step = 128
-    for start in range(0, out, step):
-        wf = weight[start:start + step].float()
+    for start in range(0, out, SUBPIXEL_SLICE):
+        wf = weight[start:start + SUBPIXEL_SLICE].float()
         for block, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             phases[block * out + start:block * out + start + len(wf)] = fold(fold(wf, 2, a), 3, b)
     return phases
