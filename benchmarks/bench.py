@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import os
 import statistics
 import subprocess
@@ -470,7 +471,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--image-runs", type=int, default=3)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ldm-bench")
     parser.add_argument("--src", help="run the load piece's ldm from this source tree (its src/ dir)")
     parser.add_argument("--load-steps", type=int, default=20)
     parser.add_argument("--markdown", type=Path)

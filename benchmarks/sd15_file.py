@@ -9,12 +9,13 @@ are SD's real scaled-linear schedule.
 from __future__ import annotations
 
 import json
+import tempfile
 import math
 from pathlib import Path
 
 import torch
 
-MANIFEST = Path("/work/shared/fixtures/sd15-single-file.json")
+MANIFEST = Path(__file__).resolve().parents[1] / "tests" / "data" / "sd15-single-file.json"
 
 
 def _tensor(key: str, shape: list[int], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -65,4 +66,4 @@ def write_sd15_file(path: Path, dtype: torch.dtype = torch.float16, seed: int = 
 if __name__ == "__main__":
     import sys
 
-    print(write_sd15_file(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ldm-bench/sd15-fp16.safetensors")))
+    print(write_sd15_file(Path(sys.argv[1] if len(sys.argv) > 1 else str(Path(tempfile.gettempdir()) / "ldm-bench" / "sd15-fp16.safetensors"))))

@@ -1,6 +1,6 @@
 """A full-size SD1.5-structured diffusers folder with random weights: the benchmark's shared model.
 
-The configs are the real runwayml/stable-diffusion-v1-5 ones (from ../shared/fixtures); weights are
+The configs are the real runwayml/stable-diffusion-v1-5 ones (from tests/data); weights are
 diffusers'/transformers' default random init with a fixed seed, saved once as fp32 safetensors (about
 4.3 GB). ldm reads the same folder, so both tools run exactly the same weights.
 """
@@ -8,13 +8,14 @@ diffusers'/transformers' default random init with a fixed seed, saved once as fp
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
-FIXTURE = Path("/work/shared/fixtures/sd15-diffusers-folder.json")
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "sd15-diffusers-folder.json"
 DATA = Path(__file__).resolve().parents[1] / "src" / "ldmcli" / "data"
-DEFAULT_FOLDER = Path("/tmp/ldm-bench/sd15-diffusers")
+DEFAULT_FOLDER = Path(tempfile.gettempdir()) / "ldm-bench" / "sd15-diffusers"
 
 
 def _config(component: str) -> dict:

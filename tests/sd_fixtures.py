@@ -12,8 +12,11 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "ldmcli" / "data"
+# Key -> [shape, dtype] manifests of the real SD1.5 / SD2.1 / SDXL checkpoints (tests/data/MANIFESTS.md).
+# Required inputs: a test that cannot find one fails (FileNotFoundError), it never skips.
+MANIFESTS = Path(__file__).resolve().parent / "data"
 
-# SD 1.5's scheduler/scheduler_config.json (from ../shared/fixtures/sd15-diffusers-folder.json).
+# SD 1.5's scheduler/scheduler_config.json (tests/data/sd15-diffusers-folder.json).
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -111,7 +114,7 @@ def ldm_single_file_state_dict(model) -> dict[str, torch.Tensor]:
 
 # --- SD 2.x -----------------------------------------------------------------------------------------
 
-# SD 2.1's scheduler/scheduler_config.json (../shared/fixtures/sd21-diffusers-folder.json): DDIM, v-prediction.
+# SD 2.1's scheduler/scheduler_config.json (tests/data/sd21-diffusers-folder.json): DDIM, v-prediction.
 SD21_SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -210,7 +213,7 @@ def ldm_sd2_single_file_state_dict(model) -> dict[str, torch.Tensor]:
 
 # --- SDXL ---------------------------------------------------------------------------------------------
 
-# sd_xl_base_1.0's scheduler/scheduler_config.json (../shared/fixtures/sdxl-diffusers-folder.json).
+# sd_xl_base_1.0's scheduler/scheduler_config.json (tests/data/sdxl-diffusers-folder.json).
 SDXL_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler",
     "beta_end": 0.012,

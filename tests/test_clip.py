@@ -4,7 +4,6 @@ and config inference against the key/shape manifests of real checkpoints."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from ldmcli.keymap.clip import clip_hf_to_canonical
 from ldmcli.models.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_shapes
 from ldmcli.tokenizer import PromptTokenizer
 
-FIXTURES = Path("/work/shared/fixtures")
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 # fp32, same math in a different order (eager softmax vs SDPA). Full size: the raw residual
 # stream (penultimate) reaches |x| ~ 17-25 after 11-22 random blocks, and rounding grows with it.
 TINY_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -194,7 +194,7 @@ def test_key_in_both_spellings_is_an_error(tiny_hf_state_dict) -> None:
 
 
 def _fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+    return json.loads((MANIFESTS / name).read_text())
 
 
 def _check_layout(shapes: dict[str, list[int]], act: str, expect: dict) -> None:

@@ -72,7 +72,7 @@ def test_guidance_matters(model, default_run) -> None:
     """At CFG 1 (no guidance, conditional branch only) adherence is clearly lower than at the default."""
     rates, _ = default_run
     unguided, _ = analysis.adherence(model, analysis.adherence_cases(), SEEDS, cfg_scale=1.0)
-    print(f"\nadherence at cfg 1: " + ", ".join(f"{k} {v:.3f}" for k, v in unguided.items()))
+    print("\nadherence at cfg 1: " + ", ".join(f"{k} {v:.3f}" for k, v in unguided.items()))
     assert unguided["all"] <= rates["all"] - CFG_MARGIN, (unguided, rates)
 
 

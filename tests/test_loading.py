@@ -17,11 +17,12 @@ from ldmcli.models.clip import CLIPTextModel
 from ldmcli.models.unet import UNetModel
 from ldmcli.models.vae import AutoencoderKL
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 
 
 def _meta_state_dict(manifest: str) -> dict[str, torch.Tensor]:
-    with open(FIXTURES / manifest) as f:
+    with open(MANIFESTS / manifest) as f:
         shapes = json.load(f)
     return {k: torch.empty(shape, device="meta") for k, (shape, _dtype) in shapes.items()}
 
@@ -36,7 +37,6 @@ def _shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 def test_sd15_single_file_every_key_accounted_for():
     components = split_single_file(_meta_state_dict("sd15-single-file.json"), Path("v1-5-pruned-emaonly.safetensors"))
     spec = detect_spec(components)

@@ -5,21 +5,19 @@ from __future__ import annotations
 import ast
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from ldmcli import pipeline
-from sd_fixtures import DATA, SD15_SCHEDULER_CONFIG, _spread_norms
+from sd_fixtures import MANIFESTS, DATA, SD15_SCHEDULER_CONFIG, _spread_norms
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 def _sd15_config(component: str) -> dict:
-    with open(FIXTURES / "sd15-diffusers-folder.json") as f:
+    with open(MANIFESTS / "sd15-diffusers-folder.json") as f:
         config = json.load(f)[component]["config"]
     config = config if isinstance(config, dict) else ast.literal_eval(config)
     return {k: v for k, v in config.items() if not k.startswith("_")}

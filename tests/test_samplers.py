@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +26,14 @@ from ldmcli.denoiser import CFGDenoiser, Denoiser  # noqa: E402
 from ldmcli.samplers import SAMPLERS, SCHEDULES, resolve_sampler_name, sample  # noqa: E402
 from ldmcli.schedule import DiffusionSchedule, make_sigmas  # noqa: E402
 
-FIXTURES = Path("/work/shared/fixtures")
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 SHAPE = (2, 4, 8, 8)
 ATOL = RTOL = 1e-5
 
 
 def _scheduler_config(name: str) -> dict:
-    path = FIXTURES / f"{name}-diffusers-folder.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
+    path = MANIFESTS / f"{name}-diffusers-folder.json"
     return json.loads(path.read_text())["scheduler/scheduler_config.json"]
 
 

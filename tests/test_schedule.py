@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +20,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from ldmcli.schedule import SPACINGS, DiffusionSchedule, make_sigmas  # noqa: E402
 
-FIXTURES = Path("/work/shared/fixtures")
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 STEPS = [1, 2, 7, 10, 25, 30, 50, 1000]
 
 
 def _scheduler_config(name: str) -> dict:
-    path = FIXTURES / f"{name}-diffusers-folder.json"
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
+    path = MANIFESTS / f"{name}-diffusers-folder.json"
     return json.loads(path.read_text())["scheduler/scheduler_config.json"]
 
 

@@ -25,7 +25,8 @@ from ldmcli.models.clip import CLIPTextModel, clip_config_from_shapes
 from ldmcli.models.unet import UNetModel
 from ldmcli.models.vae import AutoencoderKL
 from ldmcli.tokenizer import PromptTokenizer
-from sd_fixtures import (
+from sd_fixtures import (  # noqa: E402
+    MANIFESTS,
     SD21_SCHEDULER_CONFIG,
     build_tiny_sd2_pipeline,
     diffusers_scheduler,
@@ -34,7 +35,6 @@ from sd_fixtures import (
     random_openclip_tower,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
 SIZE = 64
@@ -103,7 +103,7 @@ def test_openclip_key_map_round_trip_and_ignores():
 
 
 def _meta(manifest: str) -> dict[str, torch.Tensor]:
-    shapes = json.loads((FIXTURES / manifest).read_text())
+    shapes = json.loads((MANIFESTS / manifest).read_text())
     return {k: torch.empty(shape, device="meta") for k, (shape, _dtype) in shapes.items()}
 
 
@@ -116,7 +116,6 @@ def _shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 def test_sd21_single_file_every_key_accounted_for():
     components = split_single_file(_meta("sd21-single-file.json"), Path("v2-1_768-ema-pruned.safetensors"))
     spec = detect_spec(components)
@@ -135,13 +134,12 @@ def test_sd21_single_file_every_key_accounted_for():
     assert spec.schedule.prediction_type == "epsilon" and "guess" in spec.prediction_source and spec.notes
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 def test_sd21_diffusers_folder_every_key_accounted_for():
     from ldmcli.keymap.clip import clip_hf_to_canonical
     from ldmcli.keymap.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
     from ldmcli.keymap.vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
-    folder = json.loads((FIXTURES / "sd21-diffusers-folder.json").read_text())
+    folder = json.loads((MANIFESTS / "sd21-diffusers-folder.json").read_text())
     meta = {name: {k: torch.empty(s, device="meta") for k, (s, _) in folder[name]["tensors"].items()}
             for name in ("unet", "vae", "text_encoder")}
     configs = {name: folder[name]["config"] for name in ("unet", "vae", "text_encoder")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from ldmcli import pipeline
 from ldmcli.keymap.clip import clip_openclip_to_canonical
 from ldmcli.models.clip import CLIPTextModel, clip_config_from_shapes
 from ldmcli.tokenizer import PromptTokenizer
-from sd_fixtures import (
+from sd_fixtures import (  # noqa: E402
+    MANIFESTS,
     SD21_SCHEDULER_CONFIG,
     _spread_norms,
     _tokenizer,
@@ -26,12 +26,11 @@ from sd_fixtures import (
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PROMPTS = ["a photo of a cat", "", " ".join(f"word{i}" for i in range(100))]
 
 
 def _sd21_config(component: str) -> dict:
-    with open(FIXTURES / "sd21-diffusers-folder.json") as f:
+    with open(MANIFESTS / "sd21-diffusers-folder.json") as f:
         config = json.load(f)[component]["config"]
     config = config if isinstance(config, dict) else ast.literal_eval(config)
     drop = ("architectures", "transformers_version", "dtype")

@@ -27,7 +27,8 @@ from ldmcli.models.clip import CLIPTextModel, clip_config_from_shapes
 from ldmcli.models.unet import UNetModel
 from ldmcli.models.vae import AutoencoderKL
 from ldmcli.tokenizer import PromptTokenizer
-from sd_fixtures import (
+from sd_fixtures import (  # noqa: E402
+    MANIFESTS,
     SDXL_SCHEDULER_CONFIG,
     SDXL_TURBO_SCHEDULER_CONFIG,
     TINY_SDXL_TIME_DIM,
@@ -39,7 +40,6 @@ from sd_fixtures import (
     random_openclip_tower,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
 SIZE = 64
@@ -165,9 +165,8 @@ def _check_real_sdxl(spec, components) -> None:
     assert _module_shapes(CLIPTextModel, spec.text_encoder_2) == _shapes(components.text_encoder_2)
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 def test_sdxl_single_file_every_key_accounted_for():
-    shapes = json.loads((FIXTURES / "sdxl-single-file.json").read_text())
+    shapes = json.loads((MANIFESTS / "sdxl-single-file.json").read_text())
     components = split_single_file({k: torch.empty(s, device="meta") for k, (s, _) in shapes.items()},
                                    Path("sd_xl_base_1.0.safetensors"))
     spec = detect_spec(components)
@@ -183,11 +182,10 @@ def test_sdxl_single_file_every_key_accounted_for():
     assert turbo.recommended == {"steps": 1, "cfg_scale": 1.0, "sampler": "euler_a", "width": 512, "height": 512}
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 def test_sdxl_diffusers_folder_every_key_accounted_for():
     from ldmcli.keymap.vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
-    folder = json.loads((FIXTURES / "sdxl-diffusers-folder.json").read_text())
+    folder = json.loads((MANIFESTS / "sdxl-diffusers-folder.json").read_text())
     names = ("unet", "vae", "text_encoder", "text_encoder_2")
     meta = {n: {k: torch.empty(s, device="meta") for k, (s, _) in folder[n]["tensors"].items()} for n in names}
     configs = {n: folder[n]["config"] for n in names}

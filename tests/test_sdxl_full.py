@@ -9,7 +9,6 @@ import ast
 import gc
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,16 +19,15 @@ from ldmcli.keymap.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
 from ldmcli.models.clip import CLIPTextModel, clip_config_from_shapes
 from ldmcli.models.unet import UNetModel
 from ldmcli.tokenizer import PromptTokenizer
-from sd_fixtures import diffusers_text_model_from_openclip, random_openclip_tower
+from sd_fixtures import MANIFESTS, diffusers_text_model_from_openclip, random_openclip_tower
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PROMPTS = ["a photo of a cat", "", " ".join(f"word{i}" for i in range(100))]
 
 
 def _sdxl_config(component: str) -> dict:
-    with open(FIXTURES / "sdxl-diffusers-folder.json") as f:
+    with open(MANIFESTS / "sdxl-diffusers-folder.json") as f:
         config = json.load(f)[component]["config"]
     config = config if isinstance(config, dict) else ast.literal_eval(config)
     return {k: v for k, v in config.items() if not k.startswith("_")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ from ldmcli.keymap.unet import (
 )
 from ldmcli.models.unet import UNetConfig, UNetModel, timestep_embedding, unet_config_from_shapes
 
-FIXTURES = Path("/work/shared/fixtures")
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 PREFIX = "model.diffusion_model."
 ATOL = RTOL = 1e-4
 
@@ -293,9 +293,7 @@ def test_config_from_shapes_errors() -> None:
 
 
 def _manifest(name: str) -> dict:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+    path = MANIFESTS / name
     return json.loads(path.read_text())
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 from ldmcli.keymap.vae import vae_config_to_diffusers, vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from ldmcli.models.vae import AutoencoderKL, VAEConfig, vae_config_from_shapes
 
-FIXTURES = Path("/work/shared/fixtures")
+from sd_fixtures import MANIFESTS  # noqa: E402
+
 PREFIX = "first_stage_model."
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=32)
 # fp32 tolerances for parity; measured errors are ~1e-6 (tiny) and ~1e-5 (full size).
@@ -177,12 +177,12 @@ def test_config_from_shapes_any_width(config):
 
 
 def _single_file_shapes(family: str) -> dict[str, tuple[int, ...]]:
-    data = json.loads((FIXTURES / f"{family}-single-file.json").read_text())
+    data = json.loads((MANIFESTS / f"{family}-single-file.json").read_text())
     return {k[len(PREFIX):]: tuple(v[0]) for k, v in data.items() if k.startswith(PREFIX)}
 
 
 def _diffusers_vae_shapes(family: str) -> dict[str, tuple[int, ...]]:
-    data = json.loads((FIXTURES / f"{family}-diffusers-folder.json").read_text())
+    data = json.loads((MANIFESTS / f"{family}-diffusers-folder.json").read_text())
     return {k: tuple(v[0]) for k, v in data["vae"]["tensors"].items()}
 
 
@@ -210,7 +210,7 @@ def test_real_checkpoint_layouts(family):
     assert {k: tuple(v.shape) for k, v in back.items()} == diff_shapes
 
     # Our diffusers config agrees with the folder's config.json on every field we emit.
-    folder_cfg = json.loads((FIXTURES / f"{family}-diffusers-folder.json").read_text())["vae"]["config"]
+    folder_cfg = json.loads((MANIFESTS / f"{family}-diffusers-folder.json").read_text())["vae"]["config"]
     for key, value in vae_config_to_diffusers(config).items():
         assert folder_cfg[key] == value, key
 
