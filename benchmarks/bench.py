@@ -121,12 +121,12 @@ def load_both(folder: Path, *, ldm_dtypes=("bf16",), diffusers_dtypes=("fp32", "
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from ldmcli import pipeline, runtime
-    from ldmcli.run import dtype_name
+    from ldmcli import device, pipeline
+    from ldmcli.device import dtype_name
 
     out = {}
     for d in diffusers_dtypes:
-        dtype = runtime.DTYPES[d]
+        dtype = device.DTYPES[d]
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -136,7 +136,7 @@ def load_both(folder: Path, *, ldm_dtypes=("bf16",), diffusers_dtypes=("fp32", "
             pipe.vae.to(memory_format=torch.channels_last)
         out[f"diffusers {d}" + (" + channels_last" if d != "fp32" else "")] = pipe
     for d in ldm_dtypes:
-        dtype = runtime.choose_dtype("cpu", "auto")[0] if d == "auto" else runtime.DTYPES[d]
+        dtype = device.choose_dtype("cpu", "auto")[0] if d == "auto" else device.DTYPES[d]
         model = pipeline.load(folder, dtype=dtype)
         pipeline.optimize(model)  # what `ldm generate` does
         out[f"ldm {dtype_name(dtype)}"] = model
@@ -262,6 +262,7 @@ def piece_image(results: Results, folder: Path, runs: int) -> None:
     import torch
 
     from ldmcli import pipeline
+    from ldmcli.request import ImageRequest
 
     models = load_both(folder, ldm_dtypes=("auto",))
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry"
@@ -271,7 +272,7 @@ def piece_image(results: Results, folder: Path, runs: int) -> None:
             fns[name] = (lambda m=m: m(prompt, negative_prompt=negative, num_inference_steps=20, guidance_scale=7.5,
                                        generator=torch.Generator().manual_seed(0), output_type="np").images)
         else:
-            request = pipeline.ImageRequest(prompt, negative, steps=20, cfg_scale=7.5, sampler="dpmpp_2m")
+            request = ImageRequest(prompt=prompt, negative_prompt=negative, steps=20, cfg_scale=7.5, sampler="dpmpp_2m")
             fns[name + " (auto)"] = (lambda m=m, r=request: pipeline.generate(m, r, [0]))
     report(results, "image 512², 20 steps DPM++ 2M, CFG 7.5", timed(fns, runs),
            "diffusers bf16 + channels_last", "diffusers fp32")
@@ -370,7 +371,7 @@ CHILD_DECODE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[4])
 from ldmcli.models.vae import AutoencoderKL, VAEConfig
-from ldmcli import runtime
+from ldmcli import optimize, vae_decode
 side, tile, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
 with torch.device("meta"):
@@ -378,11 +379,11 @@ with torch.device("meta"):
 from sd15_pipeline import vae_state_dict
 vae.load_state_dict(vae_state_dict(dtype=torch.bfloat16), strict=True, assign=True)
 parts = {"vae": vae}
-runtime.prepare_for_inference(parts, "cpu", torch.bfloat16)
+optimize.prepare_for_inference(parts, "cpu", torch.bfloat16)
 z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(1))
 with torch.inference_mode():
     start = time.perf_counter()
-    img = runtime.decode_latents_safely(vae, z, tile=None if tile == "none" else int(tile), overlap=16)
+    img = vae_decode.decode_latents_safely(vae, z, tile=None if tile == "none" else int(tile), overlap=16)
     print(f"{time.perf_counter() - start:.2f}", file=sys.stderr)
 torch.save(img.to(torch.float16), out)
 """
@@ -409,7 +410,7 @@ def piece_tiles(results: Results, workdir: Path) -> None:
 CHILD_COMPILE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[2])
-from ldmcli import runtime
+from ldmcli import optimize
 from ldmcli.models.unet import UNetConfig, UNetModel
 from sd15_pipeline import unet_state_dict
 with torch.device("meta"):
@@ -417,7 +418,7 @@ with torch.device("meta"):
 unet.load_state_dict(unet_state_dict(), strict=True, assign=True)
 unet = unet.to(torch.bfloat16)
 parts = {"unet": unet}
-runtime.prepare_for_inference(parts, "cpu", torch.bfloat16, compile=True, cache_dir=sys.argv[1])
+optimize.prepare_for_inference(parts, "cpu", torch.bfloat16, compile=True, cache_dir=sys.argv[1])
 x = torch.randn(2, 4, 64, 64).bfloat16(); t = torch.tensor([500.0, 500.0]); c = torch.randn(2, 77, 768).bfloat16()
 with torch.inference_mode():
     s = time.perf_counter(); parts["unet"](x, t, c); first = time.perf_counter() - s
@@ -442,7 +443,7 @@ def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
 
     from ldmcli import pipeline
     from ldmcli.demo import DEMO_MODEL
-    from ldmcli.run import dtype_name
+    from ldmcli.device import dtype_name
     from ldmcli.demo.analysis import adherence, adherence_cases
 
     path = path or DEMO_MODEL

@@ -376,3 +376,70 @@ def diffusers_text_model_from_openclip(tower: dict[str, torch.Tensor], prefix: s
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert not missing and not [k for k in unexpected if "layers." not in k], (missing, unexpected)
     return model
+
+
+# --- comparisons shared by the parity tests ---------------------------------------------------------------
+
+
+def assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same keys, and under each key the same tensor (bitwise): never paired up by position."""
+    assert a.keys() == b.keys(), f"only in the first: {sorted(a.keys() - b.keys())[:5]}, only in the second: {sorted(b.keys() - a.keys())[:5]}"
+    unequal = [k for k in a if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:5]}"
+
+
+def diffusers_latents_and_pixels(reference, prompt: str, **kwargs):
+    """Run a diffusers pipeline to PIL images, its own output path (VAE decode, `postprocess`,
+    `numpy_to_pil`'s `(image * 255).round()`), and catch its final latents on the way (the last
+    `callback_on_step_end`). Returns (latents [N, 4, h, w], pixels uint8 [N, H, W, 3])."""
+    import numpy as np
+
+    seen: list[torch.Tensor] = []
+
+    def last_latents(pipe, step, timestep, tensors):
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    images = reference(prompt, output_type="pil", callback_on_step_end=last_latents, **kwargs).images
+    return seen[-1], torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+
+
+# PNG pixels (ours from our latents, diffusers' from its latents, both through their own decode and
+# rounding), measured over the SD1/SD2/SDXL pipeline tests at 64x64, 64x96 and 96x64: at most 1/255
+# apart, in at most 0.024 % of the values (0-4 values per image; float noise in the latents flips a
+# value sitting at a .5 boundary). Rounding down instead of to nearest differs in ~48 % of the values.
+PIXEL_MAX_DIFF = 1
+PIXEL_MAX_FRACTION_DIFFERENT = 1e-3
+
+
+def assert_pixels_match(ours: torch.Tensor, expected: torch.Tensor, label: str = "") -> None:
+    assert ours.dtype == expected.dtype == torch.uint8 and ours.shape == expected.shape, (ours.shape, expected.shape)
+    diff = (ours.int() - expected.int()).abs()
+    fraction = (diff > 0).double().mean().item()
+    print(f"\n{label} pixels: max diff {diff.max().item()}/255, {fraction:.4%} of values differ", end="")
+    assert diff.max().item() <= PIXEL_MAX_DIFF, f"{label}: PNG pixels differ by up to {diff.max().item()}/255"
+    assert fraction <= PIXEL_MAX_FRACTION_DIFFERENT, f"{label}: {fraction:.2%} of PNG pixel values differ"
+
+
+# Latents after a whole sampling loop, ours vs diffusers (fp32, one thread). The error is float32
+# noise of the loop's arithmetic, roughly the same size everywhere in a latent rather than relative to
+# each element. Measured max abs error (over every pipeline parity test of the family; random-weight
+# latents reach |x| ~ 30-56 in SD1/SDXL, ~3-4 in SD2):
+#   SD1  8.0e-5 (at |x| ~ 51, dpmpp_2m/karras), 3.5e-5 where |x| < 1 (dpmpp_2m_sde);
+#   SD2  1.1e-5 (euler, |x| < 1);
+#   SDXL 5.7e-5 (at |x| ~ 51), 2.4e-5 where |x| < 1.
+# With these tolerances the worst test uses 55 % of its bound (SD1 dpmpp_2m_sde), most 20-35 %.
+LATENT_TOL = {
+    "sd1": dict(atol=1e-4, rtol=5e-6),
+    "sd2": dict(atol=3e-5, rtol=5e-6),
+    "sdxl": dict(atol=1e-4, rtol=5e-6),
+}
+
+
+def assert_latents_match(ours: torch.Tensor, expected: torch.Tensor, family: str, label: str = "") -> None:
+    tol = LATENT_TOL[family]
+    err = (ours - expected).abs()
+    used = (err / (tol["atol"] + tol["rtol"] * expected.abs())).max().item()
+    print(f"\n{label} latents: max abs err {err.max().item():.2e} (max |latent| {expected.abs().max().item():.1f}), "
+          f"{used:.0%} of the tolerance", end="")
+    torch.testing.assert_close(ours, expected, **tol, msg=lambda m: f"{label}: {m}")

@@ -77,7 +77,8 @@ def test_guidance_matters(model, default_run) -> None:
 
 
 def test_same_seed_same_bytes(model) -> None:
-    from ldmcli.pipeline import ImageRequest, generate
+    from ldmcli.pipeline import generate
+    from ldmcli.request import ImageRequest
 
     defaults = sampling_defaults(DEMO_MODEL)
     request = ImageRequest(prompt="a red circle on a blue background", width=64, height=64, **defaults)

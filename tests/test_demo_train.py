@@ -29,7 +29,8 @@ def trained(tmp_path_factory):
 
 
 def test_recipe_writes_a_loadable_sd1_file_with_its_record(trained) -> None:
-    from ldmcli.pipeline import ImageRequest, generate, load
+    from ldmcli.pipeline import generate, load
+    from ldmcli.request import ImageRequest
 
     work, out = trained
     meta = read_safetensors_metadata(out)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldmcli import pipeline
+from ldmcli.request import ImageRequest
 from sd_fixtures import MANIFESTS, DATA, SD15_SCHEDULER_CONFIG, _spread_norms
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def test_full_size_images_equal_diffusers(sd15_folder, sampler, spacing, size, s
 
     ours = pipeline.load(sd15_folder)
     started = time.perf_counter()
-    request = pipeline.ImageRequest("a cat", "blurry", size, size, steps, 7.5, sampler, spacing)
+    request = ImageRequest(prompt="a cat", negative_prompt="blurry", width=size, height=size, steps=steps, cfg_scale=7.5, sampler=sampler, schedule=spacing)
     latents = pipeline.sample_latents(ours, request, [5])
     pixels = pipeline.decode_latents(ours, latents)
     ours_seconds = time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""runtime.py: dtype/device policy, the fused (packed oneDNN) CPU path, tiled and NaN-guarded VAE decode.
+"""The runtime side: device.py (dtype/thread policy), kernels.py + optimize.py (the fused, packed oneDNN
+CPU path and how networks are prepared for it), vae_decode.py (tiled and NaN-guarded VAE decode).
 
 Tolerances. fp32 fused vs fp32 eager: same math, different kernels and summation order, atol=rtol=1e-4
 (measured ~5e-6). bf16 against fp32: relative L2 error of the output, bound 3e-2 (measured ~1e-2 on
@@ -15,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from ldmcli import runtime
+from ldmcli import device, kernels, optimize, vae_decode
 from ldmcli.models.unet import UNetConfig, UNetModel
 from ldmcli.models.vae import AutoencoderKL, VAEConfig
 
 from test_unet import TINY_SD2  # SD2 rules: fixed head width, linear proj, fp32 attention
 
-needs_fused = pytest.mark.skipif(not runtime.fused_path_available(), reason="no oneDNN in this PyTorch build")
+needs_fused = pytest.mark.skipif(not kernels.fused_path_available(), reason="no oneDNN in this PyTorch build")
 
 TINY_SD1 = UNetConfig(
     model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0), context_dim=32
@@ -65,7 +66,7 @@ def _vae() -> AutoencoderKL:
 def _prepared(module: torch.nn.Module, dtype: torch.dtype, name: str) -> torch.nn.Module:
     module = copy.deepcopy(module).to(dtype)
     parts = {name: module}
-    runtime.prepare_for_inference(parts, "cpu", dtype, fuse=True)
+    optimize.prepare_for_inference(parts, "cpu", dtype, fuse=True)
     return parts[name]
 
 
@@ -90,43 +91,43 @@ def _fake_cpu(monkeypatch, **caps: bool) -> None:
 
 def test_auto_dtype_on_cpu_follows_bf16_units(monkeypatch) -> None:
     _fake_cpu(monkeypatch, amx_bf16=True, avx512_bf16=True)
-    dtype, reason = runtime.choose_dtype("cpu")
+    dtype, reason = device.choose_dtype("cpu")
     assert dtype == torch.bfloat16 and "AMX-BF16" in reason
     _fake_cpu(monkeypatch, avx512_bf16=True)
-    assert runtime.choose_dtype("cpu")[0] == torch.bfloat16
+    assert device.choose_dtype("cpu")[0] == torch.bfloat16
     _fake_cpu(monkeypatch, avx2=True)
-    dtype, reason = runtime.choose_dtype("cpu")
+    dtype, reason = device.choose_dtype("cpu")
     assert dtype == torch.float32 and "no bf16" in reason
 
 
 def test_requested_dtype_wins_and_warns_when_slow(monkeypatch) -> None:
     _fake_cpu(monkeypatch, avx2=True)
-    dtype, reason = runtime.choose_dtype("cpu", "bf16")
+    dtype, reason = device.choose_dtype("cpu", "bf16")
     assert dtype == torch.bfloat16 and "emulated" in reason
-    assert runtime.choose_dtype("cpu", "fp32")[0] == torch.float32
-    assert "slow" in runtime.choose_dtype("cpu", "fp16")[1]
+    assert device.choose_dtype("cpu", "fp32")[0] == torch.float32
+    assert "slow" in device.choose_dtype("cpu", "fp16")[1]
     with pytest.raises(ValueError, match="dtype must be"):
-        runtime.choose_dtype("cpu", "fp8")
+        device.choose_dtype("cpu", "fp8")
 
 
 def test_gpu_policies_without_a_gpu(monkeypatch) -> None:
     """CUDA: bf16 from compute capability 8 (Ampere) on, fp16 before; MPS: fp16 (GPU paths untested here)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
-    assert runtime.choose_dtype("cuda")[0] == torch.bfloat16
+    assert device.choose_dtype("cuda")[0] == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
-    assert runtime.choose_dtype("cuda:0")[0] == torch.float16
-    assert runtime.choose_dtype("mps")[0] == torch.float16
+    assert device.choose_dtype("cuda:0")[0] == torch.float16
+    assert device.choose_dtype("mps")[0] == torch.float16
 
 
 def test_threads() -> None:
     before = torch.get_num_threads()
     try:
-        assert runtime.configure_threads(1) == 1 == torch.get_num_threads()
-        assert runtime.configure_threads(None) == 1  # None keeps the current setting
+        assert device.configure_threads(1) == 1 == torch.get_num_threads()
+        assert device.configure_threads(None) == 1  # None keeps the current setting
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError):
-        runtime.configure_threads(0)
+        device.configure_threads(0)
 
 
 # ---------------------------------------------------------------------------------------- fused path
@@ -139,30 +140,30 @@ def test_prepare_packs_layers_without_changing_names_or_adding_buffers() -> None
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     parts = {"unet": model}
-    notes = runtime.prepare_for_inference(parts, "cpu", torch.float32, fuse=True)
+    notes = optimize.prepare_for_inference(parts, "cpu", torch.float32, fuse=True)
     assert f"fused oneDNN layers ({convs + linears} packed)" in notes
     assert [n for n, _ in model.named_parameters()] == names
     assert list(model.buffers()) == []
     # convolution weights now live (packed) in the layer records: one copy of the weights
     assert all(m.weight.is_meta for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert all(runtime.is_packed(m) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert all(kernels.is_packed(m) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
 
 @needs_fused
 def test_default_fuses_only_wide_networks() -> None:
     """Packed oneDNN layers lose on narrow networks (the demo model), so the default leaves them on ATen."""
-    narrow = torch.nn.Sequential(torch.nn.Conv2d(4, runtime.FUSE_MIN_CHANNELS // 2, 3, padding=1))
-    wide = torch.nn.Sequential(torch.nn.Conv2d(4, runtime.FUSE_MIN_CHANNELS, 3, padding=1))
-    notes = runtime.prepare_for_inference({"unet": narrow, "vae": wide}, "cpu", torch.float32)
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(4, optimize.FUSE_MIN_CHANNELS // 2, 3, padding=1))
+    wide = torch.nn.Sequential(torch.nn.Conv2d(4, optimize.FUSE_MIN_CHANNELS, 3, padding=1))
+    notes = optimize.prepare_for_inference({"unet": narrow, "vae": wide}, "cpu", torch.float32)
     assert "fused oneDNN layers (1 packed)" in notes
-    assert runtime.is_packed(wide[0]) and not runtime.is_packed(narrow[0])
+    assert kernels.is_packed(wide[0]) and not kernels.is_packed(narrow[0])
     assert narrow[0].weight.is_contiguous(memory_format=torch.channels_last)  # still channels_last
     forced = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1))
-    runtime.prepare_for_inference({"unet": forced}, "cpu", torch.float32, fuse=True)
-    assert runtime.is_packed(forced[0])
+    optimize.prepare_for_inference({"unet": forced}, "cpu", torch.float32, fuse=True)
+    assert kernels.is_packed(forced[0])
     untouched = torch.nn.Sequential(torch.nn.Conv2d(4, 512, 3, padding=1))
-    runtime.prepare_for_inference({"unet": untouched}, "cpu", torch.float32, fuse=False)
-    assert not runtime.is_packed(untouched[0])
+    optimize.prepare_for_inference({"unet": untouched}, "cpu", torch.float32, fuse=False)
+    assert not kernels.is_packed(untouched[0])
 
 
 @needs_fused
@@ -197,7 +198,7 @@ def test_dtype_plumbing_of_a_prepared_bf16_unet() -> None:
         assert from_fp32.dtype == torch.bfloat16
         assert torch.equal(from_fp32, from_bf16)
         with pytest.raises(TypeError, match="prepared for torch.bfloat16"):
-            runtime.conv2d(fused.input_blocks[0][0], x)
+            kernels.conv2d(fused.input_blocks[0][0], x)
 
 
 @needs_fused
@@ -214,16 +215,16 @@ def test_fused_vae_equals_eager_in_fp32() -> None:
 
 @needs_fused
 @pytest.mark.parametrize("size", [None, (12, 14), (11, 13)], ids=["2x", "2x-given", "odd"])
-@pytest.mark.parametrize("out", [48, 300])  # 300 > runtime.SUBPIXEL_SLICE: crosses a slice boundary
+@pytest.mark.parametrize("out", [48, 300])  # 300 > kernels.SUBPIXEL_SLICE: crosses a slice boundary
 def test_subpixel_upsample_conv_equals_upsample_then_conv(size, out) -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, out, 3, padding=1)
     x = torch.randn(2, 32, 6, 7)
     want = conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size))
-    runtime.pack_for_cpu(conv)
+    kernels.pack_for_cpu(conv)
     with torch.inference_mode():
-        got = runtime.upsample_conv2d(conv, x, size)
-        again = runtime.upsample_conv2d(conv, x, size)  # packed weights reused
+        got = kernels.upsample_conv2d(conv, x, size)
+        again = kernels.upsample_conv2d(conv, x, size)  # packed weights reused
     assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got, again)
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -244,15 +245,15 @@ def test_fused_conv_and_linear_epilogues() -> None:
         "geglu, other row count": (lambda a, g: a * F.gelu(g))(*proj(rows).chunk(2, dim=-1)),
     }
     for m in (conv, lin, proj):
-        runtime.pack_for_cpu(m)
+        kernels.pack_for_cpu(m)
     with torch.inference_mode():
         got = {
-            "conv": runtime.conv2d(conv, x, residual=res, bias_add=e),
-            "gelu": runtime.linear(lin, tokens, gelu=True),  # packs for 14 rows
-            "add": runtime.linear(lin, tokens, residual=other),
-            "other row count": runtime.linear(lin, rows),
-            "geglu": runtime.geglu(proj, tokens),
-            "geglu, other row count": runtime.geglu(proj, rows),
+            "conv": kernels.conv2d(conv, x, residual=res, bias_add=e),
+            "gelu": kernels.linear(lin, tokens, gelu=True),  # packs for 14 rows
+            "add": kernels.linear(lin, tokens, residual=other),
+            "other row count": kernels.linear(lin, rows),
+            "geglu": kernels.geglu(proj, tokens),
+            "geglu, other row count": kernels.geglu(proj, rows),
         }
     for key in want:
         assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
@@ -298,12 +299,12 @@ def _upsample8(z: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("h", "w", "tile", "overlap"), [(40, 56, 16, 4), (17, 33, 16, 8), (64, 64, 64, 16), (20, 9, 8, 0)])
 def test_tile_blending_is_exact_for_a_local_decoder(h: int, w: int, tile: int, overlap: int) -> None:
     z = torch.randn(2, 4, h, w)
-    assert_close(runtime.decode_tiled(_upsample8, z, tile=tile, overlap=overlap), _upsample8(z), atol=1e-6, rtol=1e-6)
+    assert_close(vae_decode.decode_tiled(_upsample8, z, tile=tile, overlap=overlap), _upsample8(z), atol=1e-6, rtol=1e-6)
 
 
 def test_tile_overlap_must_be_smaller_than_the_tile() -> None:
     with pytest.raises(ValueError, match="overlap"):
-        runtime.decode_tiled(_upsample8, torch.randn(1, 4, 32, 32), tile=16, overlap=16)
+        vae_decode.decode_tiled(_upsample8, torch.randn(1, 4, 32, 32), tile=16, overlap=16)
 
 
 def _seam_ratio(images: torch.Tensor, dim: int) -> float:
@@ -321,8 +322,8 @@ def test_tiled_vae_decode_has_no_seams() -> None:
     z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         whole = vae.decode(z)
-        tiled = runtime.decode_latents_safely(vae, z, tile=16, overlap=8)
-        butted = runtime.decode_latents_safely(vae, z, tile=16, overlap=0)
+        tiled = vae_decode.decode_latents_safely(vae, z, tile=16, overlap=8)
+        butted = vae_decode.decode_latents_safely(vae, z, tile=16, overlap=0)
     assert tiled.shape == whole.shape
     delta = (tiled - whole).abs()
     print(f"\ntiled vs untiled (tiny random VAE): max |d| {delta.max():.3f}, mean |d| {delta.mean():.4f}")
@@ -346,7 +347,7 @@ def test_nonfinite_fp16_decode_is_redone_in_fp32() -> None:
     with torch.inference_mode():
         assert not torch.isfinite(vae.decode(z.half())).all()  # the premise
         said: list[str] = []
-        images = runtime.decode_latents_safely(vae, z, on_redo=said.append)
+        images = vae_decode.decode_latents_safely(vae, z, on_redo=said.append)
         want = copy.deepcopy(vae).float().decode(z)
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
     assert_close(images, want)
@@ -367,8 +368,8 @@ def test_nonfinite_decode_of_a_packed_vae_uses_an_fp32_twin(monkeypatch, encoder
     monkeypatch.setattr(packed, "decode", lambda t: real_decode(t) * float("inf"))  # simulate an overflow
     said: list[str] = []
     with torch.inference_mode():
-        images = runtime.decode_latents_safely(packed, z, tile=4, overlap=2, on_redo=said.append)
-        want = runtime.decode_tiled(reference.decode, z, tile=4, overlap=2, factor=TINY_VAE.downsample_factor)
+        images = vae_decode.decode_latents_safely(packed, z, tile=4, overlap=2, on_redo=said.append)
+        want = vae_decode.decode_tiled(reference.decode, z, tile=4, overlap=2, factor=TINY_VAE.downsample_factor)
     assert torch.isfinite(images).all()
     assert_close(images, want, atol=1e-4, rtol=1e-4)
     assert len(said) == 1  # every tile overflowed and was redone; the user hears it once
@@ -381,6 +382,6 @@ def test_compiled_unet_matches_eager(tmp_path) -> None:
     model = _unet(TINY_SD1)
     x, t, ctx, _ = _unet_inputs(TINY_SD1, 8, 8)
     parts = {"unet": copy.deepcopy(model)}
-    runtime.prepare_for_inference(parts, "cpu", torch.float32, compile=True, cache_dir=tmp_path)
+    optimize.prepare_for_inference(parts, "cpu", torch.float32, compile=True, cache_dir=tmp_path)
     with torch.inference_mode():
         assert_close(parts["unet"](x, t, ctx), model(x, t, ctx), atol=1e-4, rtol=1e-4)

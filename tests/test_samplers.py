@@ -4,6 +4,8 @@ Parity: diffusers' loop exactly as StableDiffusionPipeline runs it (latents = ra
 scale_model_input; model; step(..., generator=)) versus our ``sample()`` with a Denoiser around the
 same deterministic nonlinear fake eps-network, both drawing from identically seeded generators.
 Tolerance: atol=1e-5, rtol=1e-5 in float32 (measured max errors are printed with ``pytest -s``).
+The diffusers scheduler each sampler is compared with is written here (DIFFUSERS_SCHEDULERS), never
+read from our registry: a registry that named the wrong scheduler would otherwise vouch for itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,41 @@ from sd_fixtures import MANIFESTS  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
 ATOL = RTOL = 1e-5
+
+# Our "sampler/spacing" -> the diffusers scheduler and from_config kwargs a diffusers user picks for it
+# (A1111 name in the comment). "leading" is the model config's own spacing, so no kwarg. Karras and
+# exponential noise levels span the training sigma range (k-diffusion, A1111); the *Discrete
+# schedulers take their range from the spaced timesteps, which "linspace" makes the full range, while
+# DPMSolverMultistep always uses the full range.
+_LINSPACE = {"timestep_spacing": "linspace"}
+_TRAILING = {"timestep_spacing": "trailing"}
+_KARRAS = {"use_karras_sigmas": True}
+_EXPONENTIAL = {"use_exponential_sigmas": True}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),  # Euler
+    "euler/linspace": ("EulerDiscreteScheduler", _LINSPACE),
+    "euler/trailing": ("EulerDiscreteScheduler", _TRAILING),
+    "euler/karras": ("EulerDiscreteScheduler", {**_KARRAS, **_LINSPACE}),  # Euler Karras
+    "euler/exponential": ("EulerDiscreteScheduler", {**_EXPONENTIAL, **_LINSPACE}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),  # Euler a
+    "euler_a/trailing": ("EulerAncestralDiscreteScheduler", _TRAILING),
+    "heun": ("HeunDiscreteScheduler", {}),  # Heun
+    "heun/karras": ("HeunDiscreteScheduler", {**_KARRAS, **_LINSPACE}),
+    "ddim": ("DDIMScheduler", {}),  # DDIM
+    "ddim/trailing": ("DDIMScheduler", _TRAILING),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", _DPMPP_2M),  # DPM++ 2M
+    "dpmpp_2m/linspace": ("DPMSolverMultistepScheduler", {**_DPMPP_2M, **_LINSPACE}),
+    "dpmpp_2m/karras": ("DPMSolverMultistepScheduler", {**_DPMPP_2M, **_KARRAS}),  # DPM++ 2M Karras
+    "dpmpp_2m/exponential": ("DPMSolverMultistepScheduler", {**_DPMPP_2M, **_EXPONENTIAL}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", _DPMPP_2M_SDE),  # DPM++ 2M SDE
+    "dpmpp_2m_sde/karras": ("DPMSolverMultistepScheduler", {**_DPMPP_2M_SDE, **_KARRAS}),  # DPM++ 2M SDE Karras
+    "lms": ("LMSDiscreteScheduler", {}),  # LMS
+    "lms/karras": ("LMSDiscreteScheduler", {**_KARRAS, **_LINSPACE}),  # LMS Karras
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS
+    "plms/trailing": ("PNDMScheduler", {"skip_prk_steps": True, **_TRAILING}),
+}
 
 
 def _scheduler_config(name: str) -> dict:
@@ -64,10 +101,9 @@ def run_diffusers(
     eta: float = 0.0, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None, scale: float = 1.0,
     shape: tuple[int, ...] = SHAPE,
 ) -> torch.Tensor:
-    """StableDiffusionPipeline's denoising loop with the scheduler our registry names."""
-    info = SAMPLERS[sampler]
-    kwargs = {**info.diffusers_kwargs, **(SCHEDULES[spacing].diffusers_kwargs if spacing else {})}
-    sched = getattr(diffusers, info.diffusers_class).from_config(cfg, **kwargs)
+    """StableDiffusionPipeline's denoising loop with the scheduler DIFFUSERS_SCHEDULERS names."""
+    cls, kwargs = DIFFUSERS_SCHEDULERS[sampler + (f"/{spacing}" if spacing else "")]
+    sched = getattr(diffusers, cls).from_config(cfg, **kwargs)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     latents = randn_tensor(shape, generator=g) * sched.init_noise_sigma
@@ -106,20 +142,15 @@ def _check(ours: torch.Tensor, ref: torch.Tensor, label: str) -> None:
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
 
 
-# (sampler, spacing): every combination diffusers itself supports and our registry maps.
+# (sampler, spacing): every combination diffusers itself supports (the table above).
 # Not here, on purpose: DDIM/PLMS with "linspace" (or "trailing" at steps not dividing 1000) -- diffusers
 # steps to t - 1000//steps there instead of to the next listed timestep, see the textbook test below;
 # karras/exponential for euler_a, ddim, plms -- those diffusers schedulers have no such option.
-PARITY = [
-    ("euler", None), ("euler", "linspace"), ("euler", "trailing"), ("euler", "karras"), ("euler", "exponential"),
-    ("euler_a", None), ("euler_a", "trailing"),
-    ("heun", None), ("heun", "karras"),
-    ("ddim", None), ("ddim", "trailing"),
-    ("dpmpp_2m", None), ("dpmpp_2m", "linspace"), ("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"),
-    ("dpmpp_2m_sde", None), ("dpmpp_2m_sde", "karras"),
-    ("lms", None), ("lms", "karras"),
-    ("plms", None), ("plms", "trailing"),
-]
+PARITY = [(key.partition("/")[0], key.partition("/")[2] or None) for key in DIFFUSERS_SCHEDULERS]
+
+
+def test_every_sampler_has_a_diffusers_oracle() -> None:
+    assert {sampler for sampler, _ in PARITY} == set(SAMPLERS)
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -277,12 +308,13 @@ def test_cfg_equals_manual_guidance_in_one_batched_call() -> None:
     torch.testing.assert_close(rec.calls[0][1]["context"], torch.cat([uncond, cond]))  # uncond first
 
 
-def test_cfg_scale_one_or_no_uncond_skips_the_unconditional_pass() -> None:
-    x, cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 5, 8), torch.randn(3, 5, 8)
-    for guided in (CFGDenoiser(_Recorder(), cond, uncond, 1.0), CFGDenoiser(_Recorder(), cond, None, 7.0)):
-        out = guided(x, torch.tensor(1.0))
-        assert [b for b, _ in guided.denoiser.calls] == [3]
-        torch.testing.assert_close(out, _Recorder().single(x, cond))
+def test_no_uncond_skips_the_unconditional_pass() -> None:
+    """Whether there is an unconditional pass is the request's decision (`ImageRequest.guided`)."""
+    x, cond = torch.randn(3, 4, 2, 2), torch.randn(3, 5, 8)
+    guided = CFGDenoiser(_Recorder(), cond, None, 7.0)
+    out = guided(x, torch.tensor(1.0))
+    assert [b for b, _ in guided.denoiser.calls] == [3]
+    torch.testing.assert_close(out, _Recorder().single(x, cond))
 
 
 def test_cfg_batches_every_conditioning_kwarg() -> None:

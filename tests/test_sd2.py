@@ -3,7 +3,8 @@ whole-pipeline parity with diffusers' StableDiffusionPipeline configured for v-p
 
 Oracles: transformers' CLIPTextModel filled by diffusers' own OpenCLIP converter, diffusers'
 StableDiffusionPipeline (from the folder, and `from_single_file(config=folder)` for single files).
-Tolerances: fp32, atol = rtol = 1e-4 on latents (1e-5 on the text tower), PNG pixels within 1/255.
+Tolerances: fp32; latents within sd_fixtures.LATENT_TOL and PNG pixels (diffusers' own
+output_type="pil") within sd_fixtures' measured bounds; 1e-5 on the text tower.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmcli import pipeline
+from ldmcli.request import ImageRequest
 from ldmcli.detect import detect_spec
 from ldmcli.errors import CheckpointError
 from ldmcli.keymap.clip import clip_canonical_to_openclip, clip_openclip_to_canonical
@@ -28,7 +30,10 @@ from ldmcli.tokenizer import PromptTokenizer
 from sd_fixtures import (  # noqa: E402
     MANIFESTS,
     SD21_SCHEDULER_CONFIG,
+    assert_latents_match,
+    assert_pixels_match,
     build_tiny_sd2_pipeline,
+    diffusers_latents_and_pixels,
     diffusers_scheduler,
     diffusers_text_model_from_openclip,
     ldm_sd2_single_file_state_dict,
@@ -39,7 +44,6 @@ PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
 SIZE = 64
 SEED = 1234
-TOL = dict(atol=1e-4, rtol=1e-4)
 PROMPTS = ["a photo of a cat", "", " ".join(f"word{i}" for i in range(100))]  # short, empty, truncated
 
 
@@ -236,25 +240,20 @@ def _reference_latents(reference, steps: int, cfg: float, negative: str | None =
     ).images
 
 
-def _reference_pixels(reference, latents: torch.Tensor) -> torch.Tensor:
-    image = reference.vae.decode(latents / reference.vae.config.scaling_factor).sample
-    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8)
-
-
 @pytest.mark.parametrize("sampler_schedule", ["euler", "euler_a", "ddim", "dpmpp_2m/karras"])
 @torch.inference_mode()
 def test_v_prediction_images_equal_diffusers(sampler_schedule, reference, ours):
     assert ours.spec.family == "sd2" and ours.spec.schedule.prediction_type == "v_prediction"
     sampler, _, spacing = sampler_schedule.partition("/")
     reference.scheduler = diffusers_scheduler(sampler_schedule, SD21_SCHEDULER_CONFIG)
-    expected = _reference_latents(reference, 8, 7.5)
-    request = pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, 8, 7.5, sampler, spacing or None)
+    expected, expected_pixels = diffusers_latents_and_pixels(
+        reference, PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=8,
+        guidance_scale=7.5, generator=torch.Generator().manual_seed(SEED),
+    )
+    request = ImageRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=8, cfg_scale=7.5, sampler=sampler, schedule=spacing or None)
     latents = pipeline.sample_latents(ours, request, [SEED])
-    err = (latents - expected).abs().max().item()
-    print(f"\nSD2 v-pred {sampler_schedule}: latents max abs err {err:.2e}")
-    torch.testing.assert_close(latents, expected, **TOL)
-    diff = (pipeline.decode_latents(ours, latents).int() - _reference_pixels(reference, expected).int()).abs().max()
-    assert diff <= 1, f"PNG pixels differ by {diff}/255"
+    assert_latents_match(latents, expected, "sd2", f"SD2 v-pred {sampler_schedule}")
+    assert_pixels_match(pipeline.decode_latents(ours, latents), expected_pixels, f"SD2 v-pred {sampler_schedule}")
 
 
 @torch.inference_mode()
@@ -264,7 +263,7 @@ def test_wrong_prediction_type_is_caught(reference, sd2_folder):
     assert eps.spec.schedule.prediction_type == "epsilon" and eps.spec.prediction_source == "override"
     reference.scheduler = diffusers_scheduler("euler", SD21_SCHEDULER_CONFIG)
     expected = _reference_latents(reference, 4, 7.5)
-    latents = pipeline.sample_latents(eps, pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, 4, 7.5, "euler"), [SEED])
+    latents = pipeline.sample_latents(eps, ImageRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=4, cfg_scale=7.5, sampler="euler"), [SEED])
     assert (latents - expected).abs().max() > 1e-2
 
 
@@ -287,11 +286,10 @@ def test_single_file_equals_diffusers_from_single_file(sd2_single_file, sd2_fold
     )
     reference.scheduler = diffusers_scheduler("dpmpp_2m/karras", SD21_SCHEDULER_CONFIG)
     expected = _reference_latents(reference, 6, 7.5)
-    request = pipeline.ImageRequest(PROMPT, NEGATIVE, SIZE, SIZE, 6, 7.5, "dpmpp_2m", "karras")
+    request = ImageRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=6, cfg_scale=7.5, sampler="dpmpp_2m", schedule="karras")
     latents = pipeline.sample_latents(single, request, [SEED])
-    print(f"\nSD2 single file dpmpp_2m/karras: latents max abs err {(latents - expected).abs().max().item():.2e}")
-    torch.testing.assert_close(latents, expected, **TOL)
-    torch.testing.assert_close(latents, pipeline.sample_latents(ours, request, [SEED]), **TOL)
+    assert_latents_match(latents, expected, "sd2", "SD2 single file dpmpp_2m/karras")
+    assert_latents_match(latents, pipeline.sample_latents(ours, request, [SEED]), "sd2", "SD2 single file vs folder")
 
 
 @torch.inference_mode()
@@ -319,9 +317,9 @@ def test_sd_turbo_single_file_one_step(sd2_single_file, sd2_folder, tmp_path):
     )
     expected = reference(PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=0.0,
                          generator=torch.Generator().manual_seed(SEED), output_type="latent").images
-    request = pipeline.ImageRequest(PROMPT, "", SIZE, SIZE, 1, 1.0, "euler_a")
+    request = ImageRequest(prompt=PROMPT, negative_prompt="", width=SIZE, height=SIZE, steps=1, cfg_scale=1.0, sampler="euler_a")
     latents = pipeline.sample_latents(turbo, request, [SEED])
-    torch.testing.assert_close(latents, expected, **TOL)
+    assert_latents_match(latents, expected, "sd2", "SD-Turbo")
 
 
 _SCHEDULE_BUFFERS = {

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ldmcli import pipeline
+from ldmcli.request import ImageRequest
 from ldmcli.keymap.clip import clip_openclip_to_canonical
 from ldmcli.models.clip import CLIPTextModel, clip_config_from_shapes
 from ldmcli.tokenizer import PromptTokenizer
@@ -95,7 +96,7 @@ def test_full_size_v_prediction_images_equal_diffusers(sd21_folder, sampler, siz
     assert ours.spec.family == "sd2" and ours.spec.schedule.prediction_type == "v_prediction"
     name, _, spacing = sampler.partition("/")
     started = time.perf_counter()
-    request = pipeline.ImageRequest("a cat", "blurry", size, size, steps, 7.5, name, spacing or None)
+    request = ImageRequest(prompt="a cat", negative_prompt="blurry", width=size, height=size, steps=steps, cfg_scale=7.5, sampler=name, schedule=spacing or None)
     latents = pipeline.sample_latents(ours, request, [5])
     pixels = pipeline.decode_latents(ours, latents)
     ours_seconds = time.perf_counter() - started

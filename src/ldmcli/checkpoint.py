@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ldmcli.errors import CheckpointError
+from ldmcli.unsupported import refuse_unknown_format
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -35,7 +36,7 @@ def read_state_dict(path: Path, *, meta: bool = False, dtype: torch.dtype | None
     if path.suffix in PICKLE_SUFFIXES:
         tensors = _read_pickle(path)
         return tensors if dtype is None else {k: _cast(v, dtype) for k, v in tensors.items()}
-    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
+    refuse_unknown_format(path)
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

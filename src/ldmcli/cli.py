@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -112,27 +111,24 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
     def build():
-        from ldmcli.jobs import Job, read_prompt_file
+        from ldmcli.jobs import command_line_job, job_from_png, read_prompt_file
         from ldmcli.outputs import check_template, resolve_template
+        from ldmcli.request import field_names
         from ldmcli.run import RunOptions, recommended_defaults, run_generate
 
         if overwrite and skip_existing:
             raise click.UsageError("--overwrite and --skip-existing contradict each other")
         given = {name for name in ctx.params if ctx.get_parameter_source(name) in
                  (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
-        template = Job(
-            prompt="", negative_prompt=negative_prompt,
-            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-            steps=steps, cfg_scale=cfg_scale, sampler=sampler, schedule=schedule, width=width, height=height,
-            batch_count=batch_count,
-        )
+        # A flag's destination is its request field's name: these are the fields the user set.
+        template = command_line_job({name: ctx.params[name] for name in field_names() if name in given}, batch_count)
         texts = [*prompts, *prompt_options]
         model_path, prediction_type, run_dtype = model, prediction, dtype
         if from_png is not None:
             if texts or prompt_file:
                 raise click.UsageError("--from-png regenerates one image: give no other prompt")
-            jobs = [_job_from_png(from_png, template, given)]
-            recorded = _model_from_png(from_png)
+            job, recorded = job_from_png(from_png, template)
+            jobs = [job]
             model_path = model or recorded.get("path") or recorded.get("name")
             prediction_type = prediction_type or recorded.get("prediction_type")
             if "dtype" not in given and recorded.get("dtype") in DTYPES:
@@ -140,7 +136,9 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         else:
             if not texts and not prompt_file:
                 raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
-            jobs = [replace(template, prompt=t) for t in texts]
+            if "seed" not in template.given:  # random, and recorded like any other
+                template = template.setting(seed=int.from_bytes(os.urandom(4), "little"))
+            jobs = [template.setting(prompt=t) for t in texts]
             if prompt_file:
                 jobs += read_prompt_file(prompt_file, template)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
@@ -170,27 +168,6 @@ def _resolve_model(name: str | None, quiet: bool) -> Path:
     if not quiet:
         click.echo(f"ldm: using the bundled demo model {demo} (pass -m to use another)", err=True)
     return demo
-
-
-def _job_from_png(path: Path, template, given: set[str]):
-    """The PNG's job, with every flag the user actually gave taking precedence."""
-    from ldmcli.metadata import job_from_png_text, read_png_text
-
-    job, _ = job_from_png_text(read_png_text(path), str(path))
-    overrides = {name: getattr(template, name) for name in
-                 ("negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "width", "height", "batch_count")
-                 if name in given}
-    return replace(job, **overrides)
-
-
-def _model_from_png(path: Path) -> dict:
-    """The model record of an image: name, path (dropped if it no longer exists), prediction type."""
-    from ldmcli.metadata import job_from_png_text, read_png_text
-
-    _, model = job_from_png_text(read_png_text(path), str(path))
-    if model.get("path") and not Path(model["path"]).exists():
-        model = {k: v for k, v in model.items() if k != "path"}
-    return model
 
 
 @cli.command()

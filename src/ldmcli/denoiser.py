@@ -64,8 +64,8 @@ class CFGDenoiser:
 
     ``D_cfg(x, sigma) = D_u + scale * (D_c - D_u)``. As the denoiser is affine in the network
     output at fixed (x, sigma), this equals guiding eps (or v) as diffusers does. The unconditional
-    and conditional halves go through the network as ONE batch ``[uncond, cond]``; with
-    ``scale == 1`` (or no uncond) the unconditional pass is skipped altogether.
+    and conditional halves go through the network as ONE batch ``[uncond, cond]``; without an uncond
+    (the caller's decision: `ImageRequest.guided`) only the conditional pass runs.
 
     cond / uncond: the text context [B, T, D] (passed as ``context=``) or a mapping of conditioning
     keyword arguments (e.g. SDXL's ``context``, pooled embedding, size ids), each batched on dim 0.
@@ -90,7 +90,7 @@ class CFGDenoiser:
         return {"context": c} if isinstance(c, Tensor) else dict(c)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, t: Tensor | None = None) -> Tensor:
-        if self.uncond is None or self.scale == 1.0:
+        if self.uncond is None:
             return self.denoiser(x, sigma, t=t, **self.cond)
         two = lambda v: v if v is None or torch.as_tensor(v).ndim == 0 else torch.cat([v, v])  # noqa: E731
         cond_in = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}

@@ -15,21 +15,17 @@ Families (the text encoders decide; the U-Net must agree):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ldmcli.errors import UnsupportedModelError
+from ldmcli.errors import CheckpointError, UnsupportedModelError
+from ldmcli.layout import Components
 from ldmcli.models.clip import CLIPTextConfig, clip_config_from_shapes
 from ldmcli.models.unet import UNetConfig, unet_config_from_shapes
 from ldmcli.models.vae import VAEConfig, vae_config_from_shapes
 from ldmcli.schedule import DiffusionSchedule
-
-if TYPE_CHECKING:
-    from ldmcli.layout import Components
+from ldmcli.unsupported import check_single_encoder_unet, check_text_to_image_unet
 
 
 @dataclass(frozen=True)
@@ -128,34 +124,6 @@ TURBO_RECOMMENDED = {"steps": 1, "cfg_scale": 1.0, "sampler": "euler_a", "width"
 # this bias exceeds 0.09. Real 768-v and 512-base weights differ there; nothing else in the file does.
 V_PRED_STD_THRESHOLD = 0.09
 
-# Key markers of architectures we recognise but cannot run, checked in order.
-_UNSUPPORTED_MARKERS = (
-    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
-    ("double_blocks.", "Flux"),
-    ("embedder.model.visual.", "Stable Diffusion 2.x unCLIP"),
-    ("edm_mean", "Playground v2.5 (EDM)"),
-    ("ztsnr", "zero-terminal-SNR (ztsnr marker, needs rescaled betas)"),  # ComfyUI's marker key
-)
-SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo)"
-
-
-def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
-    """Raise UnsupportedModelError naming what the file is, when it is not a model we run."""
-    keys = list(keys)
-    for marker, name in _UNSUPPORTED_MARKERS:
-        if any(k.startswith(marker) or f".{marker}" in k for k in keys):  # bare or prefixed
-            raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint; this version runs {SUPPORTED}")
-    if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
-        raise UnsupportedModelError(f"{path}: a LoRA, not a full model: pass a Stable Diffusion checkpoint as -m")
-    if keys and all(k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in keys):
-        raise UnsupportedModelError(f"{path}: a VAE alone, not a full model: pass a Stable Diffusion checkpoint as -m")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise UnsupportedModelError(f"{path}: no U-Net (no keys under 'model.diffusion_model.'): not a Stable Diffusion checkpoint")
-    key_set = set(keys)
-    if "conditioner.embedders.0.model.text_projection" in key_set and "model.diffusion_model.label_emb.0.0.weight" in key_set:
-        raise UnsupportedModelError(f"{path}: looks like an SDXL refiner checkpoint; this version runs {SUPPORTED}")
-
-
 PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
@@ -170,9 +138,7 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     family = _family(components)
     where = components.path
     unet = _unet_config(components, family)
-    if unet.in_channels != 4:
-        kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
-        raise UnsupportedModelError(f"{where}: {kind} U-Net; this version runs text-to-image models (4 latent channels)")
+    check_text_to_image_unet(where, unet)
     activation = _activation(components, "text_encoder", family.text_activation)
     text = clip_config_from_shapes(_shapes(components.text_encoder), activation=activation)
     text_2 = None
@@ -180,11 +146,7 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     if family is SDXL:
         text_2, time_dim = _sdxl_text(components, unet, text)
     else:
-        if unet.adm_in_channels is not None:
-            raise UnsupportedModelError(
-                f"{where}: a U-Net with vector conditioning (label_emb) but one text encoder "
-                f"(an SDXL refiner or SD 2.x unCLIP?); this version runs {SUPPORTED}"
-            )
+        check_single_encoder_unet(where, unet)
         if text.width != unet.context_dim:
             raise UnsupportedModelError(
                 f"{where}: text encoder width {text.width} does not match the U-Net's context width {unet.context_dim}"
@@ -227,12 +189,12 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
 
 def _recommended(components: Components, turbo: bool) -> dict:
     """Generation defaults the model calls for: Turbo's, then any `ldm.default_*` header (the demo model)."""
-    found = dict(TURBO_RECOMMENDED) if turbo else {}
-    for key, cast in (("steps", int), ("cfg_scale", float), ("sampler", str)):
-        value = components.metadata.get(f"ldm.default_{key}")
-        if value is not None:
-            found[key] = cast(value)
-    return found
+    from ldmcli.request import recommended_in_metadata
+
+    try:
+        return {**(TURBO_RECOMMENDED if turbo else {}), **recommended_in_metadata(components.metadata)}
+    except ValueError as exc:
+        raise CheckpointError(f"{components.path}: header recommends {exc}") from exc
 
 
 # --- family --------------------------------------------------------------------------------------

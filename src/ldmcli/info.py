@@ -52,14 +52,14 @@ def describe_model(name: str) -> dict:
 
 
 def describe_image(path: Path) -> dict:
-    from ldmcli.metadata import A1111_KEY, LDM_KEY, job_from_png_text, read_png_text
+    from ldmcli.metadata import A1111_KEY, LDM_KEY, read_png_text, request_from_png_text
 
     if not path.is_file():
         raise LdmError(f"{path}: no such file")
     text = read_png_text(path)
-    job, model = job_from_png_text(text, str(path))
+    request, _, model = request_from_png_text(text, str(path))
     described = {"path": str(path), "made_by": "ldm" if LDM_KEY in text else "A1111-compatible tool"}
-    described.update({k: v for k, v in job.__dict__.items() if k not in ("source", "name", "batch_count")})
+    described.update(request.record())
     described["model"] = model
     if A1111_KEY in text:
         described["parameters"] = text[A1111_KEY]

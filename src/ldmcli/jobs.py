@@ -1,8 +1,12 @@
-"""Jobs: what to generate, from the command line and from prompt files, validated before any model loads.
+"""Jobs and where they come from: the command line, prompt files and PNGs, validated before any model loads.
 
-A job is one prompt with its parameters and a batch count; image i of a job gets seed + i.
-Prompt files are plain text (one prompt a line, blank lines and `#` comments skipped) or JSONL
-(one object a line: `prompt` plus any per-job override of `JOB_FIELDS`).
+A job is one `ImageRequest`, a batch count and where it came from; image i of a job gets seed + i.
+Every source builds its jobs here:
+- the command line: one job per prompt, with the flags the user gave;
+- prompt files: plain text (one prompt a line, blank lines and `#` comments skipped) or JSONL (one
+  object a line: `prompt` plus any request field, `batch_count` and `name`), the flags as their defaults;
+- a PNG made by ldm or A1111 (`--from-png`): its recorded request, the flags the user gave on top.
+Fields nobody set take the model's recommendation (`check_job`), else `ImageRequest`'s defaults.
 """
 
 from __future__ import annotations
@@ -10,48 +14,33 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ldmcli.errors import LdmError
+from ldmcli.request import ImageRequest, check_values, field_names
 
-
-# Used where neither the command line, the job nor the model's own metadata says otherwise.
-DEFAULTS = {"steps": 30, "cfg_scale": 7.5, "sampler": "euler_a", "width": 512, "height": 512}
+# What a JSONL line may carry besides the request's fields, and the type each must have.
+JOB_KEYS: dict[str, type] = {"batch_count": int, "name": str}
 
 
 @dataclass(frozen=True)
 class Job:
-    """One prompt and its parameters. None means: the model's recommendation, else DEFAULTS."""
+    """One request, how many images of it, and where it came from."""
 
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int | None = None
-    cfg_scale: float | None = None
-    sampler: str | None = None
-    schedule: str | None = None  # None: the sampler name's own (e.g. "DPM++ 2M Karras"), else the model's spacing
-    width: int | None = None
-    height: int | None = None
+    request: ImageRequest
+    # The request fields somebody set (a flag, a JSONL key, a PNG's record); the others take the
+    # model's recommended value when it has one.
+    given: frozenset[str] = frozenset()
     batch_count: int = 1
     name: str | None = None  # for output templates; defaults to the prompt's slug
     source: str = "command line"  # where the job came from, for error messages ("prompts.jsonl:3")
 
-
-# Per-job overrides a JSONL line may carry, and the type each must have.
-JOB_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "prompt": str,
-    "negative_prompt": str,
-    "seed": int,
-    "steps": int,
-    "cfg_scale": (int, float),
-    "sampler": str,
-    "schedule": str,
-    "width": int,
-    "height": int,
-    "batch_count": int,
-    "name": str,
-}
+    def setting(self, **values: Any) -> Job:
+        """This job with request fields set (and counted as given)."""
+        return replace(self, request=replace(self.request, **values), given=self.given | values.keys())
 
 
 @dataclass(frozen=True)
@@ -66,6 +55,14 @@ class ImageTask:
     path: Path
 
 
+def command_line_job(flags: Mapping[str, Any], batch_count: int = 1) -> Job:
+    """The job the flags describe, prompt unset: the template of every job of a run.
+
+    flags: the request fields the user gave (a flag's destination is its field's name).
+    """
+    return Job(ImageRequest(), batch_count=batch_count).setting(**flags)
+
+
 def read_prompt_file(path: str, template: Job) -> list[Job]:
     """Jobs from a prompt file (`-` = stdin); every line is checked, errors name the line."""
     if path == "-":
@@ -74,7 +71,7 @@ def read_prompt_file(path: str, template: Job) -> list[Job]:
         try:
             text, name = Path(path).read_text(encoding="utf-8"), path
         except (OSError, UnicodeDecodeError) as exc:
-            raise LdmError(f"{path}: cannot read prompt file ({exc.strerror or exc})") from exc
+            raise LdmError(f"{path}: cannot read prompt file ({getattr(exc, 'strerror', None) or exc})") from exc
     jsonl = path.endswith(".jsonl") or (path == "-" and text.lstrip().startswith("{"))
     jobs = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -82,7 +79,8 @@ def read_prompt_file(path: str, template: Job) -> list[Job]:
         if not stripped or stripped.startswith("#"):
             continue
         where = f"{name}:{number}"
-        jobs.append(_json_job(stripped, template, where) if jsonl else replace(template, prompt=stripped, source=where))
+        job = _json_job(stripped, template, where) if jsonl else template.setting(prompt=stripped)
+        jobs.append(replace(job, source=where))
     if not jobs:
         raise LdmError(f"{name}: no prompts in the file")
     return jobs
@@ -95,52 +93,43 @@ def _json_job(line: str, template: Job, where: str) -> Job:
         raise LdmError(f"{where}: not valid JSON ({exc.msg})") from exc
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
-    unknown = sorted(set(obj) - set(JOB_FIELDS))
-    if unknown:
-        raise LdmError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(JOB_FIELDS)})")
     if not isinstance(obj.get("prompt"), str):
         raise LdmError(f"{where}: \"prompt\" (a string) is required")
-    for key, value in obj.items():
-        wanted = JOB_FIELDS[key]
-        if isinstance(value, bool) or not isinstance(value, wanted):
-            kind = wanted.__name__ if isinstance(wanted, type) else "number"
-            raise LdmError(f"{where}: \"{key}\" must be a {kind}, got {json.dumps(value)}")
-    return replace(template, **obj, source=where)
-
-
-def check_job(job: Job, defaults: dict | None = None) -> Job:
-    """Fill unset values (`defaults`, then DEFAULTS), validate, resolve A1111 sampler names.
-
-    Raises LdmError naming the job's source (e.g. "prompts.jsonl:3").
-    """
-    from ldmcli.samplers import SCHEDULES, resolve_sampler_name
-
-    fallback = {**DEFAULTS, **(defaults or {})}
-    job = replace(job, **{k: fallback[k] for k in DEFAULTS if getattr(job, k) is None})
-    where = job.source
-    for side in ("width", "height"):
-        pixels = getattr(job, side)
-        if pixels < 8 or pixels % 8:
-            raise LdmError(f"{where}: {side} {pixels} is not a positive multiple of 8")
-    if job.steps < 1:
-        raise LdmError(f"{where}: steps must be at least 1, got {job.steps}")
-    if job.batch_count < 1:
-        raise LdmError(f"{where}: batch_count must be at least 1, got {job.batch_count}")
-    if job.seed < 0:
-        raise LdmError(f"{where}: seed must be >= 0, got {job.seed}")
     try:
-        sampler, schedule = resolve_sampler_name(job.sampler)
+        check_values(obj, where, extra=JOB_KEYS)
     except ValueError as exc:
-        raise LdmError(f"{where}: {exc}") from exc
-    schedule = job.schedule or schedule
-    if schedule is not None and schedule not in SCHEDULES:
-        raise LdmError(f"{where}: unknown schedule {schedule!r} (valid: {', '.join(SCHEDULES)})")
-    return replace(job, sampler=sampler, schedule=schedule, cfg_scale=float(job.cfg_scale))
+        raise LdmError(str(exc)) from exc
+    job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
+    return replace(template.setting(**obj), **job_values)
+
+
+def job_from_png(path: Path, template: Job) -> tuple[Job, dict]:
+    """The job a PNG records (ours or A1111's), the flags of `template` taking precedence, and the
+    image's model record (name, hash, path if it still exists, prediction type, dtype)."""
+    from ldmcli.metadata import read_png_text, request_from_png_text
+
+    recorded, given, model = request_from_png_text(read_png_text(path), str(path))
+    flags = {name: getattr(template.request, name) for name in template.given}
+    job = replace(template, request=recorded, given=frozenset(given), source=str(path)).setting(**flags)
+    if model.get("path") and not Path(model["path"]).exists():
+        model = {k: v for k, v in model.items() if k != "path"}
+    return job, model
+
+
+def check_job(job: Job, recommended: Mapping[str, Any] | None = None) -> Job:
+    """Fill the fields nobody set with the model's `recommended` values, validate, resolve A1111
+    sampler names. Raises LdmError naming the job's source (e.g. "prompts.jsonl:3")."""
+    fill = {k: v for k, v in (recommended or {}).items() if k in field_names() and k not in job.given}
+    try:
+        request = replace(job.request, **fill).checked()
+    except ValueError as exc:
+        raise LdmError(f"{job.source}: {exc}") from exc
+    if job.batch_count < 1:
+        raise LdmError(f"{job.source}: batch_count must be at least 1, got {job.batch_count}")
+    return replace(job, request=request)
 
 
 def slug(text: str, limit: int = 48) -> str:
     """A file-name-safe rendering of a prompt: lowercase words joined by '-'."""
     words = re.findall(r"[a-z0-9]+", text.lower())
     return "-".join(words)[:limit].rstrip("-") or "prompt"
-
-

@@ -9,7 +9,8 @@ HF CLIP names (`text_model.*`) for the text encoders. Two layouts reach this mod
 - diffusers folders: one subfolder per network, diffusers names, renamed by `keymap`
   (SDXL adds `text_encoder_2/` and `tokenizer_2/`).
 
-Every key of the input is either placed, or named in an explicit ignore rule, or an error.
+Every key of the input is either placed, or named in an explicit ignore rule, or an error. Files and
+folders this version does not run are refused first, by `unsupported`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from ldmcli.checkpoint import (
     read_state_dict,
 )
 from ldmcli.errors import CheckpointError, ModelNotFoundError, name_keys
-from ldmcli.detect import check_supported_single_file
+from ldmcli.unsupported import (
+    check_supported_folder,
+    check_supported_single_file,
+    refuse_unknown_format,
+)
 
 # Single-file prefix -> (network, key format of that network).
 SINGLE_FILE_PREFIXES = {
@@ -119,7 +124,7 @@ def read_components(path: Path, *, meta: bool = False, dtype: torch.dtype | None
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
+        refuse_unknown_format(path)
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     state_dict = read_state_dict(path, meta=meta, dtype=dtype)
     if meta and path.suffix == ".safetensors":
@@ -251,21 +256,6 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
-
-
-# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def check_supported_folder(folder: Path, index: dict) -> None:
-    """Refuse pipeline classes we cannot run, naming them, before reading gigabytes."""
-    cls = index.get("_class_name", "StableDiffusionPipeline")
-    if cls not in SUPPORTED_PIPELINES:
-        from ldmcli.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"{folder}: a {cls} folder; this version runs {' and '.join(SUPPORTED_PIPELINES)} folders"
-        )
 
 
 def _named(where: Path, what: str, rename, tensors: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Image metadata: the A1111 `parameters` text (written and parsed) and our own JSON record.
+"""Image metadata: the A1111 `parameters` text and our own JSON record, each written beside its reader.
 
 A1111's infotext is the lingua franca of image browsers: the prompt, a `Negative prompt:` line, and a
 last line of `Key: value` pairs in which values holding `,` `:` or a newline are JSON-quoted. Our
@@ -59,35 +59,95 @@ def parse_a1111(text: str) -> dict[str, str]:
     return result
 
 
-def job_from_png_text(text: Mapping[str, str], where: str):
-    """The Job (and model record) an image was made with: our JSON when present, else A1111's text."""
-    from ldmcli.jobs import Job
+def image_record(model, task) -> dict:
+    """Every parameter of one image: the `ldm` PNG chunk, and the --json line. `request_from_png_text`
+    reads it back."""
+    from dataclasses import replace
+
+    from ldmcli import __version__
+    from ldmcli.device import dtype_name
+
+    request = task.job.request
+    request = replace(request, seed=task.seed, schedule=request.schedule or model.spec.schedule.timestep_spacing)
+    return {
+        "version": __version__,
+        **request.record(),
+        "model": {"name": model.name, "path": str(Path(model.path).resolve()), "hash": model.hash,
+                  "family": model.spec.family, "prediction_type": model.spec.prediction_type,
+                  # the compute dtype: the same seed gives other pixels in bf16 than in fp32
+                  "dtype": dtype_name(model.dtype)},
+    }
+
+
+def png_text(model, record: dict) -> dict[str, str]:
+    """The PNG's text chunks for an `image_record`: A1111's `parameters` and our `ldm` JSON."""
+    from ldmcli import __version__
+    from ldmcli.request import ImageRequest, field_names
+
+    request = ImageRequest(**{name: record[name] for name in field_names()})
+    fields = {**_a1111_fields(request), "Model hash": model.hash, "Model": model.name, "Version": f"ldm {__version__}"}
+    return {A1111_KEY: a1111_text(request.prompt, request.negative_prompt, fields),
+            LDM_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True)}
+
+
+def _a1111_fields(request) -> dict[str, object]:
+    """A request's `Key: value` pairs in A1111's spelling, in field order."""
+    from dataclasses import fields
+
+    from ldmcli.samplers import SAMPLERS, SCHEDULES
+
+    pairs: dict[str, object] = {}
+    for f in fields(request):
+        value = getattr(request, f.name)
+        if f.name == "sampler":
+            pairs["Sampler"] = SAMPLERS[value].display_name
+        elif f.name == "schedule":
+            # A1111 calls the model's own spacing "Automatic"; Karras/Exponential have its names.
+            pairs["Schedule type"] = SCHEDULES[value].display_name or "Automatic"
+        elif f.name == "width":
+            pairs["Size"] = f"{request.width}x{request.height}"
+        elif f.metadata["a1111"]:
+            pairs[f.metadata["a1111"]] = _number(value) if isinstance(value, float) else value
+    return pairs
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def request_from_png_text(text: Mapping[str, str], where: str):
+    """(request, the fields it sets, model record) an image was made with: our JSON when present,
+    else A1111's `parameters` text."""
+    from ldmcli.request import ImageRequest, a1111_keys, field_names, parse_value
 
     if LDM_KEY in text:
-        record = json.loads(text[LDM_KEY])
-        job = Job(
-            prompt=record["prompt"], negative_prompt=record.get("negative_prompt", ""), seed=int(record["seed"]),
-            steps=int(record["steps"]), cfg_scale=float(record["cfg_scale"]), sampler=record["sampler"],
-            schedule=record.get("schedule"), width=int(record["width"]), height=int(record["height"]),
-            source=where,
-        )
-        return job, record.get("model", {})
+        try:
+            record = json.loads(text[LDM_KEY])
+            values = {name: record[name] for name in field_names() if name in record}
+            model = record.get("model", {})
+            if not isinstance(model, dict):
+                raise ValueError("\"model\" is not an object")
+            return ImageRequest.from_mapping(values, where), set(values), model
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise LdmError(f"{where}: ldm metadata not understood ({exc})") from exc
     if A1111_KEY not in text:
         raise LdmError(f"{where}: no generation parameters in this PNG (neither ldm nor A1111 'parameters')")
     params = parse_a1111(text[A1111_KEY])
     try:
-        width, height = A1111_SIZE.match(params.get("Size", "512x512")).groups()
-        sampler = params.get("Sampler", "Euler a")
-        if params.get("Schedule type") and params["Schedule type"].lower() not in ("automatic", "uniform"):
-            sampler = f"{sampler} {params['Schedule type']}"
-        job = Job(
-            prompt=params["Prompt"], negative_prompt=params["Negative prompt"], seed=int(params["Seed"]),
-            steps=int(params.get("Steps", 20)), cfg_scale=float(params.get("CFG scale", 7)), sampler=sampler,
-            width=int(width), height=int(height), source=where,
-        )
+        values = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"],
+                  "seed": int(params["Seed"])}
+        values.update({name: parse_value(name, params[key]) for name, key in a1111_keys().items() if key in params})
+        if "Size" in params:
+            width, height = A1111_SIZE.match(params["Size"]).groups()
+            values.update(width=int(width), height=int(height))
+        if "Sampler" in params:
+            sampler = params["Sampler"]
+            if params.get("Schedule type") and params["Schedule type"].lower() not in ("automatic", "uniform"):
+                sampler = f"{sampler} {params['Schedule type']}"
+            values["sampler"] = sampler
     except (KeyError, ValueError, AttributeError) as exc:
         raise LdmError(f"{where}: A1111 parameters not understood ({exc})") from exc
-    return job, {"name": params.get("Model"), "hash": params.get("Model hash")}
+    return ImageRequest(**values), set(values), {"name": params.get("Model"), "hash": params.get("Model hash")}
 
 
 def read_png_text(path: Path) -> dict[str, str]:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from ldmcli.errors import LdmError
 from ldmcli.jobs import ImageTask, Job, slug
+from ldmcli.request import template_fields
 
 # CompVis txt2img writes outdir/samples/00000.png; we add the seed so runs with different seeds never clash.
 DEFAULT_NAME = "{index:05d}-{seed}.png"
 DEFAULT_DIR = "outputs"
-TEMPLATE_FIELDS = ("index", "job", "image", "seed", "prompt_slug", "name", "steps", "sampler", "cfg_scale", "width", "height")
+# The run's own fields, then the request's (`seed` is each image's: the job's seed + its number in the job).
+TEMPLATE_FIELDS = ("index", "job", "image", "prompt_slug", "name", *template_fields())
 
 
 def resolve_template(output: str | None, output_dir: str | None) -> str:
@@ -46,7 +48,7 @@ def plan_images(jobs: list[Job], template: str) -> list[ImageTask]:
     tasks, seen = [], {}
     for job_index, job in enumerate(jobs):
         for i in range(job.batch_count):
-            index, seed = len(tasks), job.seed + i
+            index, seed = len(tasks), job.request.seed + i
             path = Path(_format(template, job, job_index, index, i, seed))
             if path in seen:
                 raise LdmError(f"output template {template!r} gives {path} to images {seen[path]} and {index}: "
@@ -57,13 +59,11 @@ def plan_images(jobs: list[Job], template: str) -> list[ImageTask]:
 
 
 def _format(template: str, job: Job, job_index: int, index: int, image: int, seed: int) -> str:
-    prompt_slug = slug(job.prompt)
+    prompt_slug = slug(job.request.prompt)
+    values = {name: getattr(job.request, name) for name in template_fields()}
     try:
-        return template.format(
-            index=index, job=job_index, image=image, seed=seed, prompt_slug=prompt_slug,
-            name=job.name or prompt_slug, steps=job.steps, sampler=job.sampler, cfg_scale=job.cfg_scale,
-            width=job.width, height=job.height,
-        )
+        return template.format(**{**values, "seed": seed}, index=index, job=job_index, image=image,
+                               prompt_slug=prompt_slug, name=job.name or prompt_slug)
     except (ValueError, TypeError) as exc:
         raise LdmError(f"output template {template!r}: {exc}") from exc
 

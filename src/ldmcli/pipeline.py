@@ -27,6 +27,7 @@ from ldmcli.layout import Components, read_components
 from ldmcli.models.clip import CLIPTextModel
 from ldmcli.models.unet import UNetModel
 from ldmcli.models.vae import AutoencoderKL
+from ldmcli.request import ImageRequest
 from ldmcli.tokenizer import PromptTokenizer
 
 
@@ -55,20 +56,6 @@ class StableDiffusion:
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """What one image needs but its seed (a batch of seeds shares one request)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 30
-    cfg_scale: float = 7.5
-    sampler: str = "euler"
-    spacing: str | None = None  # None: the model's own timestep spacing (diffusers' default)
 
 
 def load(
@@ -117,15 +104,15 @@ def load_components(
 
 
 def optimize(model: StableDiffusion, *, compile: bool = False) -> list[str]:
-    """Make a loaded model fast on its device, in place (`runtime.prepare_for_inference`): fused,
+    """Make a loaded model fast on its device, in place (`optimize.prepare_for_inference`): fused,
     packed oneDNN layers on CPU, channels_last, optionally torch.compile. Returns what was done.
 
     The networks are inference-only afterwards (packed CPU layers cannot be moved, cast or trained).
     """
-    from ldmcli import runtime
+    from ldmcli.optimize import prepare_for_inference
 
     parts = {"unet": model.unet, "vae": model.vae}
-    notes = runtime.prepare_for_inference(parts, model.device, model.dtype, compile=compile)
+    notes = prepare_for_inference(parts, model.device, model.dtype, compile=compile)
     model.unet, model.vae = parts["unet"], parts["vae"]
     return notes
 
@@ -227,7 +214,7 @@ def encode_up_front(model: StableDiffusion, prompts: Sequence[str]) -> None:
     for prompt in dict.fromkeys(prompts):
         model.text_cache[prompt] = _encode_one(model, prompt)
     model.text_encoder = model.text_encoder_2 = None
-    from ldmcli.runtime import return_freed_memory
+    from ldmcli.kernels import return_freed_memory
 
     return_freed_memory()
 
@@ -241,7 +228,7 @@ def release_unet(model: StableDiffusion) -> None:
     the compiled graph's cache keeps its own reference to the weights, so this frees nothing there.
     """
     model.unet = None
-    from ldmcli.runtime import return_freed_memory
+    from ldmcli.kernels import return_freed_memory
 
     return_freed_memory()
 
@@ -307,7 +294,10 @@ def sample_latents(
     *,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Denoised latents for `request`, one per seed (what diffusers returns with output_type="latent")."""
+    """Denoised latents for `request`, one per seed (what diffusers returns with output_type="latent").
+
+    `request` must be resolved (`ImageRequest.checked`); its own `seed` is ignored for `seeds`.
+    """
     from ldmcli.denoiser import CFGDenoiser, Denoiser
     from ldmcli.samplers import sample
 
@@ -317,7 +307,7 @@ def sample_latents(
     size = (request.height, request.width)
     cond = unet_conditioning(model, [request.prompt] * n, *size)
     uncond = None
-    if request.cfg_scale != 1:  # guidance off: no unconditional pass at all (Turbo)
+    if request.guided:  # at scale 1 no unconditional pass at all (Turbo)
         zeros = model.spec.zero_empty_negative and request.negative_prompt == ""
         uncond = unet_conditioning(model, [request.negative_prompt] * n, *size, zeros=zeros)
     factor = model.spec.vae.downsample_factor
@@ -331,7 +321,7 @@ def sample_latents(
         # The sampler's state stays fp32 whatever the networks compute in: bf16 keeps 8 bits of
         # mantissa, too few for latents updated in small steps over many iterations.
         noise_source(seeds, latent_shape, model.device, torch.float32),
-        spacing=request.spacing,
+        spacing=request.schedule,
         callback=callback,
     )
 
@@ -341,11 +331,11 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple
     """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds.
 
     tile: (side, overlap) in latent pixels: decode in tiles of that side whose overlaps are blended
-    (`runtime.decode_tiled`), so memory stays bounded at any image size. A decode that overflows
+    (`vae_decode.decode_tiled`), so memory stays bounded at any image size. A decode that overflows
     (inf/NaN: SDXL's VAE in fp16 is the classic case) is redone in fp32 rather than saved as a black
     image; `model.warnings` says so.
     """
-    from ldmcli.runtime import decode_latents_safely
+    from ldmcli.vae_decode import decode_latents_safely
 
     z = latents.float() / model.spec.scale_factor
     side, overlap = tile if tile is not None else (None, 0)

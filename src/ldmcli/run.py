@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldmcli import __version__
 from ldmcli.errors import LdmError
 from ldmcli.jobs import ImageTask, Job, check_job
 from ldmcli.outputs import check_outputs, plan_images
@@ -181,7 +180,7 @@ def _load(options: RunOptions, report: Report, device: str):
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
 
-    from ldmcli.runtime import choose_dtype, configure_threads
+    from ldmcli.device import choose_dtype, configure_threads
 
     threads = configure_threads(options.threads) if device == "cpu" else None
     dtype, why = choose_dtype(device, options.dtype)
@@ -213,8 +212,7 @@ def _encode_up_front(model, todo: list[ImageTask]) -> None:
     """
     from ldmcli import pipeline
 
-    prompts = list(dict.fromkeys(p for t in todo for p in (
-        (t.job.prompt, t.job.negative_prompt) if t.job.cfg_scale != 1 else (t.job.prompt,))))
+    prompts = list(dict.fromkeys(p for t in todo for p in t.job.request.text_prompts))
     width = model.spec.unet.context_dim
     per_prompt = 77 * width * model.dtype.itemsize  # 77 tokens
     if len(prompts) <= PROMPTS_UP_FRONT and len(prompts) * per_prompt < pipeline.text_encoder_bytes(model):
@@ -236,7 +234,7 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
                 for task in batch:
                     report.say(f"failed: {task.path} ({task.job.source}): {type(exc).__name__}: {exc}")
                     report.emit({"error": f"{type(exc).__name__}: {exc}", "index": task.index,
-                                 "path": str(task.path), "prompt": task.job.prompt, "seed": task.seed})
+                                 "path": str(task.path), "prompt": task.job.request.prompt, "seed": task.seed})
                 if options.fail_fast:
                     return
             bar.update(len(batch))
@@ -259,15 +257,12 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
 
     from ldmcli import pipeline
     from ldmcli.image import save_png
+    from ldmcli.metadata import image_record, png_text
 
-    job = batch[0].job
-    request = pipeline.ImageRequest(
-        prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
-        steps=job.steps, cfg_scale=job.cfg_scale, sampler=job.sampler, spacing=job.schedule,
-    )
+    request = batch[0].job.request
     started = time.perf_counter()
-    with tqdm(total=job.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
-        tile = vae_tile(options.tile_vae, job.width, job.height, model.spec.vae.downsample_factor)
+    with tqdm(total=request.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
+        tile = vae_tile(options.tile_vae, request.width, request.height, model.spec.vae.downsample_factor)
         latents = pipeline.sample_latents(model, request, [t.seed for t in batch],
                                           callback=lambda i, _x: steps.update(1))
     if last:
@@ -279,64 +274,11 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     model.warnings.clear()
     for task, image in zip(batch, pixels.numpy()):
         record = image_record(model, task)
-        save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, task, record))
+        save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, record))
         report.counts["made"] += 1
         report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
         report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
                      "index": task.index, "seconds": round(seconds, 3)})
-
-
-def image_record(model, task: ImageTask) -> dict:
-    """Every parameter of one image: the `ldm` PNG chunk, and the --json line."""
-    job = task.job
-    return {
-        "version": __version__,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "seed": task.seed,
-        "steps": job.steps,
-        "cfg_scale": job.cfg_scale,
-        "sampler": job.sampler,
-        "schedule": job.schedule or model.spec.schedule.timestep_spacing,
-        "width": job.width,
-        "height": job.height,
-        "model": {"name": model.name, "path": str(Path(model.path).resolve()), "hash": model.hash,
-                  "family": model.spec.family, "prediction_type": model.spec.prediction_type,
-                  # the compute dtype: the same seed gives other pixels in bf16 than in fp32
-                  "dtype": dtype_name(model.dtype)},
-    }
-
-
-def dtype_name(dtype) -> str:
-    """torch.bfloat16 -> "bf16": the names --dtype takes."""
-    from ldmcli.runtime import DTYPES
-
-    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
-
-
-def png_text(model, task: ImageTask, record: dict) -> dict[str, str]:
-    from ldmcli.metadata import A1111_KEY, LDM_KEY, a1111_text
-    from ldmcli.samplers import SAMPLERS, SCHEDULES
-
-    schedule = SCHEDULES[record["schedule"]]
-    fields = {
-        "Steps": record["steps"],
-        "Sampler": SAMPLERS[record["sampler"]].display_name,
-        # A1111 calls the model's own spacing "Automatic"; Karras/Exponential have its names.
-        "Schedule type": schedule.display_name or "Automatic",
-        "CFG scale": _number(record["cfg_scale"]),
-        "Seed": record["seed"],
-        "Size": f"{record['width']}x{record['height']}",
-        "Model hash": model.hash,
-        "Model": model.name,
-        "Version": f"ldm {__version__}",
-    }
-    return {A1111_KEY: a1111_text(record["prompt"], record["negative_prompt"], fields),
-            LDM_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True)}
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _grid_path(tasks: list[ImageTask]) -> Path:
@@ -356,7 +298,7 @@ def _write_grid(tasks: list[ImageTask], report: Report) -> None:
     if len({i.shape for i in images}) > 1:
         report.say("no grid: the images differ in size")
         return
-    captions = [f"{t.job.prompt} (seed {t.seed})" for t in done]
+    captions = [f"{t.job.request.prompt} (seed {t.seed})" for t in done]
     path = _grid_path(tasks)
     save_png(contact_sheet(images, captions), path, overwrite=True, text={})
     report.say(f"wrote {path} ({len(done)} images)")

@@ -18,10 +18,7 @@ DEMO_MODEL = PACKAGE_ROOT / "weights" / _FILE_NAME
 def sampling_defaults(model_path: str | Path) -> dict[str, object]:
     """{"steps", "cfg_scale", "sampler"} recorded in a demo model file's `__metadata__`."""
     from ldmcli.checkpoint import read_safetensors_metadata
+    from ldmcli.request import recommended_in_metadata
 
-    meta = read_safetensors_metadata(Path(model_path))
-    return {
-        "steps": int(meta["ldm.default_steps"]),
-        "cfg_scale": float(meta["ldm.default_cfg_scale"]),
-        "sampler": meta["ldm.default_sampler"],
-    }
+    recommended = recommended_in_metadata(read_safetensors_metadata(Path(model_path)))
+    return {key: recommended[key] for key in ("steps", "cfg_scale", "sampler")}

@@ -230,7 +230,8 @@ def adherence(model, cases, seeds, *, cfg_scale: float | None = None, steps: int
     in the model file. Returns ({"colour", "position", "shape", "all"} -> rate, per-image details).
     """
     from ldmcli.demo import sampling_defaults
-    from ldmcli.pipeline import ImageRequest, generate
+    from ldmcli.pipeline import generate
+    from ldmcli.request import ImageRequest
 
     defaults = sampling_defaults(model.path)
     size = model.spec.native_size

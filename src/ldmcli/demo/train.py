@@ -443,7 +443,8 @@ def contact_sheet(model_path: Path, out: Path, seed: int = 0) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     from ldmcli.demo.analysis import adherence_cases
-    from ldmcli.pipeline import ImageRequest, generate, load
+    from ldmcli.pipeline import generate, load
+    from ldmcli.request import ImageRequest
 
     model = load(model_path)
     defaults = sampling_defaults(model_path)

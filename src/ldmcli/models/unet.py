@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmcli.runtime import conv2d, geglu, is_packed, linear, upsample_conv2d
+from ldmcli.kernels import conv2d, geglu, is_packed, linear, upsample_conv2d
 
 __all__ = [
     "UNetConfig",

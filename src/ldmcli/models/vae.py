@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmcli.runtime import conv2d, upsample_conv2d
+from ldmcli.kernels import conv2d, upsample_conv2d
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,170 @@
+"""`ImageRequest`: the parameters of one image, in one place.
+
+Every other place that names an image parameter derives it from these fields:
+- the keys a JSONL prompt file may carry (`jobs.py`), type-checked against the annotations here;
+- the `ldm generate` flags that override a job or a PNG's record (a flag's destination is the field's name);
+- the output-template fields (`outputs.py`: fields marked `template`);
+- the `ldm` JSON record in a PNG and its reader (`metadata.py`), and the A1111 infotext keys
+  (fields marked `a1111`; Sampler / Schedule type / Size are spelled out there);
+- the `ldm.default_<field>` values a model file may recommend (`detect.py`).
+Adding a parameter is: a field here, its flag in `cli.py`, and its use in the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+def _param(default: Any, *, a1111: str | None = None, template: bool = False) -> Any:
+    """A request field. a1111: its key in A1111's infotext, written and read as plain text;
+    template: usable as an `-o` template field."""
+    return field(default=default, metadata={"a1111": a1111, "template": template})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRequest:
+    """One image's parameters. The defaults are ldm's; a model may recommend others (`detect.py`).
+
+    Fields are in A1111's infotext order. Sampler and schedule are written as A1111's `Sampler` and
+    `Schedule type`, width and height as `Size` (`metadata.py`); the other `a1111` fields as they are.
+    """
+
+    prompt: str = _param("")
+    negative_prompt: str = _param("")
+    steps: int = _param(30, a1111="Steps", template=True)
+    sampler: str = _param("euler_a", template=True)  # ours or A1111's name ("DPM++ 2M Karras"); see `checked`
+    schedule: str | None = _param(None)  # None: the sampler name's own (Karras), else the model's timestep spacing
+    cfg_scale: float = _param(7.5, a1111="CFG scale", template=True)
+    seed: int = _param(0, a1111="Seed", template=True)  # the job's first image; image i gets seed + i
+    width: int = _param(512, template=True)
+    height: int = _param(512, template=True)
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs a negative (unconditional) pass: not at scale 1 (Turbo)."""
+        return self.cfg_scale != 1
+
+    @property
+    def text_prompts(self) -> tuple[str, ...]:
+        """The prompts the text encoder sees for this image."""
+        return (self.prompt, self.negative_prompt) if self.guided else (self.prompt,)
+
+    def checked(self) -> ImageRequest:
+        """This request validated, with A1111 sampler names resolved ("DPM++ 2M Karras" ->
+        dpmpp_2m + karras) and numbers in their field's type. Raises ValueError saying what is wrong."""
+        from ldmcli.samplers import SCHEDULES, resolve_sampler_name
+
+        for side in ("width", "height"):
+            check_side(getattr(self, side), side)
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        sampler, name_schedule = resolve_sampler_name(self.sampler)
+        schedule = self.schedule or name_schedule
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r} (valid: {', '.join(SCHEDULES)})")
+        return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale))
+
+    def record(self) -> dict[str, Any]:
+        """Every field, as JSON values (the `ldm` PNG record; `from_mapping` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str, *, base: ImageRequest | None = None) -> ImageRequest:
+        """`base` (default: the defaults) with `values` set: a JSONL line or a PNG's record.
+
+        Every key must be a field and every value of the field's type; raises ValueError naming `where`.
+        """
+        check_values(values, where)
+        return replace(base or cls(), **values)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(ImageRequest))
+
+
+def template_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(ImageRequest) if f.metadata["template"])
+
+
+def a1111_keys() -> dict[str, str]:
+    """Field name -> A1111 infotext key, for the fields written as plain `Key: value`."""
+    return {f.name: f.metadata["a1111"] for f in fields(ImageRequest) if f.metadata["a1111"]}
+
+
+def defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(ImageRequest) if f.default is not MISSING}
+
+
+def field_type(name: str) -> type:
+    """The field's value type: `int`, `float` or `str` (`X | None` gives X)."""
+    hint = typing.get_type_hints(ImageRequest)[name]
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    return kinds[0]
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A field's value from text (A1111 infotext, safetensors metadata). Raises ValueError."""
+    kind = field_type(name)
+    return kind(text) if kind is not str else text
+
+
+# A model file may recommend a value for any field in its safetensors header: `ldm.default_<field>`.
+RECOMMENDATION_PREFIX = "ldm.default_"
+
+
+def recommended_in_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The request values a model file's `ldm.default_*` header entries recommend (the demo model's
+    steps, CFG and sampler). Raises ValueError for a value that is not of its field's type."""
+    found = {}
+    for name in field_names():
+        text = metadata.get(RECOMMENDATION_PREFIX + name)
+        if text is not None:
+            found[name] = parse_value(name, text)
+    return found
+
+
+def check_values(values: Mapping[str, Any], where: str, *, extra: Mapping[str, type] | None = None) -> None:
+    """Raise ValueError unless every key is a request field (or in `extra`) with a value of its type.
+
+    JSON numbers: an int field takes only whole numbers (not true/false), a float field any finite
+    number; a `str | None` field takes a string or null.
+    """
+    extra = extra or {}
+    names = (*field_names(), *extra)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    for key, value in values.items():
+        kind = extra.get(key) or field_type(key)
+        optional = key not in extra and type(None) in typing.get_args(typing.get_type_hints(ImageRequest)[key])
+        if value is None and optional:
+            continue
+        accepted = (int, float) if kind is float else (kind,)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ValueError(f"{where}: \"{key}\" must be {_kind_name(kind)}, got {_json(value)}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{where}: \"{key}\" must be a finite number, got {value}")
+
+
+def check_side(pixels: int, side: str) -> None:
+    """A width or height: positive and a multiple of 8 (the VAE downsamples by 8)."""
+    if pixels < 8 or pixels % 8:
+        raise ValueError(f"{side} {pixels} is not a positive multiple of 8")
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "a whole number", float: "a number", str: "a string"}.get(kind, kind.__name__)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, default=str)

@@ -1,0 +1,88 @@
+"""Refusing files this version cannot run, each with a one-line message naming what the file is.
+
+Every check that turns away a readable file because it is not a model we run lives here, so the
+list of what is refused, and why, is in one place:
+
+- weights formats other than safetensors and pickled checkpoints (`refuse_unknown_format`);
+- diffusers folders of other pipeline classes (`check_supported_folder`);
+- single files of other architectures (SD3, Flux, unCLIP, Playground v2.5, zero-terminal-SNR), LoRAs,
+  a VAE alone, files without a U-Net, SDXL refiners (`check_supported_single_file`, from key names);
+- U-Nets that are not text-to-image: inpainting and other channel counts, vector conditioning beside
+  one text encoder (`check_text_to_image_unet`, `check_single_encoder_unet`, from the U-Net's config).
+
+`checkpoint`, `layout` and `detect` call these at the point where the evidence is at hand (the suffix,
+the key names, the shapes); this module depends on nothing but `errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from ldmcli.errors import CheckpointError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ldmcli.models.unet import UNetConfig
+
+SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo)"
+
+# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo).
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+# Key markers of architectures we recognise but cannot run, checked in order.
+_UNSUPPORTED_MARKERS = (
+    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
+    ("double_blocks.", "Flux"),
+    ("embedder.model.visual.", "Stable Diffusion 2.x unCLIP"),
+    ("edm_mean", "Playground v2.5 (EDM)"),
+    ("ztsnr", "zero-terminal-SNR (ztsnr marker, needs rescaled betas)"),  # ComfyUI's marker key
+)
+
+
+def refuse_unknown_format(path: Path) -> NoReturn:
+    """Raise the CheckpointError for a weights file whose suffix no reader handles."""
+    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .ckpt)")
+
+
+def check_supported_folder(folder: Path, index: dict) -> None:
+    """Refuse pipeline classes we cannot run, naming them, before reading gigabytes."""
+    cls = index.get("_class_name", "StableDiffusionPipeline")
+    if cls not in SUPPORTED_PIPELINES:
+        raise UnsupportedModelError(
+            f"{folder}: a {cls} folder; this version runs {' and '.join(SUPPORTED_PIPELINES)} folders"
+        )
+
+
+def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
+    """Raise UnsupportedModelError naming what the file is, when it is not a model we run."""
+    keys = list(keys)
+    for marker, name in _UNSUPPORTED_MARKERS:
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):  # bare or prefixed
+            raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint; this version runs {SUPPORTED}")
+    if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
+        raise UnsupportedModelError(f"{path}: a LoRA, not a full model: pass a Stable Diffusion checkpoint as -m")
+    if keys and all(k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in keys):
+        raise UnsupportedModelError(f"{path}: a VAE alone, not a full model: pass a Stable Diffusion checkpoint as -m")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise UnsupportedModelError(f"{path}: no U-Net (no keys under 'model.diffusion_model.'): not a Stable Diffusion checkpoint")
+    key_set = set(keys)
+    if "conditioner.embedders.0.model.text_projection" in key_set and "model.diffusion_model.label_emb.0.0.weight" in key_set:
+        raise UnsupportedModelError(f"{path}: looks like an SDXL refiner checkpoint; this version runs {SUPPORTED}")
+
+
+def check_text_to_image_unet(where: Path, unet: UNetConfig) -> None:
+    """Refuse a U-Net that does not take 4 latent channels (inpainting U-Nets take 9)."""
+    if unet.in_channels != 4:
+        kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
+        raise UnsupportedModelError(f"{where}: {kind} U-Net; this version runs text-to-image models (4 latent channels)")
+
+
+def check_single_encoder_unet(where: Path, unet: UNetConfig) -> None:
+    """Refuse vector conditioning (label_emb) beside one text encoder: of the models we run, only SDXL
+    (two text encoders) has it."""
+    if unet.adm_in_channels is not None:
+        raise UnsupportedModelError(
+            f"{where}: a U-Net with vector conditioning (label_emb) but one text encoder "
+            f"(an SDXL refiner or SD 2.x unCLIP?); this version runs {SUPPORTED}"
+        )

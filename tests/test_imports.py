@@ -1,0 +1,28 @@
+"""Module structure: the networks import only the layer kernels; reading a checkpoint does not import detection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+loaded = lambda: sorted(m for m in sys.modules if m.startswith("ldmcli"))
+import ldmcli.models.unet, ldmcli.models.vae, ldmcli.models.clip
+networks = loaded()
+import ldmcli.layout
+print(json.dumps({"networks": networks, "layout": loaded()}))
+"""
+
+
+def test_import_graph() -> None:
+    """A fresh interpreter, so what earlier tests imported does not count."""
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    loaded = json.loads(out)
+    assert loaded["networks"] == [
+        "ldmcli", "ldmcli.kernels", "ldmcli.models", "ldmcli.models.clip", "ldmcli.models.unet", "ldmcli.models.vae",
+    ]
+    # layout refuses unsupported files through `unsupported`; `detect` imports layout, never the reverse
+    assert "ldmcli.detect" not in loaded["layout"]
+    assert {"ldmcli.unsupported", "ldmcli.checkpoint"} <= set(loaded["layout"])

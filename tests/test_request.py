@@ -1,0 +1,165 @@
+"""ImageRequest is the one home of an image's parameters: every field reaches every place that names
+parameters (JSONL keys, flags, template fields, the PNG record and A1111 text, --from-png) without
+being listed again. Round trips are property-tested with Hypothesis over every field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ldmcli.cli import generate
+from ldmcli.errors import LdmError
+from ldmcli.jobs import ImageTask, Job, check_job, command_line_job, read_prompt_file
+from ldmcli.metadata import A1111_KEY, LDM_KEY, image_record, png_text, request_from_png_text
+from ldmcli.outputs import TEMPLATE_FIELDS, plan_images
+from ldmcli.request import ImageRequest, field_names
+from ldmcli.samplers import SAMPLERS, SCHEDULES
+
+# Prompt text that A1111's infotext carries unchanged: one line, no surrounding blanks.
+_WORDS = st.text(st.sampled_from("abcxyz019 ,()[]:|<>.-'"), max_size=40).map(str.strip)
+
+
+def _strategy(name: str):
+    """A valid value for each field. A new field without an entry here fails `test_strategies_cover_every_field`."""
+    return {
+        "prompt": _WORDS.filter(bool),
+        "negative_prompt": _WORDS,
+        "steps": st.integers(1, 1000),
+        "sampler": st.sampled_from(sorted(SAMPLERS)),
+        "schedule": st.sampled_from(sorted(SCHEDULES)),
+        "cfg_scale": st.floats(0, 30, allow_nan=False).map(lambda x: round(x, 3)),
+        "seed": st.integers(0, 2**63 - 1),
+        "width": st.integers(1, 256).map(lambda n: 8 * n),
+        "height": st.integers(1, 256).map(lambda n: 8 * n),
+    }[name]
+
+
+requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_names()})
+
+# A loaded model as the record writer sees it.
+MODEL = SimpleNamespace(
+    name="tiny", path=Path("tiny.safetensors"), hash="0123456789", dtype=torch.float32,
+    spec=SimpleNamespace(family="sd1", prediction_type="epsilon", schedule=SimpleNamespace(timestep_spacing="leading")),
+)
+
+
+def _png_text(request: ImageRequest) -> dict[str, str]:
+    task = ImageTask(Job(request), 0, 0, 0, request.seed, Path("x.png"))
+    return png_text(MODEL, image_record(MODEL, task))
+
+
+def test_strategies_cover_every_field() -> None:
+    for name in field_names():
+        _strategy(name)
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests)
+def test_ldm_record_round_trips_every_field(request: ImageRequest) -> None:
+    recorded, given_fields, _ = request_from_png_text({LDM_KEY: _png_text(request)[LDM_KEY]}, "x.png")
+    assert recorded == request
+    assert given_fields == set(field_names())
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests)
+def test_a1111_text_round_trips_every_field(request: ImageRequest) -> None:
+    """Read as A1111 would leave it (no ldm chunk); A1111 writes the model's own spacing as "Automatic"."""
+    recorded, _, model = request_from_png_text({A1111_KEY: _png_text(request)[A1111_KEY]}, "x.png")
+    expected = request if SCHEDULES[request.schedule].display_name else replace(request, schedule=None)
+    assert recorded.checked() == expected.checked()
+    assert model == {"name": "tiny", "hash": "0123456789"}
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests)
+def test_jsonl_takes_every_field(tmp_path_factory, request: ImageRequest) -> None:
+    path = tmp_path_factory.mktemp("jsonl") / "p.jsonl"
+    path.write_text(json.dumps({**request.record(), "batch_count": 2, "name": "n"}) + "\n", encoding="utf-8")
+    (job,) = read_prompt_file(str(path), command_line_job({}))
+    assert job.request == request and job.given == set(field_names())
+    assert (job.batch_count, job.name) == (2, "n")
+
+
+def test_every_field_but_the_prompt_has_a_flag_named_after_it() -> None:
+    """The CLI finds the fields a user set by their flags' destinations."""
+    flags = {p.name for p in generate.params}
+    assert set(field_names()) - {"prompt"} <= flags
+
+
+def test_template_fields_are_the_request_fields_marked_for_templates() -> None:
+    marked = {f.name for f in fields(ImageRequest) if f.metadata["template"]}
+    assert marked == {"seed", "steps", "sampler", "cfg_scale", "width", "height"}
+    assert marked <= set(TEMPLATE_FIELDS)
+    request = ImageRequest(prompt="a cat", seed=5, steps=7, sampler="heun", cfg_scale=3.0, width=64, height=80)
+    template = "_".join(f"{{{name}}}" for name in TEMPLATE_FIELDS) + ".png"
+    (task,) = plan_images([Job(request, name="n")], template)
+    assert task.path == Path("0_0_0_a-cat_n_7_heun_3.0_5_64_80.png")  # run fields, then field order
+
+
+def test_one_set_of_defaults() -> None:
+    """The request's defaults are the CLI's and the engine's: no second table to disagree."""
+    job = check_job(command_line_job({}).setting(prompt="a cat"))
+    assert job.request == ImageRequest(prompt="a cat")
+    assert (job.request.sampler, job.request.steps, job.request.cfg_scale) == ("euler_a", 30, 7.5)
+
+
+def test_model_recommendations_fill_only_what_nobody_set() -> None:
+    recommended = {"steps": 1, "cfg_scale": 1.0, "width": 1024, "height": 1024}
+    job = check_job(command_line_job({"steps": 4}).setting(prompt="a cat"), recommended)
+    assert (job.request.steps, job.request.cfg_scale, job.request.width) == (4, 1.0, 1024)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"width": 60}, "width 60 is not a positive multiple of 8"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
+    ({"sampler": "nope"}, "nope"),
+    ({"schedule": "nope"}, "unknown schedule 'nope'"),
+])
+def test_check_job_names_the_source(values, message) -> None:
+    job = replace(command_line_job(values).setting(prompt="a cat"), source="p.jsonl:3")
+    with pytest.raises(LdmError, match=f"^p.jsonl:3: .*{message}"):
+        check_job(job)
+
+
+def test_guidance_decided_once() -> None:
+    assert ImageRequest(prompt="a", negative_prompt="b").text_prompts == ("a", "b")
+    assert ImageRequest(prompt="a", negative_prompt="b", cfg_scale=1.0).text_prompts == ("a",)
+
+
+def test_from_png_takes_the_record_and_only_the_flags_given(tmp_path) -> None:
+    import numpy as np
+
+    from ldmcli.image import save_png
+    from ldmcli.jobs import job_from_png
+
+    request = ImageRequest(prompt="a cat", negative_prompt="a dog", steps=7, seed=3, width=64, height=72).checked()
+    path = tmp_path / "x.png"
+    save_png(np.zeros((8, 8, 3), np.uint8), path, overwrite=False, text=_png_text(request))
+    job, model = job_from_png(path, command_line_job({"steps": 9}, batch_count=2))
+    # the record names the model's own spacing ("leading") where the request left it to the model
+    assert job.request == replace(request, steps=9, schedule="leading")
+    assert job.given == set(field_names()) and job.batch_count == 2
+    assert model["hash"] == "0123456789" and "path" not in model  # tiny.safetensors does not exist here
+
+
+@pytest.mark.parametrize("cfg_scale, batch", [(1.0, 1), (5.0, 2)])
+def test_guidance_scale_one_runs_no_unconditional_pass(tiny_folder, cfg_scale, batch) -> None:
+    from ldmcli import pipeline
+
+    model = pipeline.load(tiny_folder)
+    seen = []
+    model.unet.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    request = ImageRequest(prompt="a cat", negative_prompt="a dog", steps=2, cfg_scale=cfg_scale, sampler="euler",
+                           width=64, height=64)
+    pipeline.sample_latents(model, request, [0])
+    assert seen == [batch, batch]
