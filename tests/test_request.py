@@ -163,3 +163,28 @@ def test_guidance_scale_one_runs_no_unconditional_pass(tiny_folder, cfg_scale, b
                            width=64, height=64)
     pipeline.sample_latents(model, request, [0])
     assert seen == [batch, batch]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("steps", True, '"steps" must be a whole number, got true'),
+    ("steps", 2.5, '"steps" must be a whole number, got 2.5'),
+    ("cfg_scale", False, '"cfg_scale" must be a number, got false'),
+    ("cfg_scale", "7", '"cfg_scale" must be a number, got "7"'),
+    ("sampler", None, '"sampler" must be a string, got null'),
+    ("batch_count", "2", '"batch_count" must be a whole number, got "2"'),
+    ("clip_skip", 2, "unknown field(s) clip_skip"),
+])
+def test_jsonl_types_follow_the_fields(tmp_path, key, value, message) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", key: value}) + "\n", encoding="utf-8")
+    with pytest.raises(LdmError) as caught:
+        read_prompt_file(str(path), command_line_job({}))
+    assert str(caught.value).startswith(f"{path}:1: ") and message in str(caught.value)
+
+
+def test_jsonl_schedule_may_be_null(tmp_path) -> None:
+    """`schedule` is `str | None`: null asks for the model's own spacing, as when the key is absent."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "schedule": null}\n', encoding="utf-8")
+    (job,) = read_prompt_file(str(path), command_line_job({"schedule": "karras"}))
+    assert job.request.schedule is None
