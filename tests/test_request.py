@@ -172,7 +172,7 @@ def test_guidance_scale_one_runs_no_unconditional_pass(tiny_folder, cfg_scale, b
     ("cfg_scale", "7", '"cfg_scale" must be a number, got "7"'),
     ("sampler", None, '"sampler" must be a string, got null'),
     ("batch_count", "2", '"batch_count" must be a whole number, got "2"'),
-    ("clip_skip", 2, "unknown field(s) clip_skip"),
+    ("stpes", 2, "unknown field(s) stpes (known: prompt, negative_prompt, steps,"),
 ])
 def test_jsonl_types_follow_the_fields(tmp_path, key, value, message) -> None:
     path = tmp_path / "p.jsonl"

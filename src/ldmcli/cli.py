@@ -45,12 +45,16 @@ class ImageSide(click.ParamType):
     name = "pixels"
 
     def convert(self, value, param, ctx):
+        from ldmcli.request import check_side
+
         try:
             pixels = int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a whole number of pixels", param, ctx)
-        if pixels < 8 or pixels % 8:
-            self.fail(f"{pixels} is not a positive multiple of 8", param, ctx)
+        try:
+            check_side(pixels, param.name if param else "size")
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
         return pixels
 
 

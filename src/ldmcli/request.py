@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -97,10 +97,6 @@ def template_fields() -> tuple[str, ...]:
 def a1111_keys() -> dict[str, str]:
     """Field name -> A1111 infotext key, for the fields written as plain `Key: value`."""
     return {f.name: f.metadata["a1111"] for f in fields(ImageRequest) if f.metadata["a1111"]}
-
-
-def defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(ImageRequest) if f.default is not MISSING}
 
 
 def field_type(name: str) -> type:
