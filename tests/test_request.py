@@ -5,6 +5,7 @@ being listed again. Round trips are property-tested with Hypothesis over every f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,16 +119,23 @@ def test_model_recommendations_fill_only_what_nobody_set() -> None:
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"steps": 0}, "steps must be at least 1"),
+    ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
+    ({"steps": 1001}, "steps must be between 1 and 1000, got 1001"),
     ({"width": 60}, "width 60 is not a positive multiple of 8"),
-    ({"seed": -1}, "seed must be >= 0"),
+    ({"width": 2056, "height": 2048}, "2056x2048 is 4,210,688 pixels, more than the limit of 4,194,304"),
+    ({"seed": -1}, "seed must be between 0 and 2^64 - 1, got -1"),
+    ({"seed": 2**64}, "seed must be between 0 and 2^64 - 1"),
+    ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number"),
+    ({"prompt": "a \udc80 cat"}, "prompt is not valid Unicode: a lone surrogate at character 2"),
+    ({"negative_prompt": "a\0b"}, "negative_prompt contains a NUL character"),
+    ({"prompt": "x" * 65537}, "prompt has 65,537 characters, more than the limit of 65,536"),
     ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
     ({"sampler": "nope"}, "nope"),
     ({"schedule": "nope"}, "unknown schedule 'nope'"),
 ])
 def test_check_job_names_the_source(values, message) -> None:
-    job = replace(command_line_job(values).setting(prompt="a cat"), source="p.jsonl:3")
-    with pytest.raises(LdmError, match=f"^p.jsonl:3: .*{message}"):
+    job = replace(command_line_job({}).setting(prompt="a cat").setting(**values), source="p.jsonl:3")
+    with pytest.raises(LdmError, match=f"^p.jsonl:3: .*{re.escape(message)}"):
         check_job(job)
 
 

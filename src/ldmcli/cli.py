@@ -1,19 +1,21 @@
 """The `ldm` command line. Parses and validates; never touches tensors itself.
 
 Heavy imports (torch, the networks) happen inside commands so `ldm --help` is instant.
-Exit codes: 0 ok, 1 failure while generating, 2 usage or input error, 130 interrupted.
+Exit codes: 0 ok, 1 failure while generating, 2 usage or input error, 130 interrupted (143: SIGTERM).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from ldmcli import __version__
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -58,12 +60,27 @@ class ImageSide(click.ParamType):
         return pixels
 
 
+class ThreadCount(click.ParamType):
+    """CPU threads: 1 to `device.max_threads()`, refused at parse time (100000 threads crash the machine)."""
+
+    name = "threads"
+
+    def convert(self, value, param, ctx):
+        from ldmcli.device import MAX_THREADS_PER_CPU, max_threads
+
+        threads = click.INT.convert(value, param, ctx)
+        if not 1 <= threads <= max_threads():
+            self.fail(f"{threads} threads: give at least 1 and at most {max_threads()} "
+                      f"({MAX_THREADS_PER_CPU} per CPU: more only slow PyTorch down)", param, ctx)
+        return threads
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ldm")
 def cli() -> None:
     """ldm: Stable Diffusion text-to-image from the command line.
 
-    Exit codes: 0 ok, 1 an image failed, 2 usage or input error, 130 interrupted.
+    Exit codes: 0 ok, 1 an image failed, 2 usage or input error, 130 interrupted, 143 terminated (SIGTERM).
     """
 
 
@@ -78,12 +95,12 @@ def cli() -> None:
 @click.option("-m", "--model", envvar="LDM_MODEL",
               help="Model file, diffusers folder, or a name in ./weights, $LDM_MODELS_DIR or the HF cache. "
                    "Default: the bundled demo model. [env: LDM_MODEL]")
-@click.option("--steps", type=click.IntRange(min=1), help="Sampling steps. [default: 30, or the model's]")
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), help="Sampling steps. [default: 30, or the model's]")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale; 1 skips the negative pass. [default: 7.5]")
 @click.option("-W", "--width", type=ImageSide(), help="Width in pixels, a multiple of 8. [default: 512, or the model's]")
 @click.option("-H", "--height", type=ImageSide(), help="Height in pixels, a multiple of 8. [default: 512, or the model's]")
-@click.option("-s", "--seed", type=click.IntRange(min=0, max=2**63 - 1), help="Seed of each job's first image; image i gets seed+i. Random if unset.")
-@click.option("-b", "--batch-count", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("-s", "--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Seed of each job's first image; image i gets seed+i. Random if unset.")
+@click.option("-b", "--batch-count", type=click.IntRange(min=1, max=MAX_IMAGES_PER_RUN), default=1, show_default=True, help="Images per prompt.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per U-Net batch (speed/memory only: images do not change).")
 @click.option("--sampler", type=SamplerName(), help="Sampler; A1111 names accepted. See `ldm samplers`. [default: euler_a]")
@@ -98,7 +115,9 @@ def cli() -> None:
               help="Decode in 512 px tiles with blended overlaps (bounded memory). auto: above 1024x1024.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the U-Net and VAE (slow first run, cached on disk under ~/.cache/ldm/inductor).")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: one per core]")
+@click.option("--threads", type=ThreadCount(), help="CPU threads, at most 4 per CPU. [default: one per core]")
+@click.option("--max-pixels", type=click.IntRange(min=64), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest width x height accepted; raise it for bigger images (memory grows with the area).")
 @click.option("-o", "--output", help="PNG path template, fields {index} {seed} {prompt_slug} {name} {job} {image} ..., "
               "or a folder ending in /. [default: $LDM_OUTPUT_DIR or outputs/, then 00000-SEED.png]")
 @click.option("--overwrite", is_flag=True, help="Replace existing images.")
@@ -110,7 +129,7 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads,
+             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
@@ -151,7 +170,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         options = RunOptions(
             model=model_file, template=output_template,
             device=device, dtype=run_dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
-            compile=compile_, tile_vae=tile_vae, threads=threads,
+            compile=compile_, tile_vae=tile_vae, threads=threads, max_pixels=max_pixels,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
         )
         defaults = recommended_defaults(model_file, prediction_type)
@@ -235,26 +254,64 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _run(action, debug: bool) -> int:
-    """Run a command body, mapping our errors to one-line messages and exit codes."""
-    from ldmcli.errors import LdmError
+    """Run a command body, mapping our errors to one-line messages and exit codes.
+
+    --debug adds the traceback and never changes the exit code: a script sees the same status either way.
+    SIGTERM is handled as Ctrl-C is (`_sigterm_as_interrupt`), with exit 143.
+    """
+    from ldmcli.errors import LdmError, Terminated
 
     try:
-        return action()
+        with _sigterm_as_interrupt():
+            return action()
     except click.ClickException:
         raise
     except LdmError as exc:
-        if debug:
-            raise
-        click.echo(f"ldm: error: {exc}", err=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("ldm: interrupted", err=True)
-        return EXIT_INTERRUPTED
+        return _fail(f"ldm: error: {exc}", exc.exit_code, debug)
+    except KeyboardInterrupt as exc:
+        click.echo("ldm: terminated" if isinstance(exc, Terminated) else "ldm: interrupted", err=True)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
     except BrokenPipeError:  # `ldm ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # noqa: BLE001 - one line for the user; --debug shows the rest
-        if debug:
-            raise
-        click.echo(f"ldm: failed: {type(exc).__name__}: {exc}", err=True)
-        return EXIT_FAILURE
+        return _fail(f"ldm: failed: {type(exc).__name__}: {exc}", EXIT_FAILURE, debug)
+
+
+def _fail(message: str, exit_code: int, debug: bool) -> int:
+    """Say `message` (after the traceback of the exception being handled, with --debug); return `exit_code`."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    click.echo(message, err=True)
+    return exit_code
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM (`timeout`, CI, `kill`) raises `Terminated`, a KeyboardInterrupt.
+
+    So it ends a run as Ctrl-C does (finished images kept, the summary printed) instead of killing the
+    process mid-write; the exit code is 143 (128 + 15) as a shell reports a SIGTERM death. A second
+    SIGTERM kills at once. Left alone where SIGTERM is ignored or handled by someone else (the parent's
+    choice) and off the main thread (where Python cannot install handlers).
+    """
+    import signal
+    import threading
+
+    from ldmcli.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

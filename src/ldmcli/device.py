@@ -2,14 +2,16 @@
 
 - `choose_dtype(device, requested)`: bf16 on CPUs with bf16 dot-product units (AMX, AVX512-BF16),
   fp32 on other CPUs; bf16 on CUDA GPUs with native bf16 (Ampere+), fp16 on older ones; fp16 on MPS.
-- `configure_threads(n)`: intra-op threads.
+- `configure_threads(n)`: intra-op threads, at most `max_threads()`.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["DTYPES", "choose_dtype", "configure_threads", "cpu_bf16_units"]
+__all__ = ["DTYPES", "MAX_THREADS_PER_CPU", "choose_dtype", "configure_threads", "cpu_bf16_units", "max_threads"]
 
 
 def cpu_bf16_units() -> str | None:
@@ -79,11 +81,23 @@ def choose_dtype(device: torch.device | str, requested: str = "auto") -> tuple[t
     return torch.float32, f"fp32 (auto: {kind})"
 
 
+# Intra-op threads beyond the CPUs only add synchronisation (measured: the tiny test model's image
+# takes 3x as long with 1000 threads on 2 CPUs), and each is an OS thread: --threads 100000 exhausts
+# the machine's thread limit (pid_max is 32768 by default) and crashes. Four per CPU leaves room to
+# experiment (os.cpu_count() counts hyperthreads and, in containers, the host's CPUs).
+MAX_THREADS_PER_CPU = 4
+
+
+def max_threads() -> int:
+    """The most intra-op threads `configure_threads` (and --threads) accepts on this machine."""
+    return MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def configure_threads(threads: int | None = None) -> int:
     """Intra-op threads for CPU inference: `threads`, else PyTorch's default (one per physical core,
     which is right: hyperthreads share the AMX/AVX-512 units and only add synchronisation)."""
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not 1 <= threads <= max_threads():
+            raise ValueError(f"threads must be 1 to {max_threads()} ({MAX_THREADS_PER_CPU} per CPU), got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -1,14 +1,35 @@
-"""Write PNGs atomically: a temporary file in the same folder, fsync, then a rename."""
+"""Write PNGs atomically: a temporary file in the same folder, fsync, then a rename.
+
+Also what a later run needs to know about an earlier one's files: whether a PNG is complete
+(`is_complete_png`, for --skip-existing) and which temporary files a killed run left behind
+(`remove_stale_temp_files`).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so temporary files are never cleaned up there
+    fcntl = None
+
+# save_png's temporary files: ".STEM.XXXXXXXX.png.part" (mkstemp's 8 random characters), and only those.
+TEMP_SUFFIX = ".png.part"
+_TEMP_NAME = re.compile(r"\..*\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_HEAD = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR"  # every PNG starts with its 13-byte IHDR chunk
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # ...and ends with an empty IEND chunk (CRC included)
 
 
 def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwrite: bool = False) -> None:
@@ -21,22 +42,100 @@ def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwri
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.part", dir=path.parent)
+    f, tmp = _locked_temp_file(path)
     try:
-        # mkstemp makes the file private (0600); an image should get what open() would give it.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with f:
+            # mkstemp makes the file private (0600); an image should get what open() would give it.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             Image.fromarray(pixels, "RGB").save(f, format="PNG", pnginfo=info)
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_clobber(tmp, path)
+            # Renamed while still open, so still locked: a cleaner never takes a finished temporary file.
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _rename_no_clobber(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _locked_temp_file(path: Path) -> tuple[BinaryIO, str]:
+    """A new temporary file beside `path`, open for writing and locked (flock) until closed: (file, name).
+
+    The lock tells `remove_stale_temp_files` that a live process is writing it. A cleaner that took
+    the lock in the instant between the file's creation and our lock has unlinked it (it unlinks
+    under its lock): then the file has no name left, and we make another.
+    """
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        if _lock(fd, wait=True) and os.fstat(fd).st_nlink == 0:
+            os.close(fd)
+            continue
+        return os.fdopen(fd, "wb"), tmp
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    """Take an exclusive flock on `fd`; False where it is held elsewhere or cannot be had at all
+    (no fcntl, a filesystem without locks: there nothing is ever removed, and writing still works)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files killed runs left in `folder` (not its subfolders); return them.
+
+    Only names `save_png` gives (`.STEM.XXXXXXXX.png.part`), and only files no live process holds:
+    a writer keeps its temporary file locked from creation to rename, and a lock dies with its
+    process, so a file whose lock can be taken is a dead run's leftover, never the image in progress
+    of another run sharing the folder (two runs, or the processes of `accelerate launch`).
+    """
+    try:
+        names = [entry.name for entry in os.scandir(folder) if _TEMP_NAME.fullmatch(entry.name)]
+    except OSError:  # no such folder (yet), or unreadable: nothing of ours in it
+        return []
+    return [Path(folder) / name for name in names if _remove_if_unlocked(Path(folder) / name)]
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    try:
+        # Opened for writing: NFS implements flock with POSIX locks, whose exclusive kind needs it.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # a symlink, a folder, not ours to write, or gone already
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _lock(fd, wait=False):
+            return False
+        os.unlink(path)  # under the lock: see _locked_temp_file
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def is_complete_png(path: Path) -> bool:
+    """Whether `path` is a PNG written to its end: signature and IHDR first, the IEND chunk last.
+
+    --skip-existing keeps only such files: a 0-byte or truncated file (an interrupted copy, a writer
+    less careful than `save_png`) is remade. Reads 28 bytes whatever the image's size, so resuming
+    a run of thousands of images stays instant; it does not decode (or CRC-check) the pixels.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_PNG_HEAD))
+            if head != _PNG_HEAD or f.seek(0, os.SEEK_END) < len(_PNG_HEAD) + len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return f.read() == _PNG_END
+    except OSError:  # missing, a folder, unreadable
+        return False
 
 
 def _umask() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmcli.errors import LdmError
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_NAME_BYTES, MAX_PROMPT_FILE_BYTES, MAX_SEED
 from ldmcli.request import ImageRequest, check_values, field_names
 
 # What a JSONL line may carry besides the request's fields, and the type each must have.
@@ -64,17 +65,16 @@ def command_line_job(flags: Mapping[str, Any], batch_count: int = 1) -> Job:
 
 
 def read_prompt_file(path: str, template: Job) -> list[Job]:
-    """Jobs from a prompt file (`-` = stdin); every line is checked, errors name the line."""
-    if path == "-":
-        text, name = sys.stdin.read(), "<stdin>"
-    else:
-        try:
-            text, name = Path(path).read_text(encoding="utf-8"), path
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LdmError(f"{path}: cannot read prompt file ({getattr(exc, 'strerror', None) or exc})") from exc
+    """Jobs from a prompt file (`-` = stdin); every line is checked, errors name the line.
+
+    UTF-8 (a leading BOM is ignored), at most MAX_PROMPT_FILE_BYTES. Lines end at "\\n" (and "\\r\\n")
+    only: U+2028, U+0085 and the other characters `str.splitlines` breaks at stay inside a prompt.
+    """
+    name = "<stdin>" if path == "-" else path
+    text = _read_text(path, name)
     jsonl = path.endswith(".jsonl") or (path == "-" and text.lstrip().startswith("{"))
     jobs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -86,11 +86,34 @@ def read_prompt_file(path: str, template: Job) -> list[Job]:
     return jobs
 
 
+def _read_text(path: str, name: str) -> str:
+    """A prompt file's text, bounded and strictly decoded; every failure is one LdmError line."""
+    try:
+        if path == "-":
+            if sys.stdin is None or sys.stdin.closed:
+                raise LdmError("--prompts -: standard input is closed")
+            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+        else:
+            with open(path, "rb") as file:
+                data = file.read(MAX_PROMPT_FILE_BYTES + 1)
+    except (OSError, ValueError) as exc:  # ValueError: reading a closed file
+        raise LdmError(f"{name}: cannot read prompt file ({getattr(exc, 'strerror', None) or exc})") from exc
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise LdmError(f"{name}: prompt file larger than {MAX_PROMPT_FILE_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LdmError(f"{name}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
 def _json_job(line: str, template: Job, where: str) -> Job:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise LdmError(f"{where}: not valid JSON ({exc.msg})") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
+        raise LdmError(f"{where}: not usable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
     if not isinstance(obj.get("prompt"), str):
@@ -116,17 +139,34 @@ def job_from_png(path: Path, template: Job) -> tuple[Job, dict]:
     return job, model
 
 
-def check_job(job: Job, recommended: Mapping[str, Any] | None = None) -> Job:
+def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Job:
     """Fill the fields nobody set with the model's `recommended` values, validate, resolve A1111
     sampler names. Raises LdmError naming the job's source (e.g. "prompts.jsonl:3")."""
     fill = {k: v for k, v in (recommended or {}).items() if k in field_names() and k not in job.given}
     try:
-        request = replace(job.request, **fill).checked()
+        request = replace(job.request, **fill).checked(max_pixels=max_pixels)
+        if not 1 <= job.batch_count <= MAX_IMAGES_PER_RUN:
+            raise ValueError(f"batch_count must be between 1 and {MAX_IMAGES_PER_RUN:,}, got {job.batch_count}")
+        if request.seed + job.batch_count - 1 > MAX_SEED:
+            raise ValueError(f"seed {request.seed} + {job.batch_count - 1} (the job's last image) is beyond 2^64 - 1")
+        if job.name is not None:
+            check_file_name(job.name, "name")
     except ValueError as exc:
         raise LdmError(f"{job.source}: {exc}") from exc
-    if job.batch_count < 1:
-        raise LdmError(f"{job.source}: batch_count must be at least 1, got {job.batch_count}")
     return replace(job, request=request)
+
+
+def check_file_name(value: str, what: str) -> None:
+    """A value that becomes part of a file name: one component, never a path (no separator, not
+    "." or ".."), no NUL, valid Unicode, at most MAX_NAME_BYTES bytes."""
+    if value in (".", "..") or any(c in value for c in ("/", "\\", "\0")):
+        raise ValueError(f"{what} {value!r} must be a file name, not a path (no '/', '\\', NUL, '.' or '..')")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not valid Unicode") from None
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{what} is {size} bytes long, more than a file name may be ({MAX_NAME_BYTES})")
 
 
 def slug(text: str, limit: int = 48) -> str:

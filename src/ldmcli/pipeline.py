@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ldmcli.detect import ModelSpec, detect_spec
-from ldmcli.errors import CheckpointError, name_keys
+from ldmcli.device import dtype_name
+from ldmcli.errors import CheckpointError, NonFiniteError, name_keys
 from ldmcli.layout import Components, read_components
 from ldmcli.models.clip import CLIPTextModel
 from ldmcli.models.unet import UNetModel
@@ -297,6 +298,7 @@ def sample_latents(
     """Denoised latents for `request`, one per seed (what diffusers returns with output_type="latent").
 
     `request` must be resolved (`ImageRequest.checked`); its own `seed` is ignored for `seeds`.
+    Raises `NonFiniteError` if any image's latents are NaN/Inf (`check_finite_latents`).
     """
     from ldmcli.denoiser import CFGDenoiser, Denoiser
     from ldmcli.samplers import sample
@@ -313,7 +315,7 @@ def sample_latents(
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
     denoiser = CFGDenoiser(Denoiser(model.unet, model.spec.schedule), cond, uncond, request.cfg_scale)
-    return sample(
+    latents = sample(
         request.sampler,
         model.spec.schedule,
         request.steps,
@@ -324,6 +326,25 @@ def sample_latents(
         spacing=request.schedule,
         callback=callback,
     )
+    check_finite_latents(latents, seeds, model.dtype)
+    return latents
+
+
+def check_finite_latents(latents: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype) -> None:
+    """Raise NonFiniteError if any image's latents hold NaN/Inf.
+
+    NaN latents decode to NaN pixels, which clamp and round to a black image that would otherwise be
+    saved as a success (a checkpoint with one NaN weight does exactly that, in any dtype).
+    """
+    bad = (~torch.isfinite(latents)).flatten(1).any(dim=1).tolist()
+    if not any(bad):
+        return
+    which = ", ".join(str(seed) for seed, b in zip(seeds, bad) if b)
+    hint = "" if dtype == torch.float32 else f", or the U-Net overflows in {dtype_name(dtype)} (try --dtype fp32)"
+    raise NonFiniteError(
+        f"non-finite latents after sampling (NaN/Inf): {sum(bad)} of {len(bad)} image(s) (seed {which}); "
+        f"the checkpoint's weights may hold NaN/Inf{hint}"
+    )
 
 
 @torch.inference_mode()
@@ -333,7 +354,7 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple
     tile: (side, overlap) in latent pixels: decode in tiles of that side whose overlaps are blended
     (`vae_decode.decode_tiled`), so memory stays bounded at any image size. A decode that overflows
     (inf/NaN: SDXL's VAE in fp16 is the classic case) is redone in fp32 rather than saved as a black
-    image; `model.warnings` says so.
+    image; `model.warnings` says so. One still non-finite in fp32 raises `NonFiniteError`.
     """
     from ldmcli.vae_decode import decode_latents_safely
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
+
 
 def _param(default: Any, *, a1111: str | None = None, template: bool = False) -> Any:
     """A request field. a1111: its key in A1111's infotext, written and read as plain text;
@@ -53,17 +55,26 @@ class ImageRequest:
         """The prompts the text encoder sees for this image."""
         return (self.prompt, self.negative_prompt) if self.guided else (self.prompt,)
 
-    def checked(self) -> ImageRequest:
+    def checked(self, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRequest:
         """This request validated, with A1111 sampler names resolved ("DPM++ 2M Karras" ->
-        dpmpp_2m + karras) and numbers in their field's type. Raises ValueError saying what is wrong."""
+        dpmpp_2m + karras) and numbers in their field's type. Raises ValueError saying what is wrong.
+
+        Everything that would fail or misbehave after the model loads is refused here: non-finite
+        numbers, text that is not valid Unicode, sizes and step counts beyond `limits`.
+        """
         from ldmcli.samplers import SCHEDULES, resolve_sampler_name
 
+        for name in ("prompt", "negative_prompt"):
+            check_text(getattr(self, name), name)
         for side in ("width", "height"):
             check_side(getattr(self, side), side)
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.width * self.height > max_pixels:
+            raise ValueError(f"{self.width}x{self.height} is {self.width * self.height:,} pixels, more than the limit of "
+                             f"{max_pixels:,} (--max-pixels raises it)")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2^64 - 1, got {self.seed}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         sampler, name_schedule = resolve_sampler_name(self.sampler)
@@ -148,6 +159,20 @@ def check_values(values: Mapping[str, Any], where: str, *, extra: Mapping[str, t
             raise ValueError(f"{where}: \"{key}\" must be {_kind_name(kind)}, got {_json(value)}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{where}: \"{key}\" must be a finite number, got {value}")
+
+
+def check_text(text: str, name: str) -> None:
+    """A prompt: valid Unicode (a lone surrogate comes from invalid UTF-8 on the command line or an
+    escaped surrogate in JSON, and cannot be written to a PNG), no NUL, at most MAX_PROMPT_CHARS."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} has {len(text):,} characters, more than the limit of {MAX_PROMPT_CHARS:,}")
+    if "\0" in text:
+        raise ValueError(f"{name} contains a NUL character (at {text.index(chr(0))})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode: a lone surrogate at character {exc.start} "
+                         "(invalid UTF-8 on the command line, or an escaped surrogate in JSON)") from None
 
 
 def check_side(pixels: int, side: str) -> None:

@@ -1,19 +1,22 @@
 """The generate command's work: validate every job, plan every file, load the model once, make and save.
 
 Human messages go to stderr; with --json, one JSON object per finished image (and a closing summary)
-goes to stdout. Exit codes: 0 ok, 1 some image failed, 2 bad input (before any model loads), 130 interrupted.
+goes to stdout. Exit codes: 0 ok, 1 some image failed (NaN/Inf images included: never saved), 2 bad input
+(before any model loads), 130 interrupted, 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldmcli.errors import LdmError
+from ldmcli.errors import LdmError, Terminated
 from ldmcli.jobs import ImageTask, Job, check_job
+from ldmcli.limits import DEFAULT_MAX_PIXELS
 from ldmcli.outputs import check_outputs, plan_images
 
 EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
@@ -30,12 +33,26 @@ class RunOptions:
     compile: bool = False  # torch.compile the U-Net and VAE decoder (inductor, cached on disk)
     tile_vae: str = "auto"  # on | off | auto: tiled VAE decode above AUTO_TILE_PIXELS
     threads: int | None = None  # CPU intra-op threads (None: PyTorch's default, one per core)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # largest width x height accepted (limits.py)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
     grid: bool = False
     json: bool = False
     quiet: bool = False
+
+
+# JSON allows these raw inside strings, but line-splitting readers (Python's str.splitlines, some
+# JavaScript) break a line at them: one JSON object a line must escape them.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"}
+
+
+def json_line(record: dict) -> str:
+    """One JSON object on one line, whatever line separators its strings hold."""
+    text = json.dumps(record, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
 
 
 @dataclass
@@ -45,14 +62,29 @@ class Report:
     json: bool = False
     quiet: bool = False
     counts: dict = field(default_factory=lambda: {"made": 0, "skipped": 0, "failed": 0})
+    stdout_closed: bool = False  # the --json reader went away (`| head`)
 
     def say(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
     def emit(self, record: dict) -> None:
-        if self.json:
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+        if not self.json or self.stdout_closed:
+            return
+        try:
+            print(json_line(record), flush=True)
+        except BrokenPipeError:
+            self._stdout_gone()
+
+    def _stdout_gone(self) -> None:
+        """The --json reader left: the images are the work and stdout only its report, so the run
+        goes on without the records (the human lines and the summary stay on stderr); exit as usual."""
+        self.stdout_closed = True
+        try:  # the unflushed line would fail again at exit ("Exception ignored ... BrokenPipeError")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (tests)
+            pass
+        self.say("stdout was closed: no more --json records; the images are still being made")
 
     @property
     def progress(self) -> bool:
@@ -97,7 +129,7 @@ def prepare(
     checked: other processes of a shared run may already be writing theirs.
     """
     share = share or ProcessShare()
-    checked = [check_job(job, defaults) for job in jobs]
+    checked = [check_job(job, defaults, max_pixels=options.max_pixels) for job in jobs]
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
@@ -117,8 +149,12 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     report.counts["skipped"] = len(mine) - len(todo)
     if report.counts["skipped"]:
         report.say(f"skipping {report.counts['skipped']} existing image(s)")
+    remade = [t for t in todo if options.skip_existing and t.path.exists()]
+    if remade:
+        report.say(f"remaking {len(remade)} incomplete image(s) (empty or cut short), e.g. {remade[0].path}")
+    _remove_leftovers(tasks, report)
     started = time.perf_counter()
-    interrupted = False
+    stopped: KeyboardInterrupt | None = None  # Ctrl-C, or SIGTERM (cli.py raises Terminated for it)
     try:
         if todo:
             model = _load(options, report, share.device(options.device))
@@ -126,19 +162,30 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
             _make_all(model, todo, options, report)
         if options.grid and share.wait_for_everyone() and share.rank == 0:
             _write_grid(tasks, report)
-    except KeyboardInterrupt:
-        interrupted = True
-        report.say("interrupted: finished images are saved; re-run with --skip-existing to make the rest")
-    summary = {**report.counts, "total": len(mine), "interrupted": interrupted,
+    except KeyboardInterrupt as exc:
+        stopped = exc
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        report.say(f"{how}: finished images are saved; re-run with --skip-existing to make the rest")
+    summary = {**report.counts, "total": len(mine), "interrupted": stopped is not None,
                "seconds": round(time.perf_counter() - started, 3)}
     if share.world > 1:
         summary.update(process=share.rank, processes=share.world)
     report.emit({"summary": summary})
     report.say(f"done: {summary['made']} made, {summary['skipped']} skipped, {summary['failed']} failed "
                f"in {summary['seconds']:.1f} s")
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if stopped is not None:
+        return getattr(stopped, "exit_code", EXIT_INTERRUPTED)  # 130 for Ctrl-C, 143 for SIGTERM
     return EXIT_FAILURE if report.counts["failed"] else EXIT_OK
+
+
+def _remove_leftovers(tasks: list[ImageTask], report: Report) -> None:
+    """Remove the temporary files killed runs left in this run's output folders (only save_png's own,
+    only unlocked ones: `image.remove_stale_temp_files`)."""
+    from ldmcli.image import remove_stale_temp_files
+
+    removed = [path for folder in sorted({t.path.parent for t in tasks}) for path in remove_stale_temp_files(folder)]
+    if removed:
+        report.say(f"removed {len(removed)} unfinished temporary file(s) a stopped run left, e.g. {removed[0]}")
 
 
 @dataclass(frozen=True)
@@ -155,8 +202,6 @@ class ProcessShare:
 
     @classmethod
     def from_environment(cls) -> ProcessShare:
-        import os
-
         env = os.environ
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
@@ -267,11 +312,13 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
                                           callback=lambda i, _x: steps.update(1))
     if last:
         pipeline.release_unet(model)
-    pixels = pipeline.decode_latents(model, latents, tile=tile)
+    try:
+        pixels = pipeline.decode_latents(model, latents, tile=tile)
+    finally:  # also when the decode failed: the warning is part of the story
+        for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
+            report.say(f"warning: {warning}")
+        model.warnings.clear()
     seconds = (time.perf_counter() - started) / len(batch)
-    for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
-        report.say(f"warning: {warning}")
-    model.warnings.clear()
     for task, image in zip(batch, pixels.numpy()):
         record = image_record(model, task)
         save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, record))
@@ -289,9 +336,9 @@ def _write_grid(tasks: list[ImageTask], report: Report) -> None:
     import numpy as np
     from PIL import Image
 
-    from ldmcli.image import contact_sheet, save_png
+    from ldmcli.image import contact_sheet, is_complete_png, save_png
 
-    done = [t for t in tasks if t.path.exists()]
+    done = [t for t in tasks if is_complete_png(t.path)]
     if not done:
         return
     images = [np.asarray(Image.open(t.path).convert("RGB")) for t in done]

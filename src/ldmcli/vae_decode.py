@@ -1,7 +1,8 @@
 """VAE decode that is bounded in memory and never returns a black image.
 
 - `decode_latents_safely(vae, z, tile=...)`: tiled decode with blended overlaps; a decode that comes
-  out non-finite in fp16/bf16 is redone in fp32 (on an fp32 twin when the VAE is packed).
+  out non-finite in fp16/bf16 is redone in fp32 (on an fp32 twin when the VAE is packed); one still
+  non-finite in fp32 raises `NonFiniteError`.
 - `decode_tiled(decode, z, ...)`: the tiling and the linear blend ramps, for any decode function.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ldmcli.errors import NonFiniteError
 from ldmcli.kernels import packed_dtype, packed_weight
 
 __all__ = ["decode_latents_safely", "decode_tiled"]
@@ -30,8 +32,26 @@ def decode_latents_safely(
     tile: decode in latent tiles of this side (e.g. 64 = 512 px) overlapping by `overlap` latents,
     blended with linear ramps, so memory is bounded by one tile whatever the image size (see
     `decode_tiled`). A decode that comes out non-finite in fp16/bf16 (fp16 VAEs overflow) is redone
-    in fp32, tile by tile, and `on_redo` is told; a black image is never returned.
+    in fp32, tile by tile, and `on_redo` is told. A decode still non-finite in fp32 (NaN weights, NaN
+    latents) raises `NonFiniteError`: a black image is never returned.
     """
+    images = _decode(vae, z, tile, overlap, on_redo)
+    _check_finite(images)
+    return images
+
+
+def _check_finite(images: Tensor) -> None:
+    """Raise NonFiniteError if any image holds NaN/Inf: clamped and rounded, it would be saved black."""
+    bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"non-finite image after VAE decode (NaN/Inf), also in float32: {int(bad.sum())} of {len(images)} "
+            "image(s); the VAE's weights (or the latents) hold NaN/Inf"
+        )
+
+
+def _decode(vae: nn.Module, z: Tensor, tile: int | None, overlap: int, on_redo: Callable[[str], None] | None) -> Tensor:
+    """The decode, whole or in tiles; each part redone in fp32 if it overflowed."""
     if tile is None or max(z.shape[-2:]) <= tile:
         return _decode_guarded(vae, z, on_redo)
     said: list[str] = []
