@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import selectors
 import subprocess
 import sys
 from pathlib import Path
@@ -419,10 +420,14 @@ def test_interrupt_then_resume(tmp_path, tiny_single_file):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        first = proc.stdout.readline()  # blocks until the first image is written (or the process ends)
-        assert "path" in json.loads(first), first
+        # The first image's --json line (or the end of the process), within a generous deadline.
+        ready = selectors.DefaultSelector()
+        ready.register(proc.stdout, selectors.EVENT_READ)
+        assert ready.select(timeout=300), "no image within 300 s"
+        first = proc.stdout.readline()
+        assert first and "path" in json.loads(first), (first, proc.stderr.read() if proc.poll() is not None else "")
         proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=60)
+        rest, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
@@ -455,3 +460,17 @@ def test_many_processes_share_a_batch(tmp_path, tiny_single_file):
     for path in single.glob("*.png"):
         assert np.array_equal(pixels(path), pixels(shared / path.name))
     assert (shared / "grid.png").exists()
+
+
+def test_random_seed_when_none_is_given_is_recorded(tmp_path, tiny_single_file):
+    """No -s: each run draws its own seed, and the file name and the record say which."""
+    seeds = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        result = invoke("generate", "a cat", "-m", tiny_single_file, *TINY, "-o", f"{out}/", "--json")
+        assert result.exit_code == 0, result.output
+        (made,) = [json.loads(line) for line in result.output.splitlines() if '"path"' in line]
+        assert Path(made["path"]).name == f"00000-{made['seed']}.png"
+        assert json.loads(read_png_text(Path(made["path"]))["ldm"])["seed"] == made["seed"]
+        seeds.append(made["seed"])
+    assert seeds[0] != seeds[1]

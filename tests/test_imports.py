@@ -26,3 +26,12 @@ def test_import_graph() -> None:
     # layout refuses unsupported files through `unsupported`; `detect` imports layout, never the reverse
     assert "ldmcli.detect" not in loaded["layout"]
     assert {"ldmcli.unsupported", "ldmcli.checkpoint"} <= set(loaded["layout"])
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    """`ldm --help` and `ldm generate --help` answer at once: no torch, no networks."""
+    probe = ("import sys\nfrom click.testing import CliRunner\nfrom ldmcli.cli import cli\n"
+             "for args in (['--help'], ['generate', '--help']):\n    assert CliRunner().invoke(cli, args).exit_code == 0\n"
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('ldmcli.models')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

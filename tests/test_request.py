@@ -196,3 +196,64 @@ def test_jsonl_schedule_may_be_null(tmp_path) -> None:
     path.write_text('{"prompt": "a cat", "schedule": null}\n', encoding="utf-8")
     (job,) = read_prompt_file(str(path), command_line_job({"schedule": "karras"}))
     assert job.request.schedule is None
+
+
+# --- review findings --------------------------------------------------------------------------------
+
+
+def test_an_a1111_sampler_name_brings_its_schedule_from_the_same_source(tmp_path) -> None:
+    """A JSONL line's "DPM++ 2M Karras" beats the command line's --schedule; a flag's beats a PNG's record."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "sampler": "DPM++ 2M Karras"}\n{"prompt": "b", "sampler": "DPM++ 2M"}\n')
+    karras, plain = (check_job(j) for j in read_prompt_file(str(path), command_line_job({"schedule": "exponential"})))
+    assert (karras.request.sampler, karras.request.schedule) == ("dpmpp_2m", "karras")
+    assert (plain.request.sampler, plain.request.schedule) == ("dpmpp_2m", "exponential")
+    both = check_job(command_line_job({"sampler": "DPM++ 2M Karras", "schedule": "exponential"}).setting(prompt="a"))
+    assert both.request.schedule == "exponential"  # the same source naming both: its explicit schedule
+
+
+def test_unknown_jsonl_key_is_named_before_a_missing_prompt(tmp_path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"promt": "a cat"}\n')
+    with pytest.raises(LdmError, match="unknown field"):
+        read_prompt_file(str(path), command_line_job({}))
+
+
+def test_a1111_text_without_a_seed_leaves_it_unset() -> None:
+    request, given_fields, _ = request_from_png_text({A1111_KEY: "a cat\nSteps: 5, Sampler: Euler, CFG scale: 4"}, "x")
+    assert "seed" not in given_fields and request.steps == 5
+
+
+def test_every_recommendation_names_a_field() -> None:
+    """check_job ignores keys that are not fields, so a misspelt recommendation would vanish silently."""
+    from ldmcli.detect import TURBO_RECOMMENDED
+
+    assert set(TURBO_RECOMMENDED) <= set(field_names())
+
+
+def test_the_schedule_flag_offers_every_schedule() -> None:
+    from ldmcli.cli import SCHEDULES as FLAG_CHOICES
+
+    assert set(FLAG_CHOICES) == set(SCHEDULES)
+
+
+def test_a_bool_field_would_round_trip(monkeypatch) -> None:
+    """The machinery handles every field type a parameter may have: a bool too (JSON true/false, "True" in text)."""
+    from dataclasses import make_dataclass
+
+    import ldmcli.request as rq
+
+    extended = make_dataclass("Extended", [("tiling", bool, rq._param(False, a1111="Tiling"))],
+                              bases=(rq.ImageRequest,), frozen=True, kw_only=True)
+    monkeypatch.setattr(rq, "ImageRequest", extended)
+    rq.check_values({"tiling": True}, "x")
+    with pytest.raises(ValueError, match='"tiling" must be true or false, got 1'):
+        rq.check_values({"tiling": 1}, "x")
+    assert rq.parse_value("tiling", "False") is False and rq.parse_value("tiling", "True") is True
+    with pytest.raises(ValueError):
+        rq.parse_value("tiling", "maybe")
+
+
+def test_guidance_below_one_still_runs_the_negative_pass() -> None:
+    assert ImageRequest(prompt="a", negative_prompt="b", cfg_scale=0.5).text_prompts == ("a", "b")
+    assert ImageRequest(prompt="a", negative_prompt="b", cfg_scale=0.0).guided

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 
 from ldmcli import __version__
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
+from ldmcli.request import ImageRequest
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -95,15 +96,15 @@ def cli() -> None:
 @click.option("-m", "--model", envvar="LDM_MODEL",
               help="Model file, diffusers folder, or a name in ./weights, $LDM_MODELS_DIR or the HF cache. "
                    "Default: the bundled demo model. [env: LDM_MODEL]")
-@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), help="Sampling steps. [default: 30, or the model's]")
-@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale; 1 skips the negative pass. [default: 7.5]")
-@click.option("-W", "--width", type=ImageSide(), help="Width in pixels, a multiple of 8. [default: 512, or the model's]")
-@click.option("-H", "--height", type=ImageSide(), help="Height in pixels, a multiple of 8. [default: 512, or the model's]")
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), help=f"Sampling steps. [default: {ImageRequest().steps}, or the model's]")
+@click.option("--cfg-scale", type=float, help=f"Classifier-free guidance scale; 1 skips the negative pass. [default: {ImageRequest().cfg_scale}]")
+@click.option("-W", "--width", type=ImageSide(), help=f"Width in pixels, a multiple of 8. [default: {ImageRequest().width}, or the model's]")
+@click.option("-H", "--height", type=ImageSide(), help=f"Height in pixels, a multiple of 8. [default: {ImageRequest().height}, or the model's]")
 @click.option("-s", "--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Seed of each job's first image; image i gets seed+i. Random if unset.")
 @click.option("-b", "--batch-count", type=click.IntRange(min=1, max=MAX_IMAGES_PER_RUN), default=1, show_default=True, help="Images per prompt.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per U-Net batch (speed/memory only: images do not change).")
-@click.option("--sampler", type=SamplerName(), help="Sampler; A1111 names accepted. See `ldm samplers`. [default: euler_a]")
+@click.option("--sampler", type=SamplerName(), help=f"Sampler; A1111 names accepted. See `ldm samplers`. [default: {ImageRequest().sampler}]")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Sigma schedule. [default: the model's timestep spacing]")
 @click.option("--prediction", type=click.Choice(["eps", "v"]),
               help="What the U-Net predicts, when a single file cannot say (SD 2.x 768 models are v). [default: detected]")
@@ -151,7 +152,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             if texts or prompt_file:
                 raise click.UsageError("--from-png regenerates one image: give no other prompt")
             job, recorded = job_from_png(from_png, template)
-            jobs = [job]
+            jobs = [job if "seed" in job.given else job.setting(seed=_random_seed())]
             model_path = model or recorded.get("path") or recorded.get("name")
             prediction_type = prediction_type or recorded.get("prediction_type")
             if "dtype" not in given and recorded.get("dtype") in DTYPES:
@@ -160,7 +161,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             if not texts and not prompt_file:
                 raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
             if "seed" not in template.given:  # random, and recorded like any other
-                template = template.setting(seed=int.from_bytes(os.urandom(4), "little"))
+                template = template.setting(seed=_random_seed())
             jobs = [template.setting(prompt=t) for t in texts]
             if prompt_file:
                 jobs += read_prompt_file(prompt_file, template)
@@ -177,6 +178,10 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         return run_generate(jobs, options, defaults)
 
     sys.exit(_run(build, debug))
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
 
 
 def _resolve_model(name: str | None, quiet: bool) -> Path:

@@ -40,8 +40,24 @@ class Job:
     source: str = "command line"  # where the job came from, for error messages ("prompts.jsonl:3")
 
     def setting(self, **values: Any) -> Job:
-        """This job with request fields set (and counted as given)."""
+        """This job with request fields set (and counted as given).
+
+        An A1111 sampler name carries a schedule ("DPM++ 2M Karras"): it is set, as given, by the
+        same source, so it overrides a lower source's schedule unless this source names one itself.
+        """
+        values = {**_split_sampler_name(values.get("sampler")), **values} if "sampler" in values else values
         return replace(self, request=replace(self.request, **values), given=self.given | values.keys())
+
+
+def _split_sampler_name(name: Any) -> dict[str, Any]:
+    """{"schedule": ...} named by an A1111 sampler name, else {} (a bad name is `checked`'s to report)."""
+    from ldmcli.samplers import resolve_sampler_name
+
+    try:
+        _, schedule = resolve_sampler_name(name)
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return {} if schedule is None else {"schedule": schedule}
 
 
 @dataclass(frozen=True)
@@ -116,12 +132,12 @@ def _json_job(line: str, template: Job, where: str) -> Job:
         raise LdmError(f"{where}: not usable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
-    if not isinstance(obj.get("prompt"), str):
-        raise LdmError(f"{where}: \"prompt\" (a string) is required")
     try:
         check_values(obj, where, extra=JOB_KEYS)
     except ValueError as exc:
         raise LdmError(str(exc)) from exc
+    if not isinstance(obj.get("prompt"), str):
+        raise LdmError(f"{where}: \"prompt\" (a string) is required")
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
     return replace(template.setting(**obj), **job_values)
 

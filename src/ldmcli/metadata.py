@@ -134,8 +134,7 @@ def request_from_png_text(text: Mapping[str, str], where: str):
         raise LdmError(f"{where}: no generation parameters in this PNG (neither ldm nor A1111 'parameters')")
     params = parse_a1111(text[A1111_KEY])
     try:
-        values = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"],
-                  "seed": int(params["Seed"])}
+        values = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"]}
         values.update({name: parse_value(name, params[key]) for name, key in a1111_keys().items() if key in params})
         if "Size" in params:
             width, height = A1111_SIZE.match(params["Size"]).groups()

@@ -111,7 +111,7 @@ def a1111_keys() -> dict[str, str]:
 
 
 def field_type(name: str) -> type:
-    """The field's value type: `int`, `float` or `str` (`X | None` gives X)."""
+    """The field's value type: `int`, `float`, `str` or `bool` (`X | None` gives X)."""
     hint = typing.get_type_hints(ImageRequest)[name]
     kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
     return kinds[0]
@@ -120,6 +120,10 @@ def field_type(name: str) -> type:
 def parse_value(name: str, text: str) -> Any:
     """A field's value from text (A1111 infotext, safetensors metadata). Raises ValueError."""
     kind = field_type(name)
+    if kind is bool:  # bool("False") is True: spell it out
+        if text.strip().lower() not in ("true", "false"):
+            raise ValueError(f"{name} must be True or False, got {text!r}")
+        return text.strip().lower() == "true"
     return kind(text) if kind is not str else text
 
 
@@ -155,7 +159,7 @@ def check_values(values: Mapping[str, Any], where: str, *, extra: Mapping[str, t
         if value is None and optional:
             continue
         accepted = (int, float) if kind is float else (kind,)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
             raise ValueError(f"{where}: \"{key}\" must be {_kind_name(kind)}, got {_json(value)}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{where}: \"{key}\" must be a finite number, got {value}")
@@ -182,7 +186,7 @@ def check_side(pixels: int, side: str) -> None:
 
 
 def _kind_name(kind: type) -> str:
-    return {int: "a whole number", float: "a number", str: "a string"}.get(kind, kind.__name__)
+    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(kind, kind.__name__)
 
 
 def _json(value: Any) -> str:
