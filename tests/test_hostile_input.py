@@ -241,3 +241,13 @@ def test_fuzz_template_expander_stays_in_the_template_folders(parts, name, promp
     assert len(task.path.parts) <= len(Path(template).parts)
     assert task.path.parts[0] == "out" and ".." not in task.path.parts[1:] or ".." in literal_folders
     assert all(len(os.fsencode(p)) <= MAX_NAME_BYTES for p in task.path.parts)
+
+
+def test_planning_refuses_a_path_in_a_field_even_from_an_unchecked_job():
+    """Defence in depth: `plan_images` itself never lets a field value add a folder."""
+    from ldmcli.jobs import Job
+    from ldmcli.request import ImageRequest
+
+    for name in ("../x", "a/b", "/abs"):
+        with pytest.raises(LdmError, match="must be a file name, not a path"):
+            plan_images([Job(ImageRequest(prompt="a cat"), name=name)], "out/{name}.png")
