@@ -190,3 +190,39 @@ def test_cast_on_read(tmp_path, suffix, dtype):
         torch.testing.assert_close(read[key], expected, rtol=0, atol=0)
     as_stored = read_state_dict(path)
     assert {k: v.dtype for k, v in as_stored.items()} == {k: v.dtype for k, v in tensors.items()}
+
+
+def _two_shards(tiny_folder: Path, unet: Path) -> dict[str, torch.Tensor]:
+    """The tiny U-Net's weights split over two shards beside their index, as `save_pretrained` writes them."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    keys = sorted(tensors)
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    unet.mkdir()
+    for name, half in zip(names, halves):
+        save_file({k: tensors[k] for k in half}, unet / name)
+    weight_map = {k: name for name, half in zip(names, halves) for k in half}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tensors
+
+
+def test_sharded_weights_read_as_one_file(tmp_path, tiny_folder):
+    from ldmcli.checkpoint import read_sharded_or_single
+
+    tensors = _two_shards(tiny_folder, tmp_path / "unet")
+    read, source = read_sharded_or_single(tmp_path / "unet", ("diffusion_pytorch_model",))
+    assert source.name == "diffusion_pytorch_model.safetensors.index.json"
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+
+
+def test_shard_index_must_agree_with_its_shards(tmp_path, tiny_folder):
+    from ldmcli.checkpoint import read_sharded_or_single
+
+    first = "diffusion_pytorch_model-00001-of-00002.safetensors"
+    keys = sorted(_two_shards(tiny_folder, tmp_path / "unet"))
+    wrong = {k: first for k in keys}  # every tensor said to be in the first shard
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": wrong}))
+    with pytest.raises(CheckpointError, match=f"{first} does not hold"):
+        read_sharded_or_single(tmp_path / "unet", ("diffusion_pytorch_model",))

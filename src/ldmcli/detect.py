@@ -16,6 +16,7 @@ Families (the text encoders decide; the U-Net must agree):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -140,7 +141,7 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     unet = _unet_config(components, family)
     check_text_to_image_unet(where, unet)
     activation = _activation(components, "text_encoder", family.text_activation)
-    text = clip_config_from_shapes(_shapes(components.text_encoder), activation=activation)
+    text = _from_shapes(components, "text encoder", clip_config_from_shapes, components.text_encoder, activation=activation)
     text_2 = None
     time_dim = None
     if family is SDXL:
@@ -162,12 +163,13 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     else:
         clip_skip = 0  # SD1's last block; diffusers' SD2 text encoder already ends at the penultimate
     native = _native_size(family, predicted, turbo)
-    scale_factor = _vae_setting(components, "scaling_factor", family.scale_factor)
+    scaling = _vae_setting(components, "scaling_factor", family.scale_factor)
+    scale_factor = _positive(components, "vae/config.json scaling_factor", scaling)
     return ModelSpec(
         family=family.name,
         display_name=family.display + (" Turbo" if turbo else ""),
         unet=unet,
-        vae=vae_config_from_shapes(_shapes(components.vae)),
+        vae=_from_shapes(components, "VAE", vae_config_from_shapes, components.vae),
         text_encoder=text,
         text_encoder_2=text_2,
         schedule=schedule,
@@ -227,11 +229,14 @@ def _unet_config(components: Components, family: Family) -> UNetConfig:
     num_heads, head_dim = family.unet_num_heads, family.unet_head_dim
     # A safetensors header may state what shapes cannot (our demo model does); the family rule otherwise.
     if "ldm.unet.num_heads" in meta or "ldm.unet.head_dim" in meta:
-        num_heads = _int_or_none(meta.get("ldm.unet.num_heads"))
-        head_dim = _int_or_none(meta.get("ldm.unet.head_dim"))
-    unet = unet_config_from_shapes(_shapes(components.unet), num_heads=num_heads, head_dim=head_dim)
+        num_heads = _header_count(components, "ldm.unet.num_heads")
+        head_dim = _header_count(components, "ldm.unet.head_dim")
+    unet = _from_shapes(components, "U-Net", unet_config_from_shapes, components.unet, num_heads=num_heads, head_dim=head_dim)
     if "unet" in components.configs:
-        configured = unet_config_from_diffusers(components.configs["unet"])
+        try:
+            configured = unet_config_from_diffusers(components.configs["unet"])
+        except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+            raise CheckpointError(f"{components.path}: unet/config.json: {_message(exc)}") from exc
         keep = {"num_heads", "head_dim", "upcast_attention"}
         structure = {f.name for f in dataclasses.fields(UNetConfig)} - keep
         differs = [n for n in sorted(structure) if getattr(configured, n) != getattr(unet, n)]
@@ -249,8 +254,9 @@ def _sdxl_text(components: Components, unet: UNetConfig, text: CLIPTextConfig) -
     """The bigG config, and the width of each size/crop sinusoid that shapes imply."""
     where = components.path
     assert components.text_encoder_2 is not None
-    text_2 = clip_config_from_shapes(
-        _shapes(components.text_encoder_2), activation=_activation(components, "text_encoder_2", SDXL.text_2_activation)
+    text_2 = _from_shapes(
+        components, "text encoder 2", clip_config_from_shapes, components.text_encoder_2,
+        activation=_activation(components, "text_encoder_2", SDXL.text_2_activation),
     )
     if text_2.projection_dim is None:
         raise UnsupportedModelError(f"{where}: SDXL's second text encoder has no text_projection (needed for the pooled embedding)")
@@ -267,7 +273,7 @@ def _sdxl_text(components: Components, unet: UNetConfig, text: CLIPTextConfig) -
             f"{where}: U-Net vector input {unet.adm_in_channels} is not the pooled width {text_2.projection_dim} + 6 size embeddings"
         )
     configured = components.configs.get("unet", {}).get("addition_time_embed_dim")
-    if configured is not None and configured * 6 != rest:
+    if configured is not None and (not isinstance(configured, int) or configured * 6 != rest):
         raise UnsupportedModelError(f"{where}: unet/config.json addition_time_embed_dim={configured} disagrees with the weights")
     return text_2, rest // 6
 
@@ -294,7 +300,11 @@ def _says_turbo(components: Components) -> bool:
 
 def _schedule(components: Components, family: Family, turbo: bool, notes: list[str]) -> tuple[DiffusionSchedule, str]:
     if components.scheduler_config is not None:
-        return DiffusionSchedule.from_diffusers_config(components.scheduler_config), "scheduler/scheduler_config.json"
+        try:
+            schedule = DiffusionSchedule.from_diffusers_config(components.scheduler_config)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{components.path}: scheduler/scheduler_config.json: {_message(exc)}") from exc
+        return schedule, "scheduler/scheduler_config.json"
     if turbo:
         notes.append(
             "Turbo model (from its name): timesteps spaced 'trailing' so one step starts at t=999, as "
@@ -311,7 +321,13 @@ def _prediction(
     if override is not None:
         return PREDICTIONS[override], "override"
     if components.scheduler_config is not None:
-        return components.scheduler_config.get("prediction_type", "epsilon"), "scheduler/scheduler_config.json"
+        configured = components.scheduler_config.get("prediction_type", "epsilon")
+        if configured not in ("epsilon", "v_prediction"):
+            raise UnsupportedModelError(
+                f"{components.path}: scheduler/scheduler_config.json prediction_type {configured!r}; "
+                "this version runs epsilon and v_prediction models"
+            )
+        return configured, "scheduler/scheduler_config.json"
     if "v_pred" in components.markers:
         return "v_prediction", "the file's 'v_pred' marker tensor (ComfyUI/Forge convention)"
     meta = components.metadata
@@ -361,14 +377,71 @@ def _native_size(family: Family, prediction: str, turbo: bool) -> int:
     return family.native_size
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value not in (None, "", "none") else None
+def _header_count(components: Components, key: str) -> int | None:
+    """A positive whole number from the safetensors header, None when absent or "none"."""
+    value = components.metadata.get(key)
+    if value in (None, "", "none"):
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 6 and int(value) > 0):
+        raise CheckpointError(f"{components.path}: header {key} is {value!r}, not a positive whole number")
+    return int(value)
 
 
 def _float_metadata(components: Components, key: str, default: float) -> float:
     value = components.metadata.get(key)
-    return float(value) if value is not None else default
+    return default if value is None else _positive(components, f"header {key}", value)
+
+
+def _positive(components: Components, what: str, value) -> float:
+    """A finite positive number from a header string or a config value; CheckpointError otherwise
+    (a NaN scale factor would make every image NaN, "x" fail when the first image decodes)."""
+    try:
+        number = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise CheckpointError(f"{components.path}: {what} is {value!r}, not a positive number")
+    return number
 
 
 def _shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+# The tensors each shape rule (`*_config_from_shapes` in models/) indexes into, with the number of
+# dimensions they have (convolutions 4, linear layers and embeddings 2). One of another rank is refused
+# naming it, before the rule's `shape[1]` fails with an IndexError.
+_RULE_RANKS = {
+    unet_config_from_shapes: (
+        (re.compile(r"input_blocks\.0\.0\.weight|out\.2\.weight|input_blocks\.\d+\.0\.out_layers\.3\.weight"), 4),
+        (re.compile(r".*\.attn2\.to_k\.weight|label_emb\.0\.0\.weight"), 2),
+    ),
+    vae_config_from_shapes: (
+        (re.compile(r"(en|de)coder\.conv_(in|out)\.weight|encoder\.down\.\d+\.block\.0\.conv1\.weight|(post_)?quant_conv\.weight"), 4),
+    ),
+    clip_config_from_shapes: (
+        (re.compile(r"text_model\.embeddings\.(token|position)_embedding\.weight|text_model\.encoder\.layers\.0\.mlp\.fc1\.weight"
+                    r"|text_projection\.weight"), 2),
+    ),
+}
+
+
+def _from_shapes(components: Components, what: str, rule, tensors: dict, **kwargs):
+    """A network's config from its tensors' shapes (`rule` is a `*_config_from_shapes`); a file whose
+    shapes do not make a network is a CheckpointError naming it, never a raw IndexError or ValueError."""
+    shapes = _shapes(tensors)
+    for pattern, rank in _RULE_RANKS[rule]:
+        for key, shape in shapes.items():
+            if len(shape) != rank and pattern.fullmatch(key):
+                raise CheckpointError(f"{components.path}: {what} tensor {key} has shape {list(shape)}; "
+                                      f"this layer's weight has {rank} dimensions")
+    try:
+        return rule(shapes, **kwargs)
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{components.path}: {what}: {_message(exc)}") from exc
+
+
+def _message(exc: BaseException) -> str:
+    """An exception's message on one line (a KeyError's str() is the repr of its message)."""
+    text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0]

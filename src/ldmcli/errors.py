@@ -19,6 +19,11 @@ class UnsupportedModelError(CheckpointError):
     """A readable file that is not a model family this version can run."""
 
 
+class ImageMetadataError(LdmError):
+    """A PNG whose generation parameters cannot be read (not a PNG, truncated, a text chunk over the
+    limit) or not understood (wrong types in ldm's record, A1111 text that does not parse)."""
+
+
 class NonFiniteError(Exception):
     """An image came out NaN/Inf (a checkpoint with NaN weights, an overflow): it is never saved.
 

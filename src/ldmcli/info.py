@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldmcli.errors import LdmError
-
 
 def describe_model(name: str) -> dict:
     from ldmcli.detect import detect_spec
@@ -54,9 +52,7 @@ def describe_model(name: str) -> dict:
 def describe_image(path: Path) -> dict:
     from ldmcli.metadata import A1111_KEY, LDM_KEY, read_png_text, request_from_png_text
 
-    if not path.is_file():
-        raise LdmError(f"{path}: no such file")
-    text = read_png_text(path)
+    text = read_png_text(path)  # refuses a missing file, a FIFO or device, anything but a PNG
     request, _, model = request_from_png_text(text, str(path))
     described = {"path": str(path), "made_by": "ldm" if LDM_KEY in text else "A1111-compatible tool"}
     described.update(request.record())

@@ -29,6 +29,7 @@ from ldmcli.checkpoint import (
     read_state_dict,
 )
 from ldmcli.errors import CheckpointError, ModelNotFoundError, name_keys
+from ldmcli.files import check_regular_file, is_present
 from ldmcli.unsupported import (
     check_supported_folder,
     check_supported_single_file,
@@ -118,11 +119,12 @@ def read_components(path: Path, *, meta: bool = False, dtype: torch.dtype | None
     """
     path = Path(path)
     if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+        if is_present(path / "model_index.json", CheckpointError) or (path / "unet").is_dir():
             return read_diffusers_folder(path, meta=meta, dtype=dtype)
         raise CheckpointError(f"{path}: a folder without a model (no model_index.json or unet/)")
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder")
+    check_regular_file(path, CheckpointError)  # a FIFO or device would block or never end
     if path.suffix not in WEIGHT_SUFFIXES:
         refuse_unknown_format(path)
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
@@ -176,6 +178,9 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
             # SDXL pools bigG through its text_projection; SD2 never uses the projection.
             rename = _text_encoder_map(formats[name], keep_projection=name == "text_encoder_2")
             text[name] = _named(path, name.replace("_", " "), rename, parts[name])
+    for name, tensors in {**parts, **text}.items():
+        # U-Net and VAE keys are the file's without its prefix; the text encoders' are renamed.
+        check_weights(path, tensors, prefixes[name] if name in ("unet", "vae") else f"{name.replace('_', ' ')} tensor ")
     return Components(
         layout="single-file",
         path=path,
@@ -206,7 +211,7 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
     from ldmcli.keymap.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
     from ldmcli.keymap.vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    index = read_json(folder / "model_index.json") if is_present(folder / "model_index.json", CheckpointError) else {}
     check_supported_folder(folder, index)
     names = ["unet", "vae", "text_encoder"]
     if index.get("_class_name") == "StableDiffusionXLPipeline" or (folder / "text_encoder_2").is_dir():
@@ -225,27 +230,36 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
         tensors, source = read_sharded_or_single(sub, stems.get(name, ("model", "pytorch_model", "model.fp16")), meta=meta, dtype=dtype)
         networks[name] = tensors
         sources[name] = str(source)
-        if (sub / "config.json").is_file():
+        if is_present(sub / "config.json", CheckpointError):
             configs[name] = read_json(sub / "config.json")
 
     # The rename tables are generated from the structure the folder's configs describe.
     unet_config = _named(folder / "unet", "config", unet_config_from_diffusers, read_json(folder / "unet" / "config.json"))
     vae_config = _named(folder / "vae", "config", vae_config_from_diffusers, read_json(folder / "vae" / "config.json"))
+    _check_structure(folder / "unet" / "config.json", unet_config)
+    _check_structure(folder / "vae" / "config.json", vae_config)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     tokenizer_dir, tokenizer_2_dir = folder / "tokenizer", folder / "tokenizer_2"
-    text = {
-        name: _named(folder / name, "text encoder", clip_hf_to_canonical, networks[name])
-        for name in ("text_encoder", "text_encoder_2")
-        if name in networks
+    renamed = {
+        "unet": _named(folder / "unet", "U-Net", lambda sd: unet_diffusers_to_ldm(sd, unet_config), networks["unet"]),
+        "vae": _named(folder / "vae", "VAE", lambda sd: vae_diffusers_to_ldm(sd, vae_config), networks["vae"]),
+        **{
+            name: _named(folder / name, "text encoder", clip_hf_to_canonical, networks[name])
+            for name in ("text_encoder", "text_encoder_2")
+            if name in networks
+        },
     }
+    labels = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+    for name, tensors in renamed.items():
+        check_weights(Path(sources[name]), tensors, f"{labels[name]} tensor ")
     return Components(
         layout="diffusers",
         path=folder,
-        unet=_named(folder / "unet", "U-Net", lambda sd: unet_diffusers_to_ldm(sd, unet_config), networks["unet"]),
-        vae=_named(folder / "vae", "VAE", lambda sd: vae_diffusers_to_ldm(sd, vae_config), networks["vae"]),
-        text_encoder=text["text_encoder"],
-        text_encoder_2=text.get("text_encoder_2"),
-        scheduler_config=read_json(scheduler_file) if scheduler_file.is_file() else None,
+        unet=renamed["unet"],
+        vae=renamed["vae"],
+        text_encoder=renamed["text_encoder"],
+        text_encoder_2=renamed.get("text_encoder_2"),
+        scheduler_config=read_json(scheduler_file) if is_present(scheduler_file, CheckpointError) else None,
         tokenizer_dir=tokenizer_dir if _has_tokenizer(tokenizer_dir) else None,
         tokenizer_2_dir=tokenizer_2_dir if _has_tokenizer(tokenizer_2_dir) else None,
         sources=sources,
@@ -254,14 +268,63 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
     )
 
 
+# The most resolution levels, blocks a level, and transformer blocks a folder's config may describe: far
+# beyond any Stable Diffusion (SDXL: 3 levels, 2 ResBlocks a level, 10 transformer blocks) and small
+# enough that the key tables generated from the config stay small ("layers_per_block": 1e30 made ldm
+# generate table entries until memory ran out).
+MAX_CONFIG_STRUCTURE = 64
+
+
+def _check_structure(where: Path, config) -> None:
+    """Refuse a U-Net or VAE config (read from config.json) whose structure exceeds MAX_CONFIG_STRUCTURE."""
+    levels = len(getattr(config, "channel_mult", None) or getattr(config, "ch_mult", ()))
+    depths = [*getattr(config, "transformer_depth", ()), *(getattr(config, "output_transformer_depth", None) or ()),
+              getattr(config, "middle_transformer_depth", 0)]
+    counts = {"levels": levels, "layers_per_block": config.num_res_blocks, "transformer depth": max(depths, default=0)}
+    if max(counts.values()) > MAX_CONFIG_STRUCTURE:
+        stated = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise CheckpointError(f"{where}: {stated}: more than {MAX_CONFIG_STRUCTURE}, beyond any model this version runs")
+
+
+# The files `tokenizer.py` reads from a tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+
+
 def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+    """Whether a folder holds a tokenizer; any of its files that is there but not a regular file (a FIFO
+    would block the tokenizer's read forever) is refused now, before the weights are read."""
+    present = {name for name in TOKENIZER_FILES if is_present(folder / name, CheckpointError)}
+    return "vocab.json" in present or "tokenizer.json" in present
+
+
+def check_weights(where: Path, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Refuse a network tensor that no layer can hold: not floating point, a scalar, or empty.
+
+    The networks' weights and buffers are all floating point with at least one element in every
+    dimension (checked on SD 1.5, 2.1 and SDXL); integer buffers such as position_ids are on the
+    ignore lists. Checked before detection reads shapes, so a damaged file is refused naming the
+    tensor instead of failing later with an IndexError or a division by zero.
+    """
+    for key, tensor in tensors.items():
+        shape = list(tensor.shape)
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{where}: {prefix}{key} has dtype {dtype}; network weights are floating point")
+        if not shape or 0 in shape:
+            kind = "a single number" if not shape else "no elements"
+            raise CheckpointError(f"{where}: {prefix}{key} has shape {shape} ({kind}), which no layer's weight has")
 
 
 def _named(where: Path, what: str, rename, tensors: dict) -> dict:
-    """Apply a key map, turning its complaint about unknown keys into a CheckpointError naming the file."""
+    """Apply a key map, turning its complaint into a CheckpointError naming the file.
+
+    Key maps raise KeyError/ValueError for keys or configs they do not cover; a config or tensor of the
+    wrong type or rank makes them fail with TypeError, IndexError or (torch's reshape) RuntimeError.
+    """
     try:
         return rename(tensors)
-    except (KeyError, ValueError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        raise CheckpointError(f"{where}: {what}: {message}") from exc
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, RuntimeError) as exc:
+        # A KeyError's str() is the repr of its message: use the message itself.
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        lines = message.strip().splitlines() or [type(exc).__name__]
+        raise CheckpointError(f"{where}: {what}: {lines[0]}") from exc

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmcli.errors import ModelNotFoundError
+from ldmcli.errors import CheckpointError, ModelNotFoundError
+from ldmcli.files import check_regular_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository, for an editable install
@@ -69,9 +70,15 @@ def list_models() -> list[FoundModel]:
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
-    """A path as given if it exists, else a model of that name (file stem, folder name or HF repo id)."""
+    """A path as given if it exists, else a model of that name (file stem, folder name or HF repo id).
+
+    A path must be a regular file or a folder: a FIFO, socket or device given as a model would
+    block the first read forever (a FIFO without a writer) or never end (/dev/zero).
+    """
     path = Path(name)
     if path.exists():
+        if not path.is_dir():
+            check_regular_file(path, CheckpointError)
         return path
     text = str(name)
     for model in list_models():

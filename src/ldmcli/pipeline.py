@@ -139,11 +139,19 @@ def _without_weight_init():
 
 
 def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, device, dtype) -> nn.Module:
-    """Build on meta, adopt the checkpoint's tensors strictly, then move and cast once."""
-    with torch.device("meta"), _without_weight_init():
-        module = cls(config)
-    expected = set(module.state_dict())
-    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+    """Build on meta, adopt the checkpoint's tensors strictly, then move and cast once.
+
+    Keys, shapes and dtypes are compared with the module first, so a file that does not fit is refused
+    naming the tensor (load_state_dict would report every mismatch over many lines, or, for a tensor
+    that cannot be a parameter, an error about gradients).
+    """
+    try:
+        with torch.device("meta"), _without_weight_init():
+            module = cls(config)
+    except (ValueError, TypeError, ZeroDivisionError) as exc:  # a config.json's head count, say
+        raise CheckpointError(f"{path}: {what}: cannot build the detected architecture ({exc})") from exc
+    expected = module.state_dict()
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
         parts = []
         if missing:
@@ -151,9 +159,20 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
         if unexpected:
             parts.append(f"unexpected {name_keys(unexpected)}")
         raise CheckpointError(f"{path}: {what} keys do not match the detected architecture: {'; '.join(parts)}")
+    misfits = sorted(k for k in expected if tuple(tensors[k].shape) != tuple(expected[k].shape))
+    if misfits:
+        key, more = misfits[0], len(misfits) - 1
+        raise CheckpointError(
+            f"{path}: {what}: {key} has shape {list(tensors[key].shape)}, the detected architecture expects "
+            f"{list(expected[key].shape)}" + (f" (and {more} more tensor{'s' * (more > 1)} differ)" if more else "")
+        )
+    integral = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if integral:
+        raise CheckpointError(f"{path}: {what}: {integral[0]} has dtype {str(tensors[integral[0]].dtype).removeprefix('torch.')}; "
+                              "network weights are floating point")
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatch
+    except RuntimeError as exc:  # anything the checks above did not foresee
         raise CheckpointError(f"{path}: {what}: {str(exc).splitlines()[-1].strip()}") from exc
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
