@@ -282,6 +282,34 @@ def test_shard_index_never_sends_ldm_outside_the_folder(tmp_path, tiny_folder, s
     refused(invoke("info", folder), "is mapped to", "not the name of a .safetensors file in this folder")
 
 
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_config_describing_a_huge_structure_is_refused(tmp_path, tiny_folder, part):
+    # Key tables are generated from the config: 1e30 blocks a level made ldm fill memory until killed.
+    folder = linked_copy(tiny_folder, tmp_path / "m")
+    config = folder / part / "config.json"
+    values = json.loads(config.read_text())
+    config.unlink()
+    config.write_text(json.dumps({**values, "layers_per_block": 1e30 if part == "vae" else 10**9}))
+    refused(invoke("info", folder), f"{config}: layers_per_block", "states more than 64 levels, blocks or layers")
+
+
+@pytest.mark.parametrize("member, key, value, message", [
+    ("unet/config.json", "in_channels", float("inf"), "cannot convert float infinity to integer"),  # was OverflowError
+    ("vae/config.json", "scaling_factor", "x", "vae/config.json scaling_factor is 'x', not a positive number"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 10**9, "num_train_timesteps 1000000000 is not a whole"),
+    ("scheduler/scheduler_config.json", "beta_start", "x", "beta_start 'x' is not a number between 0 and 1"),
+    ("scheduler/scheduler_config.json", "prediction_type", "sample", "prediction_type 'sample'"),
+])
+def test_config_value_that_would_fail_later_is_refused_now(tmp_path, tiny_folder, member, key, value, message):
+    # Each was accepted by `ldm info` (or crashed it) and failed only once sampling or decoding began.
+    folder = linked_copy(tiny_folder, tmp_path / "m")
+    config = folder / member
+    values = json.loads(config.read_text())
+    config.unlink()
+    config.write_text(json.dumps({**values, key: value}))
+    refused(invoke("info", folder), message)
+
+
 # --- 6. the model-hash cache ---------------------------------------------------------------------
 
 

@@ -235,7 +235,7 @@ def _unet_config(components: Components, family: Family) -> UNetConfig:
     if "unet" in components.configs:
         try:
             configured = unet_config_from_diffusers(components.configs["unet"])
-        except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
             raise CheckpointError(f"{components.path}: unet/config.json: {_message(exc)}") from exc
         keep = {"num_heads", "head_dim", "upcast_attention"}
         structure = {f.name for f in dataclasses.fields(UNetConfig)} - keep
@@ -301,6 +301,7 @@ def _says_turbo(components: Components) -> bool:
 def _schedule(components: Components, family: Family, turbo: bool, notes: list[str]) -> tuple[DiffusionSchedule, str]:
     if components.scheduler_config is not None:
         try:
+            _check_schedule_numbers(components.scheduler_config)
             schedule = DiffusionSchedule.from_diffusers_config(components.scheduler_config)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{components.path}: scheduler/scheduler_config.json: {_message(exc)}") from exc
@@ -314,20 +315,41 @@ def _schedule(components: Components, family: Family, turbo: bool, notes: list[s
     return DiffusionSchedule(), f"{family.display} defaults (scaled_linear betas, leading spacing)"
 
 
+# Bound on a scheduler config's training timesteps (Stable Diffusion's: 1000). The sampler builds
+# tensors of that length: a config stating 1e9 would exhaust memory once sampling starts.
+MAX_TRAIN_TIMESTEPS = 10_000
+
+
+def _check_schedule_numbers(config: dict) -> None:
+    """Raise ValueError for a scheduler config number that would fail or misbehave only when sampling
+    (DiffusionSchedule checks the names: beta_schedule, prediction_type, timestep_spacing)."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    timesteps = config.get("num_train_timesteps", 1000)
+    if not (whole(timesteps) and 1 <= timesteps <= MAX_TRAIN_TIMESTEPS):
+        raise ValueError(f"num_train_timesteps {timesteps!r} is not a whole number from 1 to {MAX_TRAIN_TIMESTEPS}")
+    for key in ("beta_start", "beta_end"):
+        beta = config.get(key, 0.01)
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < 1):
+            raise ValueError(f"{key} {beta!r} is not a number between 0 and 1")
+    if config.get("beta_start", 0) > config.get("beta_end", 1):  # noise grows with t: betas do too
+        raise ValueError(f"beta_start {config['beta_start']} is above beta_end {config['beta_end']}")
+    offset = config.get("steps_offset", 0)
+    if not (whole(offset) and 0 <= offset < timesteps):
+        raise ValueError(f"steps_offset {offset!r} is not a whole number from 0 to {timesteps - 1}")
+    if not isinstance(config.get("set_alpha_to_one", False), bool):
+        raise ValueError(f"set_alpha_to_one {config['set_alpha_to_one']!r} is not true or false")
+
+
 def _prediction(
     components: Components, family: Family, turbo: bool, override: str | None, notes: list[str]
 ) -> tuple[str, str]:
     """(prediction type, how it was decided). Guesses are explained in `notes`."""
     if override is not None:
         return PREDICTIONS[override], "override"
-    if components.scheduler_config is not None:
-        configured = components.scheduler_config.get("prediction_type", "epsilon")
-        if configured not in ("epsilon", "v_prediction"):
-            raise UnsupportedModelError(
-                f"{components.path}: scheduler/scheduler_config.json prediction_type {configured!r}; "
-                "this version runs epsilon and v_prediction models"
-            )
-        return configured, "scheduler/scheduler_config.json"
+    if components.scheduler_config is not None:  # its prediction_type was checked by `_schedule`
+        return components.scheduler_config.get("prediction_type", "epsilon"), "scheduler/scheduler_config.json"
     if "v_pred" in components.markers:
         return "v_prediction", "the file's 'v_pred' marker tensor (ComfyUI/Forge convention)"
     meta = components.metadata
@@ -437,7 +459,7 @@ def _from_shapes(components: Components, what: str, rule, tensors: dict, **kwarg
                                       f"this layer's weight has {rank} dimensions")
     try:
         return rule(shapes, **kwargs)
-    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, ArithmeticError) as exc:
         raise CheckpointError(f"{components.path}: {what}: {_message(exc)}") from exc
 
 

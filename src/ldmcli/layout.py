@@ -16,6 +16,7 @@ folders this version does not run are refused first, by `unsupported`.
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,14 +231,13 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
         tensors, source = read_sharded_or_single(sub, stems.get(name, ("model", "pytorch_model", "model.fp16")), meta=meta, dtype=dtype)
         networks[name] = tensors
         sources[name] = str(source)
-        if is_present(sub / "config.json", CheckpointError):
-            configs[name] = read_json(sub / "config.json")
+        config = sub / "config.json"
+        if name in ("unet", "vae") or is_present(config, CheckpointError):  # theirs say how keys are renamed
+            configs[name] = _check_structure(config, read_json(config))
 
     # The rename tables are generated from the structure the folder's configs describe.
-    unet_config = _named(folder / "unet", "config", unet_config_from_diffusers, read_json(folder / "unet" / "config.json"))
-    vae_config = _named(folder / "vae", "config", vae_config_from_diffusers, read_json(folder / "vae" / "config.json"))
-    _check_structure(folder / "unet" / "config.json", unet_config)
-    _check_structure(folder / "vae" / "config.json", vae_config)
+    unet_config = _named(folder / "unet", "config", unet_config_from_diffusers, configs["unet"])
+    vae_config = _named(folder / "vae", "config", vae_config_from_diffusers, configs["vae"])
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     tokenizer_dir, tokenizer_2_dir = folder / "tokenizer", folder / "tokenizer_2"
     renamed = {
@@ -268,22 +268,40 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
     )
 
 
-# The most resolution levels, blocks a level, and transformer blocks a folder's config may describe: far
-# beyond any Stable Diffusion (SDXL: 3 levels, 2 ResBlocks a level, 10 transformer blocks) and small
-# enough that the key tables generated from the config stay small ("layers_per_block": 1e30 made ldm
-# generate table entries until memory ran out).
+# The most resolution levels, blocks a level, and transformer blocks a U-Net or VAE config may state: far
+# beyond any Stable Diffusion (SDXL: 3 levels, 2 ResBlocks a level, 10 transformer blocks), and small
+# enough that what is generated from the config stays small. The key tables have an entry per block:
+# "layers_per_block": 1e9 filled memory until the kernel killed ldm (and checking the parsed config was
+# too late: parsing it builds per-block lists).
 MAX_CONFIG_STRUCTURE = 64
+# The diffusers config keys that state counts, each with whether its numbers are counts: a list has an
+# entry per level, so its length always is; block_out_channels holds widths and the block types names.
+STRUCTURE_KEYS = {"block_out_channels": False, "down_block_types": False, "up_block_types": False,
+                  "layers_per_block": True, "transformer_layers_per_block": True,
+                  "reverse_transformer_layers_per_block": True}
 
 
-def _check_structure(where: Path, config) -> None:
-    """Refuse a U-Net or VAE config (read from config.json) whose structure exceeds MAX_CONFIG_STRUCTURE."""
-    levels = len(getattr(config, "channel_mult", None) or getattr(config, "ch_mult", ()))
-    depths = [*getattr(config, "transformer_depth", ()), *(getattr(config, "output_transformer_depth", None) or ()),
-              getattr(config, "middle_transformer_depth", 0)]
-    counts = {"levels": levels, "layers_per_block": config.num_res_blocks, "transformer depth": max(depths, default=0)}
-    if max(counts.values()) > MAX_CONFIG_STRUCTURE:
-        stated = ", ".join(f"{name} {count}" for name, count in counts.items())
-        raise CheckpointError(f"{where}: {stated}: more than {MAX_CONFIG_STRUCTURE}, beyond any model this version runs")
+def _check_structure(where: Path, config: dict) -> dict:
+    """`config` (a U-Net or VAE config.json), unless it states more than MAX_CONFIG_STRUCTURE of something."""
+    for key, numbers_count in STRUCTURE_KEYS.items():
+        if key in config and _largest_count(config[key], numbers_count) > MAX_CONFIG_STRUCTURE:
+            raise CheckpointError(f"{where}: {key} {reprlib.repr(config[key])} states more than {MAX_CONFIG_STRUCTURE} "
+                                  "levels, blocks or layers: beyond any model this version runs")
+    return config
+
+
+def _largest_count(value, numbers_count: bool) -> float:
+    """The largest list length anywhere in a JSON value (lists nest: per-level, per-block depths), and
+    the largest number if `numbers_count`."""
+    largest, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            largest = max(largest, len(item))
+            pending.extend(item)
+        elif numbers_count and isinstance(item, (int, float)) and not isinstance(item, bool):
+            largest = max(largest, item)
+    return largest
 
 
 # The files `tokenizer.py` reads from a tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
@@ -319,11 +337,12 @@ def _named(where: Path, what: str, rename, tensors: dict) -> dict:
     """Apply a key map, turning its complaint into a CheckpointError naming the file.
 
     Key maps raise KeyError/ValueError for keys or configs they do not cover; a config or tensor of the
-    wrong type or rank makes them fail with TypeError, IndexError or (torch's reshape) RuntimeError.
+    wrong type or rank makes them fail with TypeError, IndexError, OverflowError (int(inf)) or (torch's
+    reshape) RuntimeError.
     """
     try:
         return rename(tensors)
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, ArithmeticError, RuntimeError) as exc:
         # A KeyError's str() is the repr of its message: use the message itself.
         message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
         lines = message.strip().splitlines() or [type(exc).__name__]

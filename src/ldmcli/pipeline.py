@@ -148,7 +148,7 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
     try:
         with torch.device("meta"), _without_weight_init():
             module = cls(config)
-    except (ValueError, TypeError, ZeroDivisionError) as exc:  # a config.json's head count, say
+    except (ValueError, TypeError, ArithmeticError) as exc:  # a config.json's head count, say
         raise CheckpointError(f"{path}: {what}: cannot build the detected architecture ({exc})") from exc
     expected = module.state_dict()
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
