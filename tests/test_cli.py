@@ -399,6 +399,19 @@ def test_info_image_and_model(tmp_path, tiny_single_file):
     assert model["family"] == "sd1" and model["unet_parameters"] > 0 and len(model["hash"]) == 10
 
 
+def test_info_of_an_a1111_image_shows_only_what_it_records(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 12, Seed: 7, Size: 64x96")
+    path = tmp_path / "foreign.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    shown = json.loads(invoke("info", path, "--json").output)
+    # No sampler, CFG or size in the text: none shown (ldm's defaults are not what that tool used).
+    recorded = {k: v for k, v in shown.items() if k not in ("path", "made_by", "model", "parameters")}
+    assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96}, shown
+
+
 # --- interruption ---------------------------------------------------------------------------------
 
 # Steps per image in the interruption test: about a second an image with the tiny model here, so the

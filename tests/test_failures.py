@@ -74,6 +74,37 @@ def test_nan_weight_fails_the_image_and_writes_no_png(nan_model, dtype, tmp_path
     assert summary["made"] == 0 and summary["failed"] == 2
 
 
+# A value that poisons one image of a batch: NaN latents fail at sampling; latents far beyond any
+# real ones (finite) make the VAE's GroupNorm overflow, so that image's pixels are NaN even in fp32.
+POISON = {"latents": (float("nan"), "non-finite latents after sampling"),
+          "pixels": (1e35, "non-finite image after VAE decode")}
+
+
+@pytest.mark.parametrize("stage", sorted(POISON))
+def test_one_non_finite_image_does_not_fail_the_rest_of_its_batch(stage, tiny_single_file, tmp_path, monkeypatch):
+    from ldmcli import pipeline
+
+    value, message = POISON[stage]
+    sample = pipeline.sample_latents
+
+    def second_image_poisoned(*args, **kwargs):
+        latents = sample(*args, **kwargs).clone()  # an inference tensor is read-only outside inference mode
+        latents[1] = value
+        return latents
+
+    monkeypatch.setattr(pipeline, "sample_latents", second_image_poisoned)
+    out = tmp_path / "out"
+    result = invoke("generate", "a cat", "-m", tiny_single_file, *TINY, "-s", "1", "-b", "3", "--batch-size", "3",
+                    "--dtype", "fp32", "-o", f"{out}/", "--json")
+    assert result.exit_code == 1, result.output
+    records = json_lines(result.stdout)
+    assert [r["index"] for r in records if "error" in r] == [1]
+    assert message in next(r["error"] for r in records if "error" in r)
+    assert sorted(r["index"] for r in records if "path" in r and "error" not in r) == [0, 2]
+    assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*.part"))
+    assert records[-1]["summary"]["made"] == 2 and records[-1]["summary"]["failed"] == 1
+
+
 # --- SIGTERM ----------------------------------------------------------------------------------------
 
 # As tests/test_cli.py's interruption test: enough steps that the signal sent when the first image's

@@ -27,7 +27,7 @@ import torch
 from click.testing import CliRunner
 
 from ldmcli.cli import cli
-from ldmcli.metadata import MAX_METADATA_CHARS, MAX_TEXT_CHUNK_BYTES
+from ldmcli.limits import MAX_METADATA_CHARS, MAX_TEXT_CHUNK_BYTES
 
 A1111_TEXT = "a red circle\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64"
 
@@ -308,6 +308,74 @@ def test_config_value_that_would_fail_later_is_refused_now(tmp_path, tiny_folder
     config.unlink()
     config.write_text(json.dumps({**values, key: value}))
     refused(invoke("info", folder), message)
+
+
+# --- 5b. tokenizer files ---------------------------------------------------------------------------
+
+EOS = "<|endoftext|>"
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "ldmcli" / "data"
+
+
+def with_tokenizer_files(tiny_folder: Path, to: Path, files: dict[str, str | bytes]) -> Path:
+    """A copy of the tiny folder whose tokenizer/ holds exactly `files` (text or bytes)."""
+    folder = linked_copy(tiny_folder, to)
+    for old in (folder / "tokenizer").iterdir():
+        old.unlink()
+    for name, content in files.items():
+        target = folder / "tokenizer" / name
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def generate_with(folder: Path, tmp_path: Path):
+    return invoke("generate", "a cat", "-m", folder, "-W", 64, "-H", 64, "--steps", 1, "-o", tmp_path / "x.png")
+
+
+MERGES = "#version: 0.2\ni n\n"
+VOCAB = json.dumps({"<|startoftext|>": 1, EOS: 2, "i": 3, "n</w>": 4})
+
+
+@pytest.mark.parametrize("files, member, message", [
+    ({"vocab.json": b"\xff{}", "merges.txt": MERGES}, "vocab.json", "not UTF-8 text (byte 0)"),
+    ({"vocab.json": "{", "merges.txt": MERGES}, "vocab.json", "not JSON"),
+    ({"vocab.json": "[" * 100_000, "merges.txt": MERGES}, "vocab.json", "not JSON (nested too deeply)"),
+    ({"vocab.json": "[1, 2]", "merges.txt": MERGES}, "vocab.json", "is an array, not a {token: id} object"),
+    ({"vocab.json": json.dumps({EOS: "2"}), "merges.txt": MERGES}, "vocab.json", "id of '<|endoftext|>' is '2'"),
+    ({"vocab.json": json.dumps({EOS: -1}), "merges.txt": MERGES}, "vocab.json", "id of '<|endoftext|>' is -1"),
+    ({"vocab.json": json.dumps({EOS: True}), "merges.txt": MERGES}, "vocab.json", "id of '<|endoftext|>' is True"),
+    ({"vocab.json": VOCAB}, "merges.txt", "no such file"),
+    ({"vocab.json": VOCAB, "merges.txt": "#version: 0.2\nabc\n"}, "merges.txt", "merge 0 is 'abc', not two symbols"),
+    ({"vocab.json": VOCAB, "merges.txt": b"i n\n\xc3"}, "merges.txt", "not UTF-8 text"),
+    ({"vocab.json": json.dumps({EOS: 2}), "merges.txt": MERGES}, "tokenizer", "the vocabulary has no '<|startoftext|>'"),
+    ({"vocab.json": json.dumps({"<|startoftext|>": 1, EOS: 2, "x": 10**9}), "merges.txt": MERGES}, "tokenizer",
+     "the vocabulary has id 1000000000; the text encoder has"),
+    ({"tokenizer.json": "{}"}, "tokenizer.json", 'has no "model" object'),
+    ({"tokenizer.json": json.dumps({"model": {"vocab": {EOS: 2}, "merges": "i n"}})}, "tokenizer.json",
+     "model.merges is a string, not an array"),
+    ({"tokenizer.json": json.dumps({"model": {"vocab": [], "merges": []}})}, "tokenizer.json",
+     "model.vocab is an array"),
+    ({"tokenizer.json": json.dumps({"model": {"vocab": {EOS: 2}, "merges": [["i", "n", "x"]]}})}, "tokenizer.json",
+     "merge 0 is 'i n x'"),
+    ({"tokenizer.json": json.dumps({"model": {"vocab": {EOS: 2}, "merges": [[1, 2]]}})}, "tokenizer.json",
+     "merge 0 is [1, 2]"),
+    ({"tokenizer.json": json.dumps({"model": {"vocab": {EOS: 2}, "merges": []}, "added_tokens": [{"id": 1}]})},
+     "tokenizer.json", "added_tokens is not an array of {content, id} objects"),
+])
+def test_damaged_tokenizer_file_is_named(tmp_path, tiny_folder, files, member, message):
+    # Each was a raw JSONDecodeError, UnicodeDecodeError, KeyError, TypeError or a ValueError traceback
+    # once the model loaded, or (an id beyond the embedding table) an IndexError in the middle of the run.
+    folder = with_tokenizer_files(tiny_folder, tmp_path / "m", files)
+    where = folder / "tokenizer" / member if member != "tokenizer" else folder / "tokenizer"
+    refused(generate_with(folder, tmp_path), f"{where}: {message}")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bundled_vocabulary_files_still_load(tmp_path, tiny_folder):
+    # The checks accept the real files: vocab.json + merges.txt as shipped (OpenAI's vocabulary).
+    files = {name: (BUNDLED / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    folder = with_tokenizer_files(tiny_folder, tmp_path / "m", files)
+    result = generate_with(folder, tmp_path)
+    assert result.exit_code == 0, result.output
 
 
 # --- 6. the model-hash cache ---------------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_inpainting_unet_is_refused(tiny_single_file, tmp_path):
     tensors[key] = torch.zeros(tensors[key].shape[0], 9, 3, 3)
     path = tmp_path / "inpaint.safetensors"
     save_file(tensors, path)
-    with pytest.raises(UnsupportedModelError, match="inpainting"):
+    with pytest.raises(UnsupportedModelError, match=r": an inpainting U-Net"):
         pipeline.load(path)
 
 

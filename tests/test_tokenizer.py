@@ -24,6 +24,7 @@ from ldmcli.tokenizer import (
     NUM_MERGES,
     VOCAB_SIZE,
     PromptTokenizer,
+    TokenizerFileError,
     bytes_to_unicode,
     convert_openai_bpe,
 )
@@ -231,7 +232,7 @@ def test_loads_from_a_diffusers_tokenizer_folder(tmp_path: Path, tok: PromptToke
         shutil.copy(DATA / name, folder / name)
     assert torch.equal(PromptTokenizer(folder)(TRICKY_PROMPTS), tok(TRICKY_PROMPTS))
     (folder / "merges.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="merges.txt"):
+    with pytest.raises(TokenizerFileError, match=r"merges.txt: no such file"):
         PromptTokenizer(folder)
 
 
@@ -376,9 +377,9 @@ def test_missing_special_token_or_files_raise(tmp_path: Path) -> None:
     del vocab[BOS]
     (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     shutil.copy(DATA / "merges.txt", tmp_path / "merges.txt")
-    with pytest.raises(ValueError, match="startoftext"):
+    with pytest.raises(TokenizerFileError, match="the vocabulary has no .<.startoftext"):
         PromptTokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="vocab.json.*merges.txt"):
+    with pytest.raises(TokenizerFileError, match="vocab.json: no such file"):
         PromptTokenizer(tmp_path / "empty")
 
 

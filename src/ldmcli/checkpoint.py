@@ -22,6 +22,7 @@ import torch
 from ldmcli.errors import CheckpointError, name_keys
 from ldmcli.files import check_regular_file, is_present, json_type, loads_json, read_bounded
 from ldmcli.unsupported import refuse_unknown_format
+from ldmcli.limits import MAX_JSON_BYTES
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -248,11 +249,6 @@ def shard_files(index: Path, suffix: str) -> dict[str, list[str]]:
 def _is_file_name(name: str) -> bool:
     """A name of a file in the folder itself: no separator, not `.` or `..`, no NUL."""
     return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-
-
-# model_index.json, config.json and shard indexes are a few kB (SDXL's U-Net index: 130 kB); this bounds
-# what a damaged or hostile one can make ldm read and parse.
-MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 def read_json(path: Path) -> dict:

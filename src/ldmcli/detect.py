@@ -27,6 +27,7 @@ from ldmcli.models.unet import UNetConfig, unet_config_from_shapes
 from ldmcli.models.vae import VAEConfig, vae_config_from_shapes
 from ldmcli.schedule import DiffusionSchedule
 from ldmcli.unsupported import check_single_encoder_unet, check_text_to_image_unet
+from ldmcli.limits import MAX_TRAIN_TIMESTEPS
 
 
 @dataclass(frozen=True)
@@ -313,11 +314,6 @@ def _schedule(components: Components, family: Family, turbo: bool, notes: list[s
         )
         return DiffusionSchedule(timestep_spacing="trailing"), f"{family.display} Turbo defaults (scaled_linear betas, trailing spacing)"
     return DiffusionSchedule(), f"{family.display} defaults (scaled_linear betas, leading spacing)"
-
-
-# Bound on a scheduler config's training timesteps (Stable Diffusion's: 1000). The sampler builds
-# tensors of that length: a config stating 1e9 would exhaust memory once sampling starts.
-MAX_TRAIN_TIMESTEPS = 10_000
 
 
 def _check_schedule_numbers(config: dict) -> None:

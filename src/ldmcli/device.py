@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ldmcli.limits import MAX_THREADS_PER_CPU
+
 __all__ = ["DTYPES", "MAX_THREADS_PER_CPU", "choose_dtype", "configure_threads", "cpu_bf16_units", "max_threads"]
 
 
@@ -79,13 +81,6 @@ def choose_dtype(device: torch.device | str, requested: str = "auto") -> tuple[t
     if kind == "mps":
         return torch.float16, "fp16 (auto: MPS; the VAE decode is NaN-guarded)"
     return torch.float32, f"fp32 (auto: {kind})"
-
-
-# Intra-op threads beyond the CPUs only add synchronisation (measured: the tiny test model's image
-# takes 3x as long with 1000 threads on 2 CPUs), and each is an OS thread: --threads 100000 exhausts
-# the machine's thread limit (pid_max is 32768 by default) and crashes. Four per CPU leaves room to
-# experiment (os.cpu_count() counts hyperthreads and, in containers, the host's CPUs).
-MAX_THREADS_PER_CPU = 4
 
 
 def max_threads() -> int:

@@ -15,8 +15,8 @@ import os
 import re
 from pathlib import Path
 
-# About 150 bytes an entry: room for ~100,000 model files.
-MAX_CACHE_BYTES = 16 * 1024 * 1024
+from ldmcli.limits import MAX_CACHE_BYTES
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -53,9 +53,10 @@ def describe_image(path: Path) -> dict:
     from ldmcli.metadata import A1111_KEY, LDM_KEY, read_png_text, request_from_png_text
 
     text = read_png_text(path)  # refuses a missing file, a FIFO or device, anything but a PNG
-    request, _, model = request_from_png_text(text, str(path))
+    request, given, model = request_from_png_text(text, str(path))
     described = {"path": str(path), "made_by": "ldm" if LDM_KEY in text else "A1111-compatible tool"}
-    described.update(request.record())
+    # Only what the image records: a field A1111's text leaves out was not necessarily ldm's default.
+    described.update({name: value for name, value in request.record().items() if name in given})
     described["model"] = model
     if A1111_KEY in text:
         described["parameters"] = text[A1111_KEY]

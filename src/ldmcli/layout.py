@@ -31,6 +31,7 @@ from ldmcli.checkpoint import (
 )
 from ldmcli.errors import CheckpointError, ModelNotFoundError, name_keys
 from ldmcli.files import check_regular_file, is_present
+from ldmcli.limits import MAX_CONFIG_STRUCTURE
 from ldmcli.unsupported import (
     check_supported_folder,
     check_supported_single_file,
@@ -268,12 +269,6 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
     )
 
 
-# The most resolution levels, blocks a level, and transformer blocks a U-Net or VAE config may state: far
-# beyond any Stable Diffusion (SDXL: 3 levels, 2 ResBlocks a level, 10 transformer blocks), and small
-# enough that what is generated from the config stays small. The key tables have an entry per block:
-# "layers_per_block": 1e9 filled memory until the kernel killed ldm (and checking the parsed config was
-# too late: parsing it builds per-block lists).
-MAX_CONFIG_STRUCTURE = 64
 # The diffusers config keys that state counts, each with whether its numbers are counts: a list has an
 # entry per level, so its length always is; block_out_channels holds widths and the block types names.
 STRUCTURE_KEYS = {"block_out_channels": False, "down_block_types": False, "up_block_types": False,

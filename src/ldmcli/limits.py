@@ -34,3 +34,44 @@ MAX_PATH_BYTES = 4096
 # The width or precision in an output template's format spec ({index:05d}): wider would only make
 # names longer than MAX_NAME_BYTES, after allocating them.
 MAX_FORMAT_WIDTH = MAX_NAME_BYTES
+
+
+# --- files ldm reads: each is read whole, so each has a bound on what a damaged or hostile one costs --
+
+# model_index.json, config.json and shard indexes are a few kB (SDXL's U-Net index: 130 kB); this bounds
+# what a damaged or hostile one can make ldm read and parse.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+# Bound on a scheduler config's training timesteps (Stable Diffusion's: 1000). The sampler builds
+# tensors of that length: a config stating 1e9 would exhaust memory once sampling starts.
+MAX_TRAIN_TIMESTEPS = 10_000
+
+# Intra-op threads beyond the CPUs only add synchronisation (measured: the tiny test model's image
+# takes 3x as long with 1000 threads on 2 CPUs), and each is an OS thread: --threads 100000 exhausts
+# the machine's thread limit (pid_max is 32768 by default) and crashes. Four per CPU leaves room to
+# experiment (os.cpu_count() counts hyperthreads and, in containers, the host's CPUs).
+MAX_THREADS_PER_CPU = 4
+
+# About 150 bytes an entry: room for ~100,000 model files.
+MAX_CACHE_BYTES = 16 * 1024 * 1024
+
+# The most resolution levels, blocks a level, and transformer blocks a U-Net or VAE config may state: far
+# beyond any Stable Diffusion (SDXL: 3 levels, 2 ResBlocks a level, 10 transformer blocks), and small
+# enough that what is generated from the config stays small. The key tables have an entry per block:
+# "layers_per_block": 1e9 filled memory until the kernel killed ldm (and checking the parsed config was
+# too late: parsing it builds per-block lists).
+MAX_CONFIG_STRUCTURE = 64
+
+# The longest `parameters` text or `ldm` record read: room for a prompt and a negative prompt of
+# MAX_PROMPT_CHARS each, the parameters, and JSON's escapes. Longer is refused before parsing.
+MAX_METADATA_CHARS = 4 * MAX_PROMPT_CHARS
+
+# Pillow's bound on a decompressed text chunk (PngImagePlugin.MAX_TEXT_CHUNK), here for a stored one
+# too: MAX_METADATA_CHARS characters of up to 4 UTF-8 bytes each fit.
+MAX_TEXT_CHUNK_BYTES = 1024 * 1024
+# A PNG's chunks are walked one by one (the image data skipped unread); this bounds the walk for a file
+# made of tiny chunks. Encoders write 8-64 kB image data chunks: a 16k x 16k PNG has some 40,000.
+MAX_PNG_CHUNKS = 1_000_000
+
+# Largest tokenizer file read: CLIP's tokenizer.json is 3.6 MB, its vocab.json 1.6 MB.
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024

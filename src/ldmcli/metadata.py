@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from ldmcli.errors import ImageMetadataError
 from ldmcli.files import check_regular_file, json_type, loads_json
-from ldmcli.limits import MAX_PROMPT_CHARS
+from ldmcli.limits import MAX_METADATA_CHARS, MAX_PNG_CHUNKS, MAX_TEXT_CHUNK_BYTES
 
 A1111_KEY = "parameters"
 LDM_KEY = "ldm"
@@ -31,10 +31,6 @@ LDM_KEY = "ldm"
 # `a1111_pairs` gives what its findall gives, in linear time.
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-# The longest `parameters` text or `ldm` record read: room for a prompt and a negative prompt of
-# MAX_PROMPT_CHARS each, the parameters, and JSON's escapes. Longer is refused before parsing.
-MAX_METADATA_CHARS = 4 * MAX_PROMPT_CHARS
 
 
 def a1111_quote(value: object) -> str:
@@ -280,12 +276,6 @@ def _from_a1111_text(raw: str, where: str):
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_CHUNK_TYPES = (b"tEXt", b"zTXt", b"iTXt")
-# Pillow's bound on a decompressed text chunk (PngImagePlugin.MAX_TEXT_CHUNK), here for a stored one
-# too: MAX_METADATA_CHARS characters of up to 4 UTF-8 bytes each fit.
-MAX_TEXT_CHUNK_BYTES = 1024 * 1024
-# A PNG's chunks are walked one by one (the image data skipped unread); this bounds the walk for a file
-# made of tiny chunks. Encoders write 8-64 kB image data chunks: a 16k x 16k PNG has some 40,000.
-MAX_PNG_CHUNKS = 1_000_000
 _MAX_KEYWORD_BYTES = 79
 
 

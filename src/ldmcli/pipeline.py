@@ -88,7 +88,7 @@ def load_components(
     model = StableDiffusion(
         spec=spec,
         path=path,
-        tokenizer=PromptTokenizer(components.tokenizer_dir, pad_token_id=spec.pad_token_id),
+        tokenizer=_tokenizer(components.tokenizer_dir, spec.pad_token_id, spec.text_encoder.vocab_size),
         text_encoder=_build(CLIPTextModel, spec.text_encoder, components.text_encoder, "text encoder", path, device, dtype),
         unet=_build(UNetModel, spec.unet, components.unet, "U-Net", path, device, dtype),
         vae=_build(AutoencoderKL, spec.vae, components.vae, "VAE", path, device, vae_dtype),
@@ -97,11 +97,22 @@ def load_components(
     )
     if spec.text_encoder_2 is not None:
         assert components.text_encoder_2 is not None and spec.pad_token_id_2 is not None
-        model.tokenizer_2 = PromptTokenizer(components.tokenizer_2_dir, pad_token_id=spec.pad_token_id_2)
+        model.tokenizer_2 = _tokenizer(components.tokenizer_2_dir, spec.pad_token_id_2, spec.text_encoder_2.vocab_size)
         model.text_encoder_2 = _build(
             CLIPTextModel, spec.text_encoder_2, components.text_encoder_2, "text encoder 2", path, device, dtype
         )
     return model
+
+
+def _tokenizer(folder: Path | None, pad_token_id: int, table_rows: int) -> PromptTokenizer:
+    """The tokenizer of a text encoder whose embedding table has `table_rows` rows, refused if it
+    could produce an id beyond the table (an IndexError mid-run otherwise)."""
+    tokenizer = PromptTokenizer(folder, pad_token_id=pad_token_id)
+    if tokenizer.largest_id >= table_rows:
+        raise CheckpointError(
+            f"{tokenizer.source}: the vocabulary has id {tokenizer.largest_id}; the text encoder has {table_rows} tokens"
+        )
+    return tokenizer
 
 
 def optimize(model: StableDiffusion, *, compile: bool = False) -> list[str]:
@@ -313,11 +324,13 @@ def sample_latents(
     seeds: Sequence[int],
     *,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Denoised latents for `request`, one per seed (what diffusers returns with output_type="latent").
 
     `request` must be resolved (`ImageRequest.checked`); its own `seed` is ignored for `seeds`.
-    Raises `NonFiniteError` if any image's latents are NaN/Inf (`check_finite_latents`).
+    Raises `NonFiniteError` if any image's latents are NaN/Inf (`check_finite_latents`), unless
+    `check_finite` is False: then the caller checks each image (`finite_rows`).
     """
     from ldmcli.denoiser import CFGDenoiser, Denoiser
     from ldmcli.samplers import sample
@@ -345,8 +358,14 @@ def sample_latents(
         spacing=request.schedule,
         callback=callback,
     )
-    check_finite_latents(latents, seeds, model.dtype)
+    if check_finite:
+        check_finite_latents(latents, seeds, model.dtype)
     return latents
+
+
+def finite_rows(batch: torch.Tensor) -> list[bool]:
+    """For each image of a batch, whether all of its values are finite."""
+    return torch.isfinite(batch).flatten(1).all(dim=1).tolist()
 
 
 def check_finite_latents(latents: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype) -> None:
@@ -355,7 +374,7 @@ def check_finite_latents(latents: torch.Tensor, seeds: Sequence[int], dtype: tor
     NaN latents decode to NaN pixels, which clamp and round to a black image that would otherwise be
     saved as a success (a checkpoint with one NaN weight does exactly that, in any dtype).
     """
-    bad = (~torch.isfinite(latents)).flatten(1).any(dim=1).tolist()
+    bad = [not ok for ok in finite_rows(latents)]
     if not any(bad):
         return
     which = ", ".join(str(seed) for seed, b in zip(seeds, bad) if b)

@@ -271,17 +271,14 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
         batches = _batches(todo, options.batch_size)
         for number, batch in enumerate(batches, 1):
             try:
-                _make_batch(model, batch, options, report, last=number == len(batches))
+                failed = _make_batch(model, batch, options, report, last=number == len(batches))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - one job's failure must not lose the others
-                report.counts["failed"] += len(batch)
-                for task in batch:
-                    report.say(f"failed: {task.path} ({task.job.source}): {type(exc).__name__}: {exc}")
-                    report.emit({"error": f"{type(exc).__name__}: {exc}", "index": task.index,
-                                 "path": str(task.path), "prompt": task.job.request.prompt, "seed": task.seed})
-                if options.fail_fast:
-                    return
+                _report_failed(batch, exc, report)
+                failed = True
+            if failed and options.fail_fast:
+                return
             bar.update(len(batch))
 
 
@@ -296,36 +293,84 @@ def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     return batches
 
 
-def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report, *, last: bool = False) -> None:
-    """Make and save one batch; `last`: the run's final batch, whose decode runs without the U-Net."""
+def _report_failed(tasks: list[ImageTask], exc: Exception, report: Report) -> None:
+    report.counts["failed"] += len(tasks)
+    for task in tasks:
+        report.say(f"failed: {task.path} ({task.job.source}): {type(exc).__name__}: {exc}")
+        report.emit({"error": f"{type(exc).__name__}: {exc}", "index": task.index,
+                     "path": str(task.path), "prompt": task.job.request.prompt, "seed": task.seed})
+
+
+def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report, *, last: bool = False) -> bool:
+    """Make and save one batch; `last`: the run's final batch, whose decode runs without the U-Net.
+
+    An image whose latents or pixels come out NaN/Inf fails alone: the batch's other images are saved.
+    Returns whether any image failed.
+    """
     from tqdm import tqdm
 
     from ldmcli import pipeline
-    from ldmcli.image import save_png
-    from ldmcli.metadata import image_record, png_text
+    from ldmcli.errors import NonFiniteError
 
     request = batch[0].job.request
     started = time.perf_counter()
     with tqdm(total=request.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
         tile = vae_tile(options.tile_vae, request.width, request.height, model.spec.vae.downsample_factor)
         latents = pipeline.sample_latents(model, request, [t.seed for t in batch],
-                                          callback=lambda i, _x: steps.update(1))
+                                          callback=lambda i, _x: steps.update(1), check_finite=False)
     if last:
         pipeline.release_unet(model)
+    finite = pipeline.finite_rows(latents)
+    for task, latent, ok in zip(batch, latents, finite):
+        if not ok:
+            try:
+                pipeline.check_finite_latents(latent[None], [task.seed], model.dtype)
+            except NonFiniteError as exc:
+                _report_failed([task], exc, report)
+    kept = [task for task, ok in zip(batch, finite) if ok]
+    if not kept:
+        return True
+    latents = latents[[i for i, ok in enumerate(finite) if ok]]
     try:
-        pixels = pipeline.decode_latents(model, latents, tile=tile)
+        parts = [(kept, _decode(model, latents, tile, report))]
+    except NonFiniteError:
+        if len(kept) == 1:
+            raise
+        # Decode one image at a time so that the finite ones are still saved (an fp32 overflow is per image).
+        parts = []
+        for task, latent in zip(kept, latents):
+            try:
+                parts.append(([task], _decode(model, latent[None], tile, report)))
+            except NonFiniteError as exc:
+                _report_failed([task], exc, report)
+    seconds = (time.perf_counter() - started) / len(batch)
+    for tasks, pixels in parts:
+        for task, image in zip(tasks, pixels.numpy()):
+            _save(model, task, image, seconds, options, report)
+    return sum(len(tasks) for tasks, _ in parts) < len(batch)
+
+
+def _decode(model, latents, tile, report: Report):
+    from ldmcli import pipeline
+
+    try:
+        return pipeline.decode_latents(model, latents, tile=tile)
     finally:  # also when the decode failed: the warning is part of the story
         for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
             report.say(f"warning: {warning}")
         model.warnings.clear()
-    seconds = (time.perf_counter() - started) / len(batch)
-    for task, image in zip(batch, pixels.numpy()):
-        record = image_record(model, task)
-        save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, record))
-        report.counts["made"] += 1
-        report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
-        report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
-                     "index": task.index, "seconds": round(seconds, 3)})
+
+
+def _save(model, task: ImageTask, image, seconds: float, options: RunOptions, report: Report) -> None:
+    from ldmcli.image import save_png
+    from ldmcli.metadata import image_record, png_text
+
+    record = image_record(model, task)
+    save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, record))
+    report.counts["made"] += 1
+    report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
+    report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
+                 "index": task.index, "seconds": round(seconds, 3)})
 
 
 def _grid_path(tasks: list[ImageTask]) -> Path:

@@ -37,6 +37,10 @@ from pathlib import Path
 import regex
 import torch
 
+from ldmcli.errors import CheckpointError
+from ldmcli.files import json_type, loads_json, read_bounded
+from ldmcli.limits import MAX_TOKENIZER_FILE_BYTES
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 # Size of the OpenAI CLIP vocabulary: 512 byte symbols + 48,894 merges + 2 special tokens.
@@ -72,6 +76,7 @@ class PromptTokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
         folder = None if directory is None else Path(directory)
+        self.source = "the bundled tokenizer" if folder is None else str(folder)
         if folder is None:
             self._bpe = _bundled_bpe()
         elif (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
@@ -93,9 +98,14 @@ class PromptTokenizer:
         """Number of ids including the special tokens (49408 for OpenAI's vocabulary)."""
         return len(self._bpe.vocab)
 
+    @property
+    def largest_id(self) -> int:
+        """The largest id the tokenizer can produce: the text encoder's embedding table must hold it."""
+        return max(self._bpe.vocab.values())
+
     def _special_id(self, token: str) -> int:
         if token not in self._bpe.vocab:
-            raise ValueError(f"tokenizer vocabulary has no {token!r}")
+            raise TokenizerFileError(f"{self.source}: the vocabulary has no {token!r}")
         return self._bpe.vocab[token]
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -141,12 +151,10 @@ class BytePairEncoder:
     @classmethod
     def from_vocab_and_merges(cls, vocab_json: Path, merges_txt: Path) -> BytePairEncoder:
         """Read ``vocab.json`` ({token: id}) and ``merges.txt`` ("#version" line, then "a b" by rank)."""
-        missing = [str(p) for p in (vocab_json, merges_txt) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"tokenizer file(s) not found: {', '.join(missing)}")
-        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-        lines = merges_txt.read_text(encoding="utf-8").splitlines()
+        vocab = _vocabulary(_read_json(vocab_json), vocab_json, "")
+        lines = _read_text(merges_txt).splitlines()
         merges = [line for line in lines if line and not line.startswith("#version")]
+        _check_merges(merges, merges_txt)
         # tokenizer_config.json is not read, so that every such folder tokenizes alike: HF would
         # make its pad token ("!" for SD2 and SDXL's tokenizer_2) special as well.
         return cls(vocab, merges, specials=(BOS_TOKEN, EOS_TOKEN))
@@ -159,11 +167,23 @@ class BytePairEncoder:
         writes for a tokenizer padding with "!" (SD2, SDXL's ``tokenizer_2``) list "!" among them,
         so there each "!" is id 0 instead of being merged ("!!" -> 748 with ``vocab.json``).
         """
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        vocab = dict(data["model"]["vocab"])
+        data = _read_json(tokenizer_json)
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict):
+            raise TokenizerFileError(f"{tokenizer_json}: has no \"model\" object")
+        vocab = _vocabulary(model.get("vocab"), tokenizer_json, "model.vocab ")
+        merges = model.get("merges")
+        if not isinstance(merges, list):
+            raise TokenizerFileError(f"{tokenizer_json}: model.merges is {json_type(merges)}, not an array")
         # tokenizers >= 0.20 writes each merge as a ["a", "b"] pair, older versions as "a b".
-        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-        added = [t for t in data.get("added_tokens", []) if t.get("special") and not t.get("normalized")]
+        merges = [" ".join(m) if isinstance(m, list) and all(isinstance(x, str) for x in m) else m for m in merges]
+        _check_merges(merges, tokenizer_json)
+        added = data.get("added_tokens", [])
+        if not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and _is_id(t.get("id")) for t in added
+        ):
+            raise TokenizerFileError(f"{tokenizer_json}: added_tokens is not an array of {{content, id}} objects")
+        added = [t for t in added if t.get("special") and not t.get("normalized")]
         for token in added:
             vocab.setdefault(token["content"], token["id"])
         return cls(vocab, merges, specials=[t["content"] for t in added])
@@ -227,6 +247,49 @@ def _bundled_bpe() -> BytePairEncoder:
     data = resources.files("ldmcli") / "data"
     with resources.as_file(data / "vocab.json") as vocab, resources.as_file(data / "merges.txt") as merges:
         return BytePairEncoder.from_vocab_and_merges(Path(vocab), Path(merges))
+
+
+class TokenizerFileError(CheckpointError):
+    """A tokenizer file that is there but unusable: not UTF-8 or JSON, or not a vocabulary."""
+
+
+# Largest token id accepted; the text encoder's embedding table must also hold it (pipeline checks).
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return read_bounded(path, MAX_TOKENIZER_FILE_BYTES, TokenizerFileError).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return loads_json(_read_text(path))
+    except ValueError as exc:
+        raise TokenizerFileError(f"{path}: not JSON ({exc})") from None
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKEN_ID
+
+
+def _vocabulary(value: object, path: Path, where: str) -> dict[str, int]:
+    """A {token: id} mapping, checked: the encoder indexes the text encoder's table with these ids."""
+    if not isinstance(value, dict):
+        raise TokenizerFileError(f"{path}: {where}is {json_type(value)}, not a {{token: id}} object")
+    bad = next((token for token, id_ in value.items() if not _is_id(id_)), None)
+    if bad is not None:
+        raise TokenizerFileError(f"{path}: {where}id of {bad!r} is {value[bad]!r}, not a whole number 0..{MAX_TOKEN_ID}")
+    return dict(value)
+
+
+def _check_merges(merges: list, path: Path) -> None:
+    """Each merge is two symbols separated by one space; anything else could never match a pair."""
+    for rank, merge in enumerate(merges):
+        if not isinstance(merge, str) or len(merge.split(" ")) != 2 or "" in merge.split(" "):
+            raise TokenizerFileError(f"{path}: merge {rank} is {merge!r}, not two symbols separated by a space")
 
 
 def _lowercase(text: str) -> str:
