@@ -212,7 +212,7 @@ def test_unwritable_output_dir(tmp_path, tiny_single_file, monkeypatch):
 
 def test_template_that_names_two_images_alike(tmp_path, tiny_single_file):
     result = invoke("generate", "a cat", "a dog", "-s", "1", "-m", tiny_single_file, "-o", tmp_path / "{seed}.png")
-    assert result.exit_code == 2 and "add {index} or {seed}" in result.output
+    assert result.exit_code == 2 and "names two images" in result.output and "such as {index}" in result.output
 
 
 def test_env_defaults_and_flags_win(tmp_path, tiny_single_file):
@@ -408,8 +408,11 @@ def test_info_of_an_a1111_image_shows_only_what_it_records(tmp_path):
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     shown = json.loads(invoke("info", path, "--json").output)
     # No sampler, CFG or size in the text: none shown (ldm's defaults are not what that tool used).
-    recorded = {k: v for k, v in shown.items() if k not in ("path", "made_by", "model", "parameters")}
-    assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96}, shown
+    recorded = {k: v for k, v in shown.items() if k not in ("path", "made_by", "model", "parameters", "not_honoured", "notes")}
+    # No RNG: A1111's default, its GPU noise, which is what an NVIDIA GPU draws (--rng nv); said in the notes.
+    assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96,
+                        "rng": "nv"}, shown
+    assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG"]
 
 
 # --- interruption ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,21 @@ def test_is_complete_png(tmp_path):
     assert not is_complete_png(tmp_path / "missing.png")
     (tmp_path / "folder.png").mkdir()
     assert not is_complete_png(tmp_path / "folder.png")
+    # never opened for reading in a way that blocks: a FIFO without a writer, a device
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    # a writer after 5 s releases an open() that blocks (the bug), so the test fails instead of hanging
+    writer = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(5); open({str(fifo)!r}, 'wb').close()"])
+    try:
+        started = time.perf_counter()
+        assert not is_complete_png(fifo) and time.perf_counter() - started < 2
+    finally:
+        writer.kill()
+        writer.wait()
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    assert not is_complete_png(tmp_path / "zero.png")
+    (tmp_path / "link.png").symlink_to(path)
+    assert is_complete_png(tmp_path / "link.png")
 
 
 # --- --json into a closed pipe ----------------------------------------------------------------------

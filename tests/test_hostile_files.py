@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -109,6 +109,49 @@ def test_fifo_given_as_a_png_is_refused(tmp_path, tiny_single_file, command):
         result, seconds = timed(*args)
     assert seconds < 5, f"blocked {seconds:.0f} s on the FIFO"
     refused(result, f"{fifo}: not a file but a FIFO (named pipe)")
+
+
+# --- 1b. what is already at an output path ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--skip-existing"]])
+@pytest.mark.parametrize("kind, shown", [("fifo", "a FIFO (named pipe)"), ("folder", "a folder"),
+                                         ("device", "a character device")])
+def test_output_path_that_is_not_a_file_is_refused_whatever_the_flags(tmp_path, tiny_folder, kind, shown, flags):
+    """--skip-existing opened a FIFO there to see whether it was a finished PNG, and blocked forever;
+    --overwrite put an image in place of a FIFO or device link, and failed on a folder after loading."""
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "00000-1.png"
+    {"fifo": os.mkfifo, "folder": Path.mkdir, "device": lambda p: p.symlink_to("/dev/null")}[kind](target)
+    with unblocked_after(target) if kind == "fifo" else nullcontext():
+        result, seconds = timed("generate", "a cat", "-s", "1", "-m", tiny_folder, "-W", "64", "-H", "64",
+                                "-o", f"{out}/", *flags)
+    assert seconds < 5, f"blocked {seconds:.0f} s"
+    refused(result, f"{target}: not a file but {shown}")
+    assert kind != "device" or target.is_symlink()
+
+
+@pytest.mark.parametrize("link_to", ["nowhere.png", "00000-1.png"])  # dangling, and a loop
+def test_dangling_symlink_at_an_output_path_counts_as_existing(tmp_path, tiny_folder, link_to):
+    """exists() follows links: a link to nothing was "free", and the no-clobber rename failed after loading."""
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "00000-1.png"
+    link.symlink_to(out / link_to)
+    refused(invoke("generate", "a cat", "-s", "1", "-m", tiny_folder, "-W", "64", "-H", "64", "-o", f"{out}/"),
+            f"{link} exists: use --skip-existing to keep it or --overwrite to replace it")
+
+
+def test_overwrite_replaces_a_dangling_symlink_not_its_target(tmp_path, tiny_single_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "00000-1.png"
+    link.symlink_to(tmp_path / "elsewhere.png")
+    result = invoke("generate", "a cat", "-s", "1", "-m", tiny_single_file, "-W", "64", "-H", "64", "--steps", "1",
+                    "-o", f"{out}/", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not link.is_symlink() and link.is_file() and not (tmp_path / "elsewhere.png").exists()
 
 
 def linked_copy(folder: Path, to: Path) -> Path:
@@ -299,6 +342,14 @@ def test_config_describing_a_huge_structure_is_refused(tmp_path, tiny_folder, pa
     ("scheduler/scheduler_config.json", "num_train_timesteps", 10**9, "num_train_timesteps 1000000000 is not a whole"),
     ("scheduler/scheduler_config.json", "beta_start", "x", "beta_start 'x' is not a number between 0 and 1"),
     ("scheduler/scheduler_config.json", "prediction_type", "sample", "prediction_type 'sample'"),
+    # were "config: list index out of range" and "not all arguments converted during string formatting"
+    ("unet/config.json", "block_out_channels", [], "unet/config.json: block_out_channels is [], not a non-empty list "
+                                                   "of positive whole numbers, one a level"),
+    ("unet/config.json", "block_out_channels", "abc", "block_out_channels is 'abc', not a non-empty list"),
+    ("vae/config.json", "block_out_channels", [0], "vae/config.json: block_out_channels is [0], not a non-empty"),
+    ("vae/config.json", "block_out_channels", [64, True], "block_out_channels is [64, True], not a non-empty"),
+    ("unet/config.json", "down_block_types", "DownBlock2D", "down_block_types is 'DownBlock2D', not a non-empty "
+                                                            "list of block type names"),
 ])
 def test_config_value_that_would_fail_later_is_refused_now(tmp_path, tiny_folder, member, key, value, message):
     # Each was accepted by `ldm info` (or crashed it) and failed only once sampling or decoding began.

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import subprocess
 import sys
 import time
+import unicodedata
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ldmcli.cli import cli
 from ldmcli.errors import LdmError
 from ldmcli.jobs import check_job, command_line_job, read_prompt_file
 from ldmcli.limits import MAX_IMAGES_PER_RUN, MAX_NAME_BYTES
-from ldmcli.outputs import plan_images
+from ldmcli.outputs import MAX_OUTPUT_PATH_BYTES, TEMPLATE_FIELDS, plan_images
 
 TINY = ["-W", "64", "-H", "64", "--steps", "1", "--dtype", "fp32"]
 
@@ -100,6 +103,13 @@ def test_jsonl_name_is_a_file_name(tmp_path, tiny_single_file, name, message):
     ("{index:" + "9" * 2000 + "d}.png", "wider than a file name may be"),
     ("{index:" + "9" * 5000 + "d}.png", "longer than a path may be (4096 bytes)"),
     ("{prompt_slug:>250}{name:>250}.png", "longer than the file system allows"),
+    ("{seed:c}.png", "{seed:c} has type 'c', which this field does not take"),
+    ("{name:.2}.png", "{name:.2} has a precision, which only {cfg_scale} takes"),
+    ("{seed:.2}.png", "{seed:.2} has a precision"),
+    ("{index:x}.png", "{index:x} has type 'x'"),
+    ("{index:#d}.png", "{index:#d} is not a format spec ldm takes"),
+    ("{name:=9}.png", "{name:=9} has a sign, 0 or '=' alignment, which text does not take"),
+    ("{name:\x1b>9}.png", "{name:\\x1b>9} pads with a control character (U+001B)"),
 ])
 def test_templates_that_would_escape_or_explode(tmp_path, tiny_single_file, template, message):
     started = time.perf_counter()
@@ -107,12 +117,124 @@ def test_templates_that_would_escape_or_explode(tmp_path, tiny_single_file, temp
     assert time.perf_counter() - started < 5
 
 
+@pytest.mark.parametrize("template, values", [
+    ("o/sub/{name:.2}/img.png", {"name": "..evil"}),  # was o/sub/../img.png: one folder up
+    ("o/{steps:c}/img.png", {"steps": 46}),  # was o/./img.png
+    ("{seed:c}ROOT/abs/img.png", {"seed": 47}),  # was /ROOT/abs/img.png: a relative template made absolute
+    ("o/{seed:c}.png", {"seed": 0}),  # was a NUL in the path ("embedded null byte" after loading)
+    ("o/{seed:c}.png", {"seed": 0x110000}),  # was an OverflowError
+    ("o/{prompt_slug:.0}/img.png", {}),  # was o//img.png
+])
+def test_format_specs_that_would_leave_the_folder_are_refused(tmp_path, tiny_folder, monkeypatch, template, values):
+    """Format specs pad and align only: a precision cuts "..evil" to "..", type c makes "/" of 47."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    template = template.replace("ROOT", str(tmp_path).lstrip("/"))  # "absolute" stays inside tmp_path
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "seed": 1, **values}) + "\n")
+    refused(invoke("generate", "--prompts", prompts, "-m", tiny_folder, *TINY, "-o", template),
+            "format specs only pad and align")
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["\x1b[31mred", "bell\x07", "two\nlines", "tab\there", "del\x7f", "next\x85line",
+                                  "\u202egnp.exe", "line\u2028break"])
+def test_control_characters_in_a_name_are_refused(tmp_path, tiny_folder, name):
+    """A name becomes a file name and is printed: ESC sequences, BEL, newlines, bidi overrides are refused,
+    and the message shows them escaped, never raw."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "name": name}) + "\n")
+    result = invoke("generate", "--prompts", prompts, "-m", tiny_folder, *TINY, "-o", f"{tmp_path}/out/{{name}}.png")
+    refused(result, f"{prompts}:1: name {name!r} contains")
+    shown = result.output.removesuffix("\n")
+    assert not any(c in shown for c in name if c not in "abcdefghijklmnopqrstuvwxyz[31.") and not list(
+        tmp_path.rglob("*.png"))
+
+
+def test_colliding_names_say_which_images(tmp_path, tiny_folder):
+    refused(invoke("generate", "a cat", "a dog", "-s", "5", "-m", tiny_folder, *TINY, "-o", f"{tmp_path}/{{seed}}.png"),
+            f"names two images {tmp_path}/5.png: image 0 (job 0, command line, seed 5) and image 1 (job 1, command "
+            "line, seed 5); add a field that tells them apart, such as {index}")
+
+
+def deep_path(length: int, folder: Path, name: str) -> str:
+    """A path of `length` bytes: `folder`, then folders of at most 200 bytes, then `name`."""
+    rest, parts = length - len(os.fsencode(f"{folder}/")) - len(os.fsencode(name)), []
+    while rest:
+        size = min(rest, 200) - (rest - min(rest, 200) == 1)  # never leave 1 byte: an empty folder name
+        parts.append("d" * (size - 1))
+        rest -= size
+    return f"{folder}/" + "".join(f"{part}/" for part in parts) + name
+
+
+def test_output_path_leaves_room_for_the_temporary_file(tmp_path, tiny_folder):
+    """A path within PATH_MAX whose temporary file (`.NAME.XXXXXXXX.png.part`, 15 bytes more) is not: refused
+    before loading (it failed with ENAMETOOLONG after)."""
+    path = deep_path(MAX_OUTPUT_PATH_BYTES + 1, tmp_path, "1.png")  # within PATH_MAX (4095 bytes and a NUL)
+    template = path.removesuffix("1.png") + "{seed}.png"
+    refused(invoke("generate", "a cat", "-s", "1", "-m", tiny_folder, *TINY, "-o", template),
+            f"gives a path of {MAX_OUTPUT_PATH_BYTES + 1:,} bytes, longer than the file system allows")
+
+
+def test_names_of_up_to_255_bytes_are_written_with_their_temporary_files(tmp_path, tiny_single_file):
+    """NAME_MAX names whose temporary names are 15 bytes longer, in a folder as deep as a path allows: an
+    OSError after loading, before the temporary name was shortened (and the path bound made room for it)."""
+    names = ["x" * 251, "é" * 125]  # + ".png": 255 and 254 bytes
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "a cat", "name": n, "seed": 1}) + "\n" for n in names))
+    template = deep_path(MAX_OUTPUT_PATH_BYTES, tmp_path / "out", f"{names[0]}.png").removesuffix(f"{names[0]}.png")
+    template += "{name}.png"
+    result = invoke("generate", "--prompts", prompts, "-m", tiny_single_file, *TINY, "-o", template, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    made = [Path(json.loads(line)["path"]) for line in result.stdout.splitlines() if '"path"' in line]
+    assert [p.name for p in made] == [f"{n}.png" for n in names] and len(os.fsencode(made[0])) == MAX_OUTPUT_PATH_BYTES
+    assert all(p.is_file() for p in made) and not list(made[0].parent.glob(".*.part"))
+
+
+def test_output_path_bound_counts_the_temporary_name():
+    from ldmcli.image import TEMP_PATH_EXTRA
+
+    assert MAX_OUTPUT_PATH_BYTES == 4096 - 1 - TEMP_PATH_EXTRA
+
+
+def test_number_too_large_for_a_float_is_refused(tmp_path, tiny_folder):
+    """A 400-digit JSON number is a Python int no float holds (math.isfinite raised OverflowError)."""
+    huge = "9" * 400
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "cfg_scale": %s}\n' % huge)
+    refused(invoke("generate", "--prompts", prompts, "-m", tiny_folder, *TINY, "-o", f"{tmp_path}/out/"),
+            f'{prompts}:1: "cfg_scale" must be a finite number, got a 400-digit number')
+    from ldmcli.image import save_png
+
+    png = tmp_path / "made.png"
+    record = '{"prompt": "a cat", "seed": 1, "steps": 1, "cfg_scale": %s, "width": 64, "height": 64}' % huge
+    save_png(__import__("numpy").zeros((8, 8, 3), "uint8"), png, text={"ldm": record})
+    refused(invoke("generate", "--from-png", png, "-m", tiny_folder, "-o", f"{tmp_path}/out/"),
+            '"cfg_scale" must be a finite number, got a 400-digit number')
+    no_pngs(tmp_path / "out")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment: expected a whole number of at least 1"),  # was / 0
+    ({"RANK": "abc"}, "RANK='abc' in the environment: expected a whole number"),  # was a ValueError
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 is not below WORLD_SIZE=2"),  # made nothing, exit 0
+    ({"RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
+    ({"LOCAL_RANK": "-1", "WORLD_SIZE": "2"}, "LOCAL_RANK='-1' in the environment"),
+])
+def test_careless_distributed_environment(tmp_path, tiny_folder, env, message):
+    env = {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, **env}
+    result = CliRunner().invoke(cli, ["generate", "a cat", "-s", "1", "-m", str(tiny_folder), *TINY,
+                                      "-o", f"{tmp_path}/"], env=env)
+    refused(result, message)
+
+
 # --- limits checked before the model loads ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "1001"], "1001 is not in the range 1<=x<=1000"),
-    (["-s", str(2**64)], "is not in the range 0<=x<=18446744073709551615"),
+    (["-s", str(2**64)], "<=x<=18446744073709551615"),  # -1 (random) is allowed too
     (["-s", str(2**64 - 1), "-b", "2"], "(the job's last image) is beyond 2^64 - 1"),
     (["-b", "1000000000"], "is not in the range 1<=x<=100000"),
     (["-W", "4096", "-H", "4096"], "more than the limit of 4,194,304 (--max-pixels raises it)"),
@@ -140,6 +262,7 @@ def test_max_pixels_lifts_the_size_limit(tmp_path, tiny_single_file):
     ('{"prompt": "a \\ud800 cat"}', "prompt is not valid Unicode: a lone surrogate"),
     ('[' * 100_000 + ']' * 100_000, "not usable JSON (RecursionError"),
     ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", "not usable JSON (ValueError"),
+    ('{"prompt": "a", "cfg_scale": -' + "9" * 4000 + "}", '"cfg_scale" must be a finite number, got a 4000-digit'),
 ])
 def test_limits_in_prompt_files(tmp_path, tiny_single_file, line, message):
     prompts = tmp_path / "p.jsonl"
@@ -216,31 +339,104 @@ def test_fuzz_prompt_file_reader(tmp_path, data, suffix):
             pass
 
 
-_VALUE = st.text(max_size=40)
-_TEMPLATE_PART = st.one_of(
-    st.sampled_from(["{index}", "{seed}", "{name}", "{prompt_slug}", "{steps:04d}", "{name:>12}", "{sampler}", "/",
-                     "../", "{", "}", "{{", ":", "{cfg_scale:.1f}", "{width}x{height}", "{job}-{image}"]),
-    st.text(alphabet="ab._-/\\{}:0123456789", max_size=8),
+def _maybe(*choices):
+    """Nothing half the time (so that short specs like `c` or `.2` come up often), else one of `choices`."""
+    return st.one_of(st.just(""), st.sampled_from(choices))
+
+
+_SPECS = st.one_of(
+    # the format-spec grammar, each part drawn from what Python accepts and some it does not
+    st.builds(lambda *parts: "".join(parts), _maybe(".", "/", "\\", "0", " ", "_", "{", "\0", "\x1b", "\u202e"),
+              _maybe("<", ">", "^", "="), _maybe("+", "-", " "), _maybe("#"), _maybe("0"),
+              st.one_of(st.just(""), st.integers(0, 300).map(str)), _maybe(",", "_"),
+              _maybe(".0", ".1", ".2", ".3"), _maybe("c", "d", "s", "x", "o", "b", "n", "f", "e", "g", "%")),
+    st.text(alphabet="._-/\\<>^=+ #,0123456789cdsxfeg%", max_size=6),
 )
+_FIELDS = st.builds(lambda field, spec: "{" + field + (":" + spec if spec else "") + "}",
+                    st.sampled_from(TEMPLATE_FIELDS), st.one_of(st.just(""), _SPECS))
+_TEMPLATE_PART = st.one_of(_FIELDS, st.sampled_from(["/", "../", "./", "..", "{{", "}}", "-", "x", "//"]),
+                           st.text(alphabet="ab._-/\\{}:", max_size=6))
+_NAMES = st.one_of(st.none(), st.text(max_size=40),
+                   st.sampled_from(["..evil", "..", ".", "...", ".x", "a\x1bb", "\u202efdp.exe", "\x85", "x" * 255]))
+# Numbers whose characters are "." (46), "/" (47), "\\" (92), NUL (0) or none at all (0x110000)
+_SEEDS = st.one_of(st.sampled_from([0, 46, 47, 92, 0x110000, 2**64 - 1]), st.integers(0, 2**64 - 1))
+_STEPS = st.one_of(st.sampled_from([46, 47, 92]), st.integers(1, 1000))
+_CFG = st.floats(-1e6, 1e6, allow_nan=False)
 
 
-@settings(max_examples=400, deadline=2000)
-@given(parts=st.lists(_TEMPLATE_PART, max_size=8), name=_VALUE, prompt=_VALUE)
-def test_fuzz_template_expander_stays_in_the_template_folders(parts, name, prompt):
-    """Whatever the template and whatever a prompt file puts in `name` and `prompt`, a planned path has
-    exactly the template's folders (fields never add a component) and fits the file system."""
-    template = "out/" + "".join(parts) + ".png"
-    job = command_line_job({"prompt": prompt or "x", "sampler": "euler"})
-    job = job.__class__(**{**job.__dict__, "name": name or None})
+def is_control(char: str) -> bool:
+    """What a name may not hold, said independently of outputs.py: C0/C1 controls, line and paragraph
+    separators, bidirectional embeddings, overrides and isolates."""
+    return (unicodedata.category(char) in ("Cc", "Zl", "Zp")
+            or unicodedata.bidirectional(char) in ("LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"))
+
+
+def literal_folders(pieces) -> tuple[str, ...]:
+    """The folders a parsed template's literal text names before its first field: every path is inside."""
+    text = ""
+    for literal, field, _, _ in pieces:
+        text += literal
+        if field is not None:
+            break
+    return Path(text + "x").parent.parts  # "x" stands for the field: its component is not a folder named
+
+
+def _case(folder: str, parts: list[str], name: str | None = None, seed: int = 1, steps: int = 1):
+    return example(folder=folder, parts=parts, name=name, prompt="a cat", seed=seed, steps=steps, cfg_scale=7.5, size=64)
+
+
+@settings(max_examples=500, deadline=2000)
+@given(folder=st.sampled_from(["out/", "", "../out/", "/srv/out/"]), parts=st.lists(_TEMPLATE_PART, max_size=8),
+       name=_NAMES, prompt=st.text(max_size=40), seed=_SEEDS, steps=_STEPS, cfg_scale=_CFG, size=st.sampled_from([8, 64, 512]))
+@_case("o/", ["sub/", "{name:.2}", "/img"], name="..evil")  # o/sub/../img.png
+@_case("o/", ["{steps:c}", "/img"], steps=46)  # o/./img.png
+@_case("", ["{seed:c}", "etc/x"], seed=47)  # /etc/x.png
+@_case("o/", ["{seed:c}"], seed=0)  # NUL
+@_case("o/", ["{seed:c}"], seed=0x110000)  # OverflowError
+@_case("o/", ["{name}"], name="\x1b[31mred")
+def test_fuzz_template_expander_stays_in_the_template_folders(folder, parts, name, prompt, seed, steps, cfg_scale, size):
+    """Whatever the template and its format specs, and whatever a prompt file puts in `name`, `prompt` and
+    the numbers, a planned path is inside the folders the template's literal text names, has exactly the
+    template's components (a field never adds, removes or climbs out of one: no "/", "." or ".."), holds
+    no control character, and fits the file system with its temporary file."""
+    template = folder + "".join(parts) + ".png"
+    job = command_line_job({"prompt": prompt or "x", "sampler": "euler", "seed": seed, "steps": steps,
+                            "cfg_scale": cfg_scale, "width": size, "height": size})
     try:
-        job = check_job(job)
+        job = check_job(replace(job, name=name))
         (task,) = plan_images([job], template)
-    except LdmError:
+    except LdmError as exc:
+        assert "outside the folders it names" not in str(exc)  # the last-resort check never has to act
+        event("refused")
         return
-    literal_folders = template.split("/")[:-1]
-    assert len(task.path.parts) <= len(Path(template).parts)
-    assert task.path.parts[0] == "out" and ".." not in task.path.parts[1:] or ".." in literal_folders
-    assert all(len(os.fsencode(p)) <= MAX_NAME_BYTES for p in task.path.parts)
+    event("planned")
+    pieces = list(string.Formatter().parse(template))  # parsed, or plan_images would have refused
+    shape = Path("".join(literal + ("x" if field is not None else "") for literal, field, _, _ in pieces))
+    prefix = literal_folders(pieces)
+    planned = task.path.parts
+    assert task.path.is_absolute() == shape.is_absolute() and len(planned) == len(shape.parts), (template, task.path)
+    assert planned[: len(prefix)] == prefix, (template, task.path)
+    for made, meant in zip(planned, shape.parts):
+        if made != meant:  # a component a field is in
+            assert made not in ("", ".", "..") and made.count("\\") == meant.count("\\"), made  # "\\" only literal
+            assert not any(is_control(c) for c in made), made
+    encoded = os.fsencode(task.path)
+    assert all(len(part) <= MAX_NAME_BYTES for part in encoded.split(b"/")) and len(encoded) <= MAX_OUTPUT_PATH_BYTES
+
+
+@pytest.mark.parametrize("template, path", [
+    ("o{{x}}/{seed}.png", "o{x}/7.png"),  # escaped braces in a folder the literal text names
+    ("a/../b/{{{seed}}}.png", "a/../b/{7}.png"),  # a literal ".." is the user's own
+    ("//o/./{name:.>4}/{cfg_scale:+.1f}.png", "//o/./...n/+7.5.png"),
+    ("o/{seed}//./{steps:=+05d}.png", "o/7//./+0003.png"),
+    ("{name}/{index:_^5}.png", "n/__0__.png"),
+    ("//{index}.png", "//0.png"),  # POSIX keeps a leading "//"
+])
+def test_templates_the_checks_keep(template, path):
+    """What pads and aligns, and literal text however odd, still plans (the checks refuse only what a field adds)."""
+    job = check_job(replace(command_line_job({"prompt": "a cat", "seed": 7, "steps": 3}), name="n"))
+    (task,) = plan_images([job], template)
+    assert task.path == Path(path)
 
 
 def test_planning_refuses_a_path_in_a_field_even_from_an_unchecked_job():

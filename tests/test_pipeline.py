@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldmcli import pipeline
+from ldmcli import pipeline, text_conditioning
 from ldmcli.request import ImageRequest
 from sd_fixtures import (
     SD15_SCHEDULER_CONFIG,
@@ -160,16 +160,16 @@ def test_prompts_encoded_up_front_give_the_same_images(tiny_folder):
     """`ldm generate` encodes a run's prompts first and frees the text encoder: same pixels, and each
     prompt's embedding is computed alone, so it does not depend on the others in its batch."""
     model = pipeline.load(tiny_folder)
-    mixed = pipeline.encode_text(model, [PROMPT, NEGATIVE, PROMPT]).context
-    alone = pipeline.encode_text(model, [NEGATIVE]).context
+    mixed = text_conditioning.encode_text(model, [PROMPT, NEGATIVE, PROMPT]).context
+    alone = text_conditioning.encode_text(model, [NEGATIVE]).context
     assert torch.equal(mixed[1:2], alone) and torch.equal(mixed[0], mixed[2])
     request = ImageRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=3, cfg_scale=5.0, sampler="euler")
     before = pipeline.generate(model, request, [SEED, SEED + 1])
-    pipeline.encode_up_front(model, [PROMPT, NEGATIVE])
+    text_conditioning.encode_up_front(model, [request])
     assert model.text_encoder is None
     assert torch.equal(pipeline.generate(model, request, [SEED, SEED + 1]), before)
     with pytest.raises(RuntimeError, match="not encoded up front"):
-        pipeline.encode_text(model, ["a prompt nobody encoded"])
+        text_conditioning.encode_text(model, ["a prompt nobody encoded"])
 
 
 @torch.inference_mode()

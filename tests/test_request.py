@@ -39,6 +39,8 @@ def _strategy(name: str):
         "seed": st.integers(0, 2**63 - 1),
         "width": st.integers(1, 256).map(lambda n: 8 * n),
         "height": st.integers(1, 256).map(lambda n: 8 * n),
+        "clip_skip": st.integers(1, 12),
+        "rng": st.sampled_from(["cpu", "nv"]),  # written out, not taken from request.RNGS
     }[name]
 
 
@@ -97,12 +99,12 @@ def test_every_field_but_the_prompt_has_a_flag_named_after_it() -> None:
 
 def test_template_fields_are_the_request_fields_marked_for_templates() -> None:
     marked = {f.name for f in fields(ImageRequest) if f.metadata["template"]}
-    assert marked == {"seed", "steps", "sampler", "cfg_scale", "width", "height"}
+    assert marked == {"seed", "steps", "sampler", "cfg_scale", "width", "height", "clip_skip", "rng"}
     assert marked <= set(TEMPLATE_FIELDS)
     request = ImageRequest(prompt="a cat", seed=5, steps=7, sampler="heun", cfg_scale=3.0, width=64, height=80)
     template = "_".join(f"{{{name}}}" for name in TEMPLATE_FIELDS) + ".png"
     (task,) = plan_images([Job(request, name="n")], template)
-    assert task.path == Path("0_0_0_a-cat_n_7_heun_3.0_5_64_80.png")  # run fields, then field order
+    assert task.path == Path("0_0_0_a-cat_n_7_heun_3.0_5_64_80_1_cpu.png")  # run fields, then field order
 
 
 def test_one_set_of_defaults() -> None:
@@ -123,7 +125,7 @@ def test_model_recommendations_fill_only_what_nobody_set() -> None:
     ({"steps": 1001}, "steps must be between 1 and 1000, got 1001"),
     ({"width": 60}, "width 60 is not a positive multiple of 8"),
     ({"width": 2056, "height": 2048}, "2056x2048 is 4,210,688 pixels, more than the limit of 4,194,304"),
-    ({"seed": -1}, "seed must be between 0 and 2^64 - 1, got -1"),
+    ({"seed": -2}, "seed must be between 0 and 2^64 - 1, got -2"),  # -1 asks for a random seed
     ({"seed": 2**64}, "seed must be between 0 and 2^64 - 1"),
     ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number"),
     ({"prompt": "a \udc80 cat"}, "prompt is not valid Unicode: a lone surrogate at character 2"),

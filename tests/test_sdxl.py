@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmcli import pipeline
+from ldmcli import pipeline, text_conditioning
 from ldmcli.request import ImageRequest
 from ldmcli.conditioning import SizeConditioning, sdxl_vector
 from ldmcli.detect import detect_spec
@@ -370,6 +370,6 @@ def test_prompts_encoded_up_front_give_the_same_images(sdxl_folder, negative):
     model = pipeline.load(sdxl_folder)
     request = ImageRequest(prompt=PROMPT, negative_prompt=negative, width=SIZE, height=SIZE, steps=2, cfg_scale=5.0, sampler="euler")
     before = pipeline.generate(model, request, [SEED])
-    pipeline.encode_up_front(model, [PROMPT, negative])
+    text_conditioning.encode_up_front(model, [request])
     assert model.text_encoder is None and model.text_encoder_2 is None
     assert torch.equal(pipeline.generate(model, request, [SEED]), before)

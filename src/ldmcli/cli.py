@@ -15,8 +15,8 @@ import click
 from click.core import ParameterSource
 
 from ldmcli import __version__
-from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
-from ldmcli.request import ImageRequest
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
+from ldmcli.request import RNGS, ImageRequest
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -100,7 +100,11 @@ def cli() -> None:
 @click.option("--cfg-scale", type=float, help=f"Classifier-free guidance scale; 1 skips the negative pass. [default: {ImageRequest().cfg_scale}]")
 @click.option("-W", "--width", type=ImageSide(), help=f"Width in pixels, a multiple of 8. [default: {ImageRequest().width}, or the model's]")
 @click.option("-H", "--height", type=ImageSide(), help=f"Height in pixels, a multiple of 8. [default: {ImageRequest().height}, or the model's]")
-@click.option("-s", "--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Seed of each job's first image; image i gets seed+i. Random if unset.")
+@click.option("-s", "--seed", type=click.IntRange(min=-1, max=MAX_SEED), help="Seed of each job's first image; image i gets seed+i. Random if unset or -1.")
+@click.option("--clip-skip", type=click.IntRange(min=1, max=MAX_CLIP_SKIP),
+              help="Condition on the text encoder's layer N - 1 blocks before its own (A1111's Clip skip). [default: 1]")
+@click.option("--rng", type=click.Choice(RNGS), help="Noise generator: cpu (torch's CPU generator), or nv (an NVIDIA GPU's numbers, "
+              "A1111's default there, on any device). [default: cpu]")
 @click.option("-b", "--batch-count", type=click.IntRange(min=1, max=MAX_IMAGES_PER_RUN), default=1, show_default=True, help="Images per prompt.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per U-Net batch (speed/memory only: images do not change).")
@@ -130,12 +134,12 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
+             height, seed, clip_skip, rng, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
     def build():
-        from ldmcli.jobs import command_line_job, job_from_png, read_prompt_file
+        from ldmcli.jobs import apply_model_family, command_line_job, job_from_png, random_seed, read_prompt_file
         from ldmcli.outputs import check_template, resolve_template
         from ldmcli.request import field_names
         from ldmcli.run import RunOptions, recommended_defaults, run_generate
@@ -152,8 +156,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             if texts or prompt_file:
                 raise click.UsageError("--from-png regenerates one image: give no other prompt")
             job, recorded = job_from_png(from_png, template)
-            jobs = [job if "seed" in job.given else job.setting(seed=_random_seed())]
-            model_path = model or recorded.get("path") or recorded.get("name")
+            jobs = [job if "seed" in job.given else job.setting(seed=random_seed())]
             prediction_type = prediction_type or recorded.get("prediction_type")
             if "dtype" not in given and recorded.get("dtype") in DTYPES:
                 run_dtype = recorded["dtype"]  # the same pixels need the same arithmetic
@@ -161,13 +164,17 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             if not texts and not prompt_file:
                 raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
             if "seed" not in template.given:  # random, and recorded like any other
-                template = template.setting(seed=_random_seed())
+                template = template.setting(seed=random_seed())
             jobs = [template.setting(prompt=t) for t in texts]
             if prompt_file:
                 jobs += read_prompt_file(prompt_file, template)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
-        model_file = _resolve_model(model_path, quiet)
+        if from_png is not None:
+            explicit = model if ctx.get_parameter_source("model") == ParameterSource.COMMANDLINE else None
+            model_file = _model_for_png(from_png, recorded, explicit, model if explicit is None else None, quiet)
+        else:
+            model_file = _resolve_model(model_path, quiet)
         options = RunOptions(
             model=model_file, template=output_template,
             device=device, dtype=run_dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
@@ -175,13 +182,82 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
         )
         defaults = recommended_defaults(model_file, prediction_type)
+        if any("clip_skip" in job.a1111 and job.request.clip_skip != 1 for job in jobs):
+            family = _model_family(model_file, prediction_type)  # headers only, as recommended_defaults
+            jobs = [apply_model_family(job, family) for job in jobs]
         return run_generate(jobs, options, defaults)
 
     sys.exit(_run(build, debug))
 
 
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: str | None, quiet: bool) -> Path:
+    """The model to regenerate `png` with: -m (`explicit`) when given, warned if its hash is not the
+    recorded one; else the recorded path (ldm's record) if it still exists; else the model ldm finds
+    with the recorded hash, or else the recorded name (warned when its hash differs); else $LDM_MODEL
+    (`fallback`, warned). None of these: an error naming the hash and the model, never the demo model.
+    """
+    from ldmcli.errors import ModelNotFoundError
+    from ldmcli.hashing import hash_matches, model_hash
+    from ldmcli.models_dir import find_recorded_model, places, resolve_model
+
+    name, recorded_hash = recorded.get("name"), recorded.get("hash")
+    made_with = _recorded_model(name, recorded_hash)
+
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(f"ldm: {message}", err=True)
+
+    def check(path: Path, what: str) -> Path:
+        """`path`, said to differ from the recorded model when its hash does."""
+        if recorded_hash and not hash_matches(path, recorded_hash):
+            actual = model_hash(path)
+            has = f"has hash {actual}" if actual else "is a folder (no A1111 hash to compare)"
+            say(f"warning: {png} was made with {made_with}; {what} {path} {has}: the image may differ")
+        return path
+
+    if explicit:
+        return check(resolve_model(explicit), "-m")
+    if recorded.get("path"):
+        return check(resolve_model(recorded["path"]), "the recorded model file")
+    if not name and not recorded_hash:
+        if fallback:
+            say(f"warning: {png} does not say which model made it; using $LDM_MODEL {fallback}")
+            return resolve_model(fallback)
+        raise ModelNotFoundError(f"{png} does not say which model made it (no Model hash or Model): "
+                                 "pass -m MODEL")
+    found = find_recorded_model(name, recorded_hash)
+    if found is not None and found.by == "hash":
+        say(f"{png} was made with {made_with}: using {found.model.path} (same hash)")
+        return found.model.path
+    if found is not None:
+        if recorded_hash:
+            has = f"hash {found.hash}" if found.hash else "no A1111 hash (a folder)"
+            say(f"warning: {png} was made with {made_with}; no model ldm can find has that hash: using "
+                f"{found.model.path}, of the same name but {has}: the image may differ")
+        else:
+            say(f"{png} was made with {made_with}: using {found.model.path} (same name; the image records no hash)")
+        return found.model.path
+    if fallback:
+        say(f"warning: {png} was made with {made_with}, which ldm cannot find: using $LDM_MODEL {fallback}")
+        return check(resolve_model(fallback), "$LDM_MODEL")
+    raise ModelNotFoundError(f"{png} was made with {made_with}, which ldm cannot find by hash or name "
+                             f"(looked in {places()}): pass -m MODEL to use another")
+
+
+def _recorded_model(name: str | None, recorded_hash: str | None) -> str:
+    """How messages name a recorded model: 'model "v1-5-pruned" (hash 6ce0161689)'."""
+    from ldmcli.metadata import printable
+
+    shown = f'model "{printable(name, 80)}"' if name else "a model"
+    return f"{shown} (hash {printable(recorded_hash, 64)})" if recorded_hash else f"{shown} (no hash recorded)"
+
+
+def _model_family(model: Path, prediction: str | None) -> str:
+    """The model's family ("sd1", "sd2", "sdxl"), from headers and shapes, before anything loads."""
+    from ldmcli.detect import detect_spec
+    from ldmcli.layout import read_components
+
+    return detect_spec(read_components(Path(model), meta=True), prediction=prediction).family
 
 
 def _resolve_model(name: str | None, quiet: bool) -> Path:
@@ -246,10 +322,21 @@ def info(target, as_json, debug) -> None:
             click.echo(json.dumps(described, indent=2, ensure_ascii=False))
         else:
             for key, value in described.items():
-                click.echo(f"{key}: {value}")
+                if key in ("not_honoured", "notes"):  # lists of {"key", "value", "why"}
+                    click.echo(f"{key}:" + ("" if value else " none"))
+                    for note in value:
+                        click.echo(f"  - {_note_text(note)}")
+                else:
+                    click.echo(f"{key}: {value}")
         return 0
 
     sys.exit(_run(show, debug))
+
+
+def _note_text(note: dict) -> str:
+    from ldmcli.metadata import Note
+
+    return Note(note["key"], note["value"], note["why"]).text()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

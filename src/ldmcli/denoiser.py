@@ -8,7 +8,8 @@ samplers see nothing but x0 predictions.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,6 +60,40 @@ class Denoiser:
         return out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
 
 
+Conditioning = Tensor | Mapping[str, Tensor]
+"""The text context [B, T, D] (passed as ``context=``) or a mapping of conditioning keyword arguments
+(e.g. SDXL's ``context`` and ``y``), each batched on dim 0."""
+
+
+class ConditioningSchedule:
+    """Conditioning that changes during sampling (A1111's prompt editing and alternation).
+
+    entries: [(end_at_step, conditioning), ...] sorted by step. Call k of the denoiser (0-based) uses
+    the first entry whose end_at_step is at least k, the last one after that. The count is of calls,
+    not of sampler steps, as A1111's CFGDenoiser counts (`self.step += 1` per call): with a sampler
+    that evaluates the model twice a step (Heun, DPM2) the switch comes at half the step number.
+    """
+
+    def __init__(self, entries: Sequence[tuple[int, Conditioning]]) -> None:
+        if not entries:
+            raise ValueError("a conditioning schedule needs at least one entry")
+        self.entries = [(end, _as_kwargs(c)) for end, c in sorted(entries, key=lambda e: e[0])]
+
+    def at(self, call: int) -> dict[str, Tensor]:
+        return next((c for end, c in self.entries if call <= end), self.entries[-1][1])
+
+    def keys(self) -> set[str]:
+        return set(self.entries[0][1])
+
+
+def _as_kwargs(c: Conditioning) -> dict[str, Tensor]:
+    return {"context": c} if isinstance(c, Tensor) else dict(c)
+
+
+def _as_schedule(c: Conditioning | ConditioningSchedule) -> ConditioningSchedule:
+    return c if isinstance(c, ConditioningSchedule) else ConditioningSchedule([(0, c)])
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) around an x0-denoiser.
 
@@ -67,32 +102,32 @@ class CFGDenoiser:
     and conditional halves go through the network as ONE batch ``[uncond, cond]``; without an uncond
     (the caller's decision: `ImageRequest.guided`) only the conditional pass runs.
 
-    cond / uncond: the text context [B, T, D] (passed as ``context=``) or a mapping of conditioning
-    keyword arguments (e.g. SDXL's ``context``, pooled embedding, size ids), each batched on dim 0.
+    cond / uncond: a `Conditioning`, or a `ConditioningSchedule` when it changes during sampling (the
+    calls are counted here). Batched, cond and uncond must have the same keys and shapes.
     """
 
     def __init__(
         self,
         denoiser: Callable[..., Tensor],
-        cond: Tensor | Mapping[str, Tensor],
-        uncond: Tensor | Mapping[str, Tensor] | None,
+        cond: Conditioning | ConditioningSchedule,
+        uncond: Conditioning | ConditioningSchedule | None,
         scale: float,
     ) -> None:
         self.denoiser = denoiser
-        self.cond = self._as_kwargs(cond)
-        self.uncond = None if uncond is None else self._as_kwargs(uncond)
+        self.cond = _as_schedule(cond)
+        self.uncond = None if uncond is None else _as_schedule(uncond)
         if self.uncond is not None and self.uncond.keys() != self.cond.keys():
-            raise ValueError(f"cond keys {sorted(self.cond)} != uncond keys {sorted(self.uncond)}")
+            raise ValueError(f"cond keys {sorted(self.cond.keys())} != uncond keys {sorted(self.uncond.keys())}")
         self.scale = float(scale)
-
-    @staticmethod
-    def _as_kwargs(c: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {"context": c} if isinstance(c, Tensor) else dict(c)
+        self.calls = 0
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, t: Tensor | None = None) -> Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        cond = self.cond.at(call)
         if self.uncond is None:
-            return self.denoiser(x, sigma, t=t, **self.cond)
+            return self.denoiser(x, sigma, t=t, **cond)
+        uncond = self.uncond.at(call)
         two = lambda v: v if v is None or torch.as_tensor(v).ndim == 0 else torch.cat([v, v])  # noqa: E731
-        cond_in = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
+        cond_in = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), two(sigma), t=two(t), **cond_in).chunk(2)
         return uncond_x0 + self.scale * (cond_x0 - uncond_x0)

@@ -1,4 +1,5 @@
-"""Model hashes as A1111 writes them: the first 10 hex digits of the file's SHA-256 ("AutoV2").
+"""Model hashes as A1111 writes them: the first 10 hex digits of the file's SHA-256 ("AutoV2"); images
+from A1111 before late 2022 carry its older 8-digit hash (`legacy_model_hash`), which `hash_matches` knows.
 
 Hashing a 2-7 GB file takes seconds, so results are cached by (path, size, mtime) in
 $XDG_CACHE_HOME/ldm/hashes.json (~/.cache/ldm/hashes.json). The cache is only an optimisation: one
@@ -75,3 +76,33 @@ def model_hash(path: Path) -> str | None:
     """A1111's short hash of a single-file model; None for a diffusers folder (A1111 has no such hash)."""
     path = Path(path)
     return file_sha256(path)[:10] if path.is_file() else None
+
+
+# A1111's first model hash (until late 2022; still in many images' `Model hash`): SHA-256 of 64 KiB
+# read at 1 MiB into the file, 8 hex digits. Cheap: nothing to cache.
+LEGACY_HASH_OFFSET, LEGACY_HASH_BYTES, LEGACY_HASH_DIGITS = 0x100000, 0x10000, 8
+
+
+def legacy_model_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(LEGACY_HASH_OFFSET)
+        return hashlib.sha256(f.read(LEGACY_HASH_BYTES)).hexdigest()[:LEGACY_HASH_DIGITS]
+
+
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+def hash_matches(path: Path, recorded: str | None) -> bool:
+    """Whether the single-file model at `path` has the hash an image records: A1111's 10-digit hash
+    (or any longer prefix of the SHA-256, up to all of it), or its 8-digit legacy hash. A folder, or a
+    recorded value that is not such a hash, never matches."""
+    wanted = (recorded or "").strip().lower()
+    path = Path(path)
+    if not _HEX.fullmatch(wanted) or not path.is_file():
+        return False
+    try:
+        if len(wanted) == LEGACY_HASH_DIGITS:
+            return legacy_model_hash(path) == wanted
+        return file_sha256(path).startswith(wanted)
+    except OSError:  # unreadable: not the model, as far as anyone can tell
+        return False

@@ -26,6 +26,13 @@ except ImportError:  # Windows: no flock, so temporary files are never cleaned u
 # save_png's temporary files: ".STEM.XXXXXXXX.png.part" (mkstemp's 8 random characters), and only those.
 TEMP_SUFFIX = ".png.part"
 _TEMP_NAME = re.compile(r"\..*\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# A temporary name is this many bytes longer than the image's stem: ".", ".XXXXXXXX" and TEMP_SUFFIX.
+TEMP_NAME_EXTRA = 1 + 1 + 8 + len(TEMP_SUFFIX)
+# ...and at most this many bytes longer than the image's whole path ("NAME.png" -> ".NAME.XXXXXXXX.png.part"):
+# output paths are bounded so that the temporary file's path fits too (outputs.py).
+TEMP_PATH_EXTRA = TEMP_NAME_EXTRA - len(".png")
+# Linux's NAME_MAX: the longest file name, in bytes.
+_NAME_MAX = 255
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_HEAD = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR"  # every PNG starts with its 13-byte IHDR chunk
@@ -69,11 +76,25 @@ def _locked_temp_file(path: Path) -> tuple[BinaryIO, str]:
     under its lock): then the file has no name left, and we make another.
     """
     while True:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(path.stem)}.", suffix=TEMP_SUFFIX, dir=path.parent)
         if _lock(fd, wait=True) and os.fstat(fd).st_nlink == 0:
             os.close(fd)
             continue
         return os.fdopen(fd, "wb"), tmp
+
+
+def _temp_stem(stem: str) -> str:
+    """`stem`, cut (at a character boundary) so that its temporary name fits in a file name: an image
+    name of up to 255 bytes is valid, and its temporary name is TEMP_NAME_EXTRA bytes longer. The cut
+    name still has the form `remove_stale_temp_files` looks for."""
+    encoded = os.fsencode(stem)
+    room = _NAME_MAX - TEMP_NAME_EXTRA
+    if len(encoded) <= room:
+        return stem
+    end = room
+    while end > 0 and encoded[end] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+        end -= 1
+    return os.fsdecode(encoded[:end])
 
 
 def _lock(fd: int, *, wait: bool) -> bool:
@@ -126,16 +147,31 @@ def is_complete_png(path: Path) -> bool:
     --skip-existing keeps only such files: a 0-byte or truncated file (an interrupted copy, a writer
     less careful than `save_png`) is remade. Reads 28 bytes whatever the image's size, so resuming
     a run of thousands of images stays instant; it does not decode (or CRC-check) the pixels.
+
+    Only a regular file (or a symlink to one) can be complete: the file is opened without blocking
+    and checked before it is read, so a FIFO (whose open() would wait for a writer forever) or a
+    device is never read (`outputs.check_outputs` refuses those before this runs).
     """
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):  # missing, unreadable; ValueError: a NUL in the path
+        return False
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not a folder, a FIFO, a device
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        return False
+    with open(fd, "rb") as f:
+        try:
             head = f.read(len(_PNG_HEAD))
             if head != _PNG_HEAD or f.seek(0, os.SEEK_END) < len(_PNG_HEAD) + len(_PNG_END):
                 return False
             f.seek(-len(_PNG_END), os.SEEK_END)
             return f.read() == _PNG_END
-    except OSError:  # missing, a folder, unreadable
-        return False
+        except OSError:
+            return False
 
 
 def _umask() -> int:

@@ -50,14 +50,23 @@ def describe_model(name: str) -> dict:
 
 
 def describe_image(path: Path) -> dict:
-    from ldmcli.metadata import A1111_KEY, LDM_KEY, read_png_text, request_from_png_text
+    """What an image records, as `ldm generate --from-png` reads it: the request's fields the image sets,
+    the model record, and what ldm would not honour (`not_honoured`) or reads with a remark (`notes`).
+    The notes that depend on the model (clip skip on SD 2.x/SDXL) are `generate`'s to add."""
+    from dataclasses import replace
+
+    from ldmcli.jobs import Job, prompt_tag_notes
+    from ldmcli.metadata import A1111_KEY, read_png_parameters, read_png_text
 
     text = read_png_text(path)  # refuses a missing file, a FIFO or device, anything but a PNG
-    request, given, model = request_from_png_text(text, str(path))
-    described = {"path": str(path), "made_by": "ldm" if LDM_KEY in text else "A1111-compatible tool"}
+    found = read_png_parameters(text, str(path))
+    described = {"path": str(path), "made_by": found.made_by}
     # Only what the image records: a field A1111's text leaves out was not necessarily ldm's default.
-    described.update({name: value for name, value in request.record().items() if name in given})
-    described["model"] = model
+    described.update({name: value for name, value in found.request.record().items() if name in found.given})
+    described["model"] = found.model
+    job = replace(Job(found.request), notes=found.notes).noting(prompt_tag_notes(found.request))
+    described["not_honoured"] = job.not_honoured
+    described["notes"] = job.remarks
     if A1111_KEY in text:
         described["parameters"] = text[A1111_KEY]
     return described

@@ -3,16 +3,23 @@
 A job is one `ImageRequest`, a batch count and where it came from; image i of a job gets seed + i.
 Every source builds its jobs here:
 - the command line: one job per prompt, with the flags the user gave;
-- prompt files: plain text (one prompt a line, blank lines and `#` comments skipped) or JSONL (one
-  object a line: `prompt` plus any request field, `batch_count` and `name`), the flags as their defaults;
+- prompt files: plain text (one prompt a line, blank lines and `#` comments skipped; a line that starts
+  with `--` is a line of A1111's "Prompts from file or textbox" script) or JSONL (one object a line:
+  `prompt` plus any request field, `batch_count` and `name`, or the keys of A1111's txt2img request),
+  the flags as their defaults;
 - a PNG made by ldm or A1111 (`--from-png`): its recorded request, the flags the user gave on top.
 Fields nobody set take the model's recommendation (`check_job`), else `ImageRequest`'s defaults.
+
+Nothing a source asks for is dropped quietly: what ldm does not do (an A1111 key or setting, a
+`<lora:...>` tag in a prompt) stays with the job as a `metadata.Note`, said on stderr and in --json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -21,6 +28,13 @@ from typing import Any
 
 from ldmcli.errors import LdmError
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_NAME_BYTES, MAX_PROMPT_FILE_BYTES, MAX_SEED
+from ldmcli.metadata import (
+    INFOTEXT_PREFIXES,
+    Note,
+    a1111_rng,
+    a1111_schedule,
+    is_off,
+)
 from ldmcli.request import ImageRequest, check_values, field_names
 
 # What a JSONL line may carry besides the request's fields, and the type each must have.
@@ -38,15 +52,38 @@ class Job:
     batch_count: int = 1
     name: str | None = None  # for output templates; defaults to the prompt's slug
     source: str = "command line"  # where the job came from, for error messages ("prompts.jsonl:3")
+    # What the sources asked for and ldm does not do as asked, or does with a remark (stderr, --json).
+    notes: tuple[Note, ...] = ()
+    # Fields set with A1111's meaning (an A1111 text or request): clip skip, which A1111 does not apply
+    # to SD 2.x and SDXL models (`apply_model_family`).
+    a1111: frozenset[str] = frozenset()
 
     def setting(self, **values: Any) -> Job:
-        """This job with request fields set (and counted as given).
+        """This job with request fields set (and counted as given), by a source that means ldm's meaning.
 
         An A1111 sampler name carries a schedule ("DPM++ 2M Karras"): it is set, as given, by the
         same source, so it overrides a lower source's schedule unless this source names one itself.
+        A lower source's notes about a field set here go: its value no longer counts.
         """
         values = {**_split_sampler_name(values.get("sampler")), **values} if "sampler" in values else values
-        return replace(self, request=replace(self.request, **values), given=self.given | values.keys())
+        notes = tuple(n for n in self.notes if not set(n.fields) & values.keys())
+        return replace(self, request=replace(self.request, **values), given=self.given | values.keys(),
+                       notes=notes, a1111=self.a1111 - values.keys())
+
+    def noting(self, notes, a1111: frozenset[str] | set[str] = frozenset()) -> Job:
+        """This job with `notes` added (once each) and the fields `a1111` marked as read with A1111's meaning."""
+        added = tuple(n for n in dict.fromkeys(notes) if n not in self.notes)
+        return replace(self, notes=self.notes + added, a1111=self.a1111 | frozenset(a1111))
+
+    @property
+    def not_honoured(self) -> list[dict[str, str]]:
+        """The --json list: what this job's sources asked for that ldm does not do."""
+        return [n.record() for n in self.notes if not n.honoured]
+
+    @property
+    def remarks(self) -> list[dict[str, str]]:
+        """The --json list of the rest: done as asked, with something worth saying."""
+        return [n.record() for n in self.notes if n.honoured]
 
 
 def _split_sampler_name(name: Any) -> dict[str, Any]:
@@ -95,7 +132,12 @@ def read_prompt_file(path: str, template: Job) -> list[Job]:
         if not stripped or stripped.startswith("#"):
             continue
         where = f"{name}:{number}"
-        job = _json_job(stripped, template, where) if jsonl else template.setting(prompt=stripped)
+        if jsonl:
+            job = _json_job(stripped, template, where)
+        elif stripped.startswith("--"):
+            job = _script_job(stripped, template, where)
+        else:
+            job = template.setting(prompt=stripped)
         jobs.append(replace(job, source=where))
     if not jobs:
         raise LdmError(f"{name}: no prompts in the file")
@@ -132,6 +174,13 @@ def _json_job(line: str, template: Job, where: str) -> Job:
         raise LdmError(f"{where}: not usable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
+    ours = (*field_names(), *JOB_KEYS)
+    unknown = sorted(set(obj) - set(ours) - A1111_REQUEST_KEYS)
+    if unknown:
+        raise LdmError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(ours)}; "
+                       f"and the keys of A1111's txt2img request: sampler_name, scheduler, n_iter, batch_size, "
+                       f"override_settings, ...)")
+    payload = {key: obj.pop(key) for key in list(obj) if key in A1111_REQUEST_KEYS}
     try:
         check_values(obj, where, extra=JOB_KEYS)
     except ValueError as exc:
@@ -139,17 +188,259 @@ def _json_job(line: str, template: Job, where: str) -> Job:
     if not isinstance(obj.get("prompt"), str):
         raise LdmError(f"{where}: \"prompt\" (a string) is required")
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
-    return replace(template.setting(**obj), **job_values)
+    job = replace(template.setting(**obj), **job_values)
+    if payload:
+        job = _a1111_job(job, payload, where, said=obj.keys() | job_values.keys(), template=template)
+    return job
+
+
+# --- A1111's txt2img request (JSONL) and its "Prompts from file or textbox" lines ---------------------
+# Both name StableDiffusionProcessingTxt2Img's attributes (modules/processing.py): the API's request
+# (/sdapi/v1/txt2img, modules/api/models.py) all of them, the script (scripts/prompts_from_file.py)
+# the ones in `SCRIPT_OPTIONS`. prompt, negative_prompt, steps, cfg_scale, seed, width and height are
+# ldm's names too; the others are read here, or named in a note when ldm does not honour them.
+
+
+@dataclass(frozen=True)
+class A1111Param:
+    """One of A1111's request keys that ldm does not read into the request."""
+
+    why: str | None  # why ldm does not honour it; None: it does not change the image
+    off: tuple[str, ...] = ("",)  # values that leave it off: nothing to honour (`metadata.is_off`)
+    needs: str | None = None  # it only matters when this other key is on
+
+
+_HIRES = INFOTEXT_PREFIXES["Hires "]
+_SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
+_VARIATION = "variation seeds, noise blended from a second seed, are not supported"
+_SEED_RESIZE = "seed resizing, noise drawn for another size, is not supported"
+_SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
+_REFINER = "the SDXL refiner is not supported"
+_SCRIPTS = "A1111 scripts and extensions are not run"
+
+A1111_PARAMS: dict[str, A1111Param] = {
+    "styles": A1111Param("A1111's saved styles, its styles.csv, are not available: put their text in the prompt"),
+    "subseed": A1111Param(_VARIATION, needs="subseed_strength"),
+    "subseed_strength": A1111Param(_VARIATION, off=("", "0")),
+    "seed_resize_from_h": A1111Param(_SEED_RESIZE, off=("", "0", "-1")),
+    "seed_resize_from_w": A1111Param(_SEED_RESIZE, off=("", "0", "-1")),
+    "restore_faces": A1111Param("face restoration, a post-processing model, is not supported", off=("", "false")),
+    "tiling": A1111Param("tileable images are not supported", off=("", "false")),
+    "eta": A1111Param("ldm's samplers run with their standard eta: 1 for ancestral and SDE samplers, 0 for DDIM"),
+    "denoising_strength": A1111Param(_SECOND_PASS, needs="enable_hr"),
+    "s_min_uncond": A1111Param("NGMS, skipping the negative pass at low noise, is not supported", off=("", "0")),
+    "s_churn": A1111Param(_SAMPLER_SETTING, off=("", "0")),
+    "s_tmax": A1111Param(_SAMPLER_SETTING, off=("", "0", "inf")),
+    "s_tmin": A1111Param(_SAMPLER_SETTING, off=("", "0")),
+    "s_noise": A1111Param(_SAMPLER_SETTING, off=("", "1")),
+    "refiner_checkpoint": A1111Param(_REFINER, off=("", "none")),
+    "refiner_switch_at": A1111Param(_REFINER, needs="refiner_checkpoint"),
+    "firstpass_image": A1111Param(_SECOND_PASS),
+    "enable_hr": A1111Param(_HIRES, off=("", "false")),
+    "firstphase_width": A1111Param(_HIRES, off=("", "0")),
+    "firstphase_height": A1111Param(_HIRES, off=("", "0")),
+    **{key: A1111Param(_HIRES, needs="enable_hr") for key in (
+        "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+        "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg")},
+    "script_name": A1111Param(_SCRIPTS, off=("", "none")),
+    "script_args": A1111Param(_SCRIPTS, needs="script_name"),
+    "alwayson_scripts": A1111Param("A1111 scripts and extensions, ControlNet, ADetailer and others, are not run"),
+    "infotext": A1111Param("an infotext inside the request, whose values A1111 applies over the request's, "
+                           "is not read: use --from-png"),
+    # What does not change the image: ldm applies no extra networks whatever this says (their tags
+    # are noted), A1111 itself ignores sampler_index unless sampler_name is missing, and the rest is
+    # about what A1111 does with the image, not what the image is.
+    **{key: A1111Param(None) for key in (
+        "disable_extra_networks", "comments", "force_task_id", "sampler_index", "send_images", "save_images",
+        "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
+        "outpath_samples", "outpath_grids", "prompt_for_display")},
+}
+# The request keys ldm reads into the job.
+A1111_READ_KEYS = frozenset({"sampler_name", "scheduler", "n_iter", "batch_size", "override_settings"})
+A1111_REQUEST_KEYS = A1111_READ_KEYS | A1111_PARAMS.keys()
+
+# `override_settings` entries ldm knows besides the two it reads (clip skip, the noise source).
+A1111_SETTINGS: dict[str, A1111Param] = {
+    "sd_model_checkpoint": A1111Param("a run has one model, -m or the one found for --from-png: a line cannot "
+                                      "switch it"),
+    "sd_vae": A1111Param("ldm decodes with the model's own VAE; a separate VAE file is not loaded",
+                         off=("", "automatic", "none")),
+    "eta_noise_seed_delta": A1111Param("eta noise seed delta is not supported", off=("", "0")),
+    "emphasis": A1111Param("only A1111's default emphasis, Original, is implemented", off=("", "original")),
+    "eta_ancestral": A1111Param("ldm's ancestral and SDE samplers run with eta 1", off=("", "1")),
+    "eta_ddim": A1111Param("ldm's DDIM runs with eta 0", off=("", "0")),
+    "token_merging_ratio": A1111Param("token merging, ToMe, is not supported", off=("", "0")),
+    "sd_vae_decode_method": A1111Param("ldm decodes with the full VAE", off=("", "full")),
+    "pad_cond_uncond": A1111Param(None),  # ldm pads the prompt and negative prompt to one length, as this does
+}
+A1111_UNKNOWN_SETTING = "an A1111 setting ldm does not have: not applied"
+
+# Pairs of ldm's key and A1111's for one thing: a line gives one of them.
+_SAME_THING = (("sampler", "sampler_name"), ("schedule", "scheduler"), ("batch_count", "n_iter"),
+               ("batch_count", "batch_size"))
+
+
+def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, template: Job) -> Job:
+    """`job` (a JSONL line's or a script line's ldm values already set) with A1111's request keys
+    `payload` read or noted. said: the ldm keys the line itself gave."""
+    for ours, theirs in _SAME_THING:
+        if ours in said and payload.get(theirs) is not None:
+            raise LdmError(f'{where}: "{ours}" and "{theirs}" both given: they say the same thing, give one')
+    values, batch_count, notes, a1111 = _read_a1111_request(payload, where, said)
+    job = job.setting(**values)
+    if batch_count is not None:
+        job = replace(job, batch_count=batch_count)
+    if "rng" not in values and "rng" not in said and "rng" not in template.given:
+        # A1111 draws its noise as its randn_source setting says, GPU unless changed.
+        rng, note = a1111_rng(None, "randn_source", absent_means_gpu=True)
+        job = job.setting(rng=rng)
+        notes.append(note)
+    return job.noting(notes, a1111)
+
+
+def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[dict, int | None, list[Note], set[str]]:
+    """(request values, batch count, notes, fields with A1111's meaning) of A1111's request keys."""
+    values: dict[str, Any] = {}
+    notes: list[Note] = []
+    a1111: set[str] = set()
+    sampler = payload.get("sampler_name")
+    if sampler is None and isinstance(payload.get("sampler_index"), str):
+        sampler = payload["sampler_index"]  # what A1111's API falls back to
+    if sampler is not None:
+        values["sampler"] = _typed(payload, "sampler_name", str, where, sampler)
+    if payload.get("scheduler") is not None:
+        try:
+            # None (Automatic): the model's own spacing, set here so that a --schedule flag does not apply
+            values["schedule"] = a1111_schedule(_typed(payload, "scheduler", str, where))
+        except ValueError as exc:
+            raise LdmError(f'{where}: "scheduler": {exc}') from None
+    batch_count = None
+    for key in ("n_iter", "batch_size"):  # A1111 makes n_iter batches of batch_size images: seed, seed + 1, ...
+        if payload.get(key) is not None:
+            count = _typed(payload, key, int, where)
+            if count < 1:
+                raise LdmError(f'{where}: "{key}" must be at least 1, got {count}')
+            batch_count = (batch_count or 1) * count
+    settings = payload.get("override_settings")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise LdmError(f'{where}: "override_settings" must be an object, got {_json_text(settings)[:40]}')
+        for key, value in settings.items():
+            if key == "CLIP_stop_at_last_layers":
+                if "clip_skip" in said:
+                    raise LdmError(f'{where}: "clip_skip" and override_settings "{key}" both given: give one')
+                values["clip_skip"] = _typed(settings, key, int, where)
+                a1111.add("clip_skip")
+            elif key == "randn_source":
+                if "rng" in said:
+                    raise LdmError(f'{where}: "rng" and override_settings "{key}" both given: give one')
+                values["rng"], note = a1111_rng(_typed(settings, key, str, where), "override_settings.randn_source",
+                                                absent_means_gpu=False)
+                notes += [note] if note else []
+            else:
+                rule = A1111_SETTINGS.get(key, A1111Param(A1111_UNKNOWN_SETTING, off=()))
+                if rule.why is not None and not is_off(value, rule.off):
+                    notes.append(Note(f"override_settings.{key}", _json_text(value), rule.why))
+    for key, value in payload.items():
+        rule = A1111_PARAMS.get(key)
+        if rule is None or rule.why is None or is_off(value, rule.off):
+            continue
+        if rule.needs is not None and is_off(payload.get(rule.needs), A1111_PARAMS[rule.needs].off):
+            continue
+        notes.append(Note(key, _json_text(value), rule.why))
+    return values, batch_count, notes, a1111
+
+
+def _typed(values: Mapping[str, Any], key: str, kind: type, where: str, value: Any = None) -> Any:
+    value = values[key] if value is None else value
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = {int: "a whole number", str: "a string"}[kind]
+        raise LdmError(f'{where}: "{key}" must be {what}, got {json.dumps(value, ensure_ascii=False, default=str)[:40]}')
+    return value
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+# The options of A1111's "Prompts from file or textbox" script and how it converts their values.
+def _script_bool(text: str) -> bool:
+    return text == "true"
+
+
+SCRIPT_OPTIONS: dict[str, type | Any] = {
+    "outpath_samples": str, "outpath_grids": str, "prompt_for_display": str, "prompt": str,
+    "negative_prompt": str, "styles": str, "seed": int, "subseed_strength": float, "subseed": int,
+    "seed_resize_from_h": int, "seed_resize_from_w": int, "sampler_index": int, "sampler_name": str,
+    "batch_size": int, "n_iter": int, "steps": int, "cfg_scale": float, "width": int, "height": int,
+    "restore_faces": _script_bool, "tiling": _script_bool, "do_not_save_samples": _script_bool,
+    "do_not_save_grid": _script_bool,
+}
+
+
+def _script_job(line: str, template: Job, where: str) -> Job:
+    """A line of A1111's "Prompts from file or textbox" script: `--prompt "a cat" --steps 30 ...`,
+    shell-quoted; --prompt and --negative_prompt take every word up to the next option."""
+    options = _script_options(line, where)
+    if "prompt" not in options:
+        raise LdmError(f"{where}: an A1111 prompt-file line (it starts with --) needs --prompt")
+    ours = {key: options.pop(key) for key in list(options) if key in field_names()}
+    try:
+        check_values(ours, where)  # the script's conversions give each field its type; NaN is refused here
+    except ValueError as exc:
+        raise LdmError(str(exc)) from exc
+    return _a1111_job(template.setting(**ours), options, where, said=set(ours), template=template)
+
+
+def _script_options(line: str, where: str) -> dict[str, Any]:
+    """The options of a script line, as the script's `cmdargs` reads them; every problem an LdmError."""
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:  # an unclosed quotation
+        raise LdmError(f"{where}: not a valid A1111 prompt-file line ({exc})") from None
+    options: dict[str, Any] = {}
+    pos = 0
+    while pos < len(args):
+        arg = args[pos]
+        if not arg.startswith("--"):
+            raise LdmError(f"{where}: expected an option starting with --, got {arg[:40]!r}")
+        tag = arg[2:]
+        convert = SCRIPT_OPTIONS.get(tag)
+        if convert is None:
+            raise LdmError(f"{where}: unknown option {arg[:40]!r} (A1111's prompt-file options: "
+                           f"{', '.join('--' + o for o in SCRIPT_OPTIONS)})")
+        if pos + 1 >= len(args):
+            raise LdmError(f"{where}: {arg} needs a value")
+        if tag in ("prompt", "negative_prompt"):
+            end = pos + 2
+            while end < len(args) and not args[end].startswith("--"):
+                end += 1
+            options[tag] = " ".join(args[pos + 1:end])
+            pos = end
+            continue
+        try:
+            options[tag] = convert(args[pos + 1])
+        except ValueError:
+            raise LdmError(f"{where}: {arg} takes {_kind(convert)}, got {args[pos + 1][:40]!r}") from None
+        pos += 2
+    return options
+
+
+def _kind(convert: Any) -> str:
+    return {int: "a whole number", float: "a number", str: "text"}.get(convert, "true or false")
 
 
 def job_from_png(path: Path, template: Job) -> tuple[Job, dict]:
     """The job a PNG records (ours or A1111's), the flags of `template` taking precedence, and the
-    image's model record (name, hash, path if it still exists, prediction type, dtype)."""
-    from ldmcli.metadata import read_png_text, request_from_png_text
+    image's model record (name, hash, path if it still exists, prediction type, dtype). What the PNG
+    asks for and ldm does not do is in the job's notes."""
+    from ldmcli.metadata import read_png_parameters, read_png_text
 
-    recorded, given, model = request_from_png_text(read_png_text(path), str(path))
+    found = read_png_parameters(read_png_text(path), str(path))
     flags = {name: getattr(template.request, name) for name in template.given}
-    job = replace(template, request=recorded, given=frozenset(given), source=str(path)).setting(**flags)
+    job = replace(template, request=found.request, given=found.given, source=str(path), notes=found.notes,
+                  a1111=found.a1111).setting(**flags)
+    model = found.model
     if model.get("path") and not Path(model["path"]).exists():
         model = {k: v for k, v in model.items() if k != "path"}
     return job, model
@@ -159,6 +450,8 @@ def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pix
     """Fill the fields nobody set with the model's `recommended` values, validate, resolve A1111
     sampler names. Raises LdmError naming the job's source (e.g. "prompts.jsonl:3")."""
     fill = {k: v for k, v in (recommended or {}).items() if k in field_names() and k not in job.given}
+    if job.request.seed == RANDOM_SEED:  # A1111's and sd.cpp's "-1": a random seed, recorded like any other
+        fill["seed"] = random_seed()
     try:
         request = replace(job.request, **fill).checked(max_pixels=max_pixels)
         if not 1 <= job.batch_count <= MAX_IMAGES_PER_RUN:
@@ -169,7 +462,62 @@ def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pix
             check_file_name(job.name, "name")
     except ValueError as exc:
         raise LdmError(f"{job.source}: {exc}") from exc
-    return replace(job, request=request)
+    return replace(job, request=request).noting(prompt_tag_notes(request))
+
+
+def prompt_tag_notes(request: ImageRequest) -> list[Note]:
+    """A note for each extra-network tag (`<lora:name:0.8>`, `<hypernet:...>`, any `<kind:...>`) in the
+    prompt or negative prompt: the text conditioning removes them before encoding, as A1111 does, and
+    ldm applies none of them yet."""
+    from ldmcli.prompt_syntax import extra_network_tags
+
+    notes = []
+    for name in ("prompt", "negative_prompt"):
+        _, tags = extra_network_tags(getattr(request, name))
+        notes += [Note(name, _tag_text(tag), EXTRA_NETWORKS.get(tag.kind.lower(), OTHER_EXTRA_NETWORK))
+                  for tag in tags]
+    return notes
+
+
+# Why each kind of A1111 extra network is not applied (the tag is removed from the prompt either way).
+_LORA_WHY = "LoRA is not applied yet (issue 17); the tag is removed from the prompt"
+EXTRA_NETWORKS = {
+    "lora": _LORA_WHY,
+    "lyco": _LORA_WHY,
+    "hypernet": "hypernetworks are not supported; the tag is removed from the prompt",
+}
+OTHER_EXTRA_NETWORK = "an extra network ldm does not have; the tag is removed from the prompt"
+
+
+def _tag_text(tag: Any) -> str:
+    """The tag as written: <kind:name:arg...>."""
+    args = tag.args if isinstance(tag.args, (list, tuple)) else [tag.args]
+    return "<" + ":".join(str(part) for part in (tag.kind, tag.name, *args)) + ">"
+
+
+# What A1111 does not do for SD 2.x and SDXL models, which ldm then does not do either.
+A1111_NO_CLIP_SKIP = ("A1111 does not apply clip skip to SD 2.x and SDXL models (a fixed text-encoder layer), "
+                      "so neither does ldm here (--clip-skip applies it)")
+
+
+def apply_model_family(job: Job, family: str) -> Job:
+    """The job as A1111 would run it on a model of `family`: a clip skip read with A1111's meaning (an
+    A1111 text, an A1111 request) is not applied to SD 2.x and SDXL models, where A1111 uses a fixed
+    layer (its OpenCLIP embedder; SDXL's CLIP-L too unless the non-default sdxl_clip_l_skip option is
+    set), and the job's notes say so. Anything else is left as it is."""
+    if "clip_skip" not in job.a1111 or job.request.clip_skip == 1 or family not in ("sd2", "sdxl"):
+        return job
+    note = Note("Clip skip", str(job.request.clip_skip), A1111_NO_CLIP_SKIP, honoured=True, fields=("clip_skip",))
+    return replace(job, request=replace(job.request, clip_skip=1)).noting([note])
+
+
+# The seed that asks for a random one, as in A1111 and stable-diffusion.cpp.
+RANDOM_SEED = -1
+
+
+def random_seed() -> int:
+    """A random seed in A1111's range (32 bits), from the OS's entropy (not the seeded generators)."""
+    return int.from_bytes(os.urandom(4), "little")
 
 
 def check_file_name(value: str, what: str) -> None:

@@ -277,12 +277,30 @@ STRUCTURE_KEYS = {"block_out_channels": False, "down_block_types": False, "up_bl
 
 
 def _check_structure(where: Path, config: dict) -> dict:
-    """`config` (a U-Net or VAE config.json), unless it states more than MAX_CONFIG_STRUCTURE of something."""
+    """`config` (a U-Net or VAE config.json), unless it states more than MAX_CONFIG_STRUCTURE of something,
+    or its levels are not lists: block_out_channels one positive width a level, the block types one
+    name a level (`[]` and `"abc"` failed deep in the key maps with "list index out of range" and "not
+    all arguments converted during string formatting")."""
     for key, numbers_count in STRUCTURE_KEYS.items():
         if key in config and _largest_count(config[key], numbers_count) > MAX_CONFIG_STRUCTURE:
             raise CheckpointError(f"{where}: {key} {reprlib.repr(config[key])} states more than {MAX_CONFIG_STRUCTURE} "
                                   "levels, blocks or layers: beyond any model this version runs")
+    for key, (kind, what) in LEVEL_LISTS.items():
+        value = config.get(key)
+        if key in config and not (isinstance(value, list) and value and all(kind(item) for item in value)):
+            raise CheckpointError(f"{where}: {key} is {reprlib.repr(value)}, not a non-empty list of {what}, "
+                                  "one a level")
     return config
+
+
+def _is_width(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# Config keys that list one entry per resolution level, with what each entry must be.
+LEVEL_LISTS = {"block_out_channels": (_is_width, "positive whole numbers"),
+               "down_block_types": (lambda item: isinstance(item, str), "block type names"),
+               "up_block_types": (lambda item: isinstance(item, str), "block type names")}
 
 
 def _largest_count(value, numbers_count: bool) -> float:

@@ -18,6 +18,9 @@ MAX_SEED = 2**64 - 1
 # an error, not an hour of swapping.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
+# Clip skip, in A1111's numbering (its slider's range): SD1's CLIP has 12 blocks.
+MAX_CLIP_SKIP = 12
+
 # Images in one run (all jobs, all batch counts): planning and naming them is done up front.
 MAX_IMAGES_PER_RUN = 100_000
 

@@ -7,6 +7,10 @@ last line of `Key: value` pairs in which values holding `,` `:` or a newline are
 The readers take PNGs from anywhere: they read the two text chunks without decoding the image, bound
 what they read (MAX_TEXT_CHUNK_BYTES, MAX_METADATA_CHARS), parse in linear time, and turn every problem
 into one ImageMetadataError line.
+
+Nothing of an A1111 text is dropped quietly: `INFOTEXT_KEYS` is the one table of the keys ldm knows,
+each honoured (and how) or not (and why); a key it does not know is listed too. What a source asks
+for and ldm does not do becomes a `Note`, shown on stderr and in the --json records.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ldmcli.errors import ImageMetadataError
 from ldmcli.files import check_regular_file, json_type, loads_json
@@ -167,9 +172,16 @@ def png_text(model, record: dict) -> dict[str, str]:
     from ldmcli.request import ImageRequest, field_names
 
     request = ImageRequest(**{name: record[name] for name in field_names()})
-    fields = {**_a1111_fields(request), "Model hash": model.hash, "Model": model.name, "Version": f"ldm {__version__}"}
+    pairs = _a1111_fields(request)
+    # A1111's order (`create_infotext`): the sampling keys, the model, then the settings, the version last.
+    settings = {key: pairs.pop(key) for key in A1111_AFTER_MODEL if key in pairs}
+    fields = {**pairs, "Model hash": model.hash, "Model": model.name, **settings, "Version": f"ldm {__version__}"}
     return {A1111_KEY: a1111_text(request.prompt, request.negative_prompt, fields),
             LDM_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True)}
+
+
+# The keys A1111 writes after the model's, in its order.
+A1111_AFTER_MODEL = ("Clip skip", "RNG")
 
 
 def _a1111_fields(request) -> dict[str, object]:
@@ -188,6 +200,10 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Schedule type"] = SCHEDULES[value].display_name or "Automatic"
         elif f.name == "width":
             pairs["Size"] = f"{request.width}x{request.height}"
+        elif f.name == "rng":
+            pairs["RNG"] = value.upper()  # A1111 spells its settings "CPU" and "NV"
+        elif f.name == "clip_skip":
+            pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
         elif f.metadata["a1111"]:
             pairs[f.metadata["a1111"]] = _number(value) if isinstance(value, float) else value
     return pairs
@@ -200,6 +216,25 @@ def _number(value: float) -> str:
 def request_from_png_text(text: Mapping[str, str], where: str):
     """(request, the fields it sets, model record) an image was made with: our JSON when present,
     else A1111's `parameters` text. Anything that does not fit is one ImageMetadataError naming `where`."""
+    found = read_png_parameters(text, where)
+    return found.request, set(found.given), found.model
+
+
+@dataclass(frozen=True)
+class PngParameters:
+    """What a PNG says it was made with, as ldm reads it."""
+
+    request: Any  # ImageRequest (request.py imports nothing of ours, but keep this module import-light)
+    given: frozenset[str]  # the request fields the PNG sets
+    model: dict  # name, hash (and, from ldm's record, path, family, prediction_type, dtype)
+    notes: tuple[Note, ...] = ()  # what the text asks for that ldm does not do, or does with a remark
+    a1111: frozenset[str] = frozenset()  # fields read with A1111's meaning (clip skip: not on SD 2.x/SDXL)
+    made_by: str = "ldm"
+
+
+def read_png_parameters(text: Mapping[str, str], where: str) -> PngParameters:
+    """`request_from_png_text`, with the notes: every key of an A1111 text is read into the request,
+    or named in a Note (not honoured, and why; unknown keys too)."""
     if LDM_KEY in text:
         return _from_ldm_record(text[LDM_KEY], where)
     if A1111_KEY in text:
@@ -213,7 +248,7 @@ MODEL_RECORD_KEYS = ("name", "path", "hash", "family", "prediction_type", "dtype
 PREDICTION_NAMES = ("epsilon", "v_prediction", "eps", "v")
 
 
-def _from_ldm_record(raw: str, where: str):
+def _from_ldm_record(raw: str, where: str) -> PngParameters:
     _check_size(raw, "ldm metadata", where)
     from ldmcli.request import ImageRequest, field_names
 
@@ -223,7 +258,7 @@ def _from_ldm_record(raw: str, where: str):
             raise ValueError(f"not a JSON object but {json_type(record)}")
         values = {name: record[name] for name in field_names() if name in record}
         model = _model_record(record.get("model", {}))
-        return ImageRequest.from_mapping(values, where), set(values), model
+        return PngParameters(ImageRequest.from_mapping(values, where), frozenset(values), model)
     except (ValueError, TypeError) as exc:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
 
@@ -245,26 +280,256 @@ def _model_record(model: object) -> dict[str, str | None]:
     return checked
 
 
-def _from_a1111_text(raw: str, where: str):
+def _from_a1111_text(raw: str, where: str) -> PngParameters:
     from ldmcli.request import ImageRequest, a1111_keys, parse_value
 
     params = parse_a1111(raw, where)
+    # ldm's own text (no `ldm` chunk: stripped by an image tool) keeps ldm's meanings: clip skip on
+    # every family, and no RNG key only in texts older than --rng, which drew on the CPU.
+    ours = params.get("Version", "").startswith("ldm ")
+    keys = a1111_keys()
     try:
         values = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"]}
-        values.update({name: parse_value(name, params[key]) for name, key in a1111_keys().items() if key in params})
+        values.update({name: parse_value(name, params[key]) for name, key in keys.items() if key in params})
         if "Size" in params:
             size = A1111_SIZE.match(params["Size"])
             if size is None:
                 raise ValueError(f"Size {params['Size'][:40]!r} is not WIDTHxHEIGHT")
             values.update(width=int(size[1]), height=int(size[2]))
         if "Sampler" in params:
-            sampler = params["Sampler"]
-            if params.get("Schedule type") and params["Schedule type"].lower() not in ("automatic", "uniform"):
-                sampler = f"{sampler} {params['Schedule type']}"
-            values["sampler"] = sampler
+            values["sampler"] = params["Sampler"]
+        try:
+            schedule = a1111_schedule(params.get("Schedule type"))
+        except ValueError:  # one ldm lacks: refused by the request's check, unless --schedule replaces it
+            schedule = params["Schedule type"]
+        if schedule is not None:
+            values["schedule"] = schedule
     except (KeyError, ValueError) as exc:
         raise ImageMetadataError(f"{where}: A1111 parameters not understood ({exc})") from exc
-    return ImageRequest(**values), set(values), {"name": params.get("Model"), "hash": params.get("Model hash")}
+    notes = []
+    rng = a1111_rng(values.get("rng"), "RNG", absent_means_gpu=not ours)
+    if rng is not None:
+        values["rng"], note = rng
+        notes += [note] if note else []
+    read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", *keys.values()}
+    notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
+    return PngParameters(
+        ImageRequest(**values), frozenset(values), {"name": params.get("Model"), "hash": params.get("Model hash")},
+        notes=tuple(notes), a1111=frozenset() if ours else frozenset({"clip_skip"} & values.keys()),
+        made_by="ldm (A1111 text only)" if ours else "A1111-compatible tool",
+    )
+
+
+# --- A1111's keys and what ldm does with each ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Note:
+    """One thing a job's source asked for, said rather than dropped: an A1111 key or setting ldm does
+    not honour (and why), a prompt tag it does not apply, or (honoured) a reading worth saying."""
+
+    key: str  # the source's own name: "Hires upscale", "enable_hr", "prompt" (for a tag in it)
+    value: str
+    why: str
+    honoured: bool = False  # True: done as the source meant, with a remark (no RNG: A1111's GPU noise)
+    fields: tuple[str, ...] = field(default=(), compare=False)  # the request fields it is about: a flag
+    # that sets one of them replaces what the source said, and the note with it
+
+    def record(self) -> dict[str, str]:
+        """The note in a --json record: {"key", "value", "why"}."""
+        return {"key": self.key, "value": self.value, "why": self.why}
+
+    def text(self) -> str:
+        """One line's worth: control characters escaped, long values cut."""
+        return f"{printable(self.key, NOTE_VALUE_CHARS)}: {printable(self.value, NOTE_VALUE_CHARS)} ({self.why})"
+
+
+NOTE_VALUE_CHARS = 60
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` for a one-line message: control characters, line separators and lone surrogates escaped,
+    cut to about `limit` characters."""
+    shown = _CONTROL.sub(lambda m: m[0].encode("unicode_escape", "backslashreplace").decode("ascii"), text[: limit + 1])
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class A1111Key:
+    """What ldm does with one key of A1111's infotext."""
+
+    does: str  # honoured: how; not honoured: why not
+    honoured: bool = False
+    off: tuple[str, ...] = ()  # values (lower case) that leave the feature off: nothing to honour then
+
+
+_HIRES = "hires fix, a second upscaled pass, is not supported yet"
+_SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
+_IMG2IMG = "img2img and inpainting are not supported: ldm makes text-to-image only"
+_LORA = "LoRA is not applied yet: issue 17"
+_HYPERNET = "hypernetworks are not supported"
+_VAE = "ldm decodes with the model's own VAE; a separate VAE file is not loaded"
+_VARIATION = "variation seeds, noise blended from a second seed, are not supported"
+_SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
+_REFINER = "the SDXL refiner is not supported"
+_INFO = "informational"
+
+# Every key of A1111's infotext (modules/processing.py `create_infotext`, the options that carry an
+# `infotext=` label, built-in extensions) that ldm knows. Keys in `INFOTEXT_PREFIXES` and keys not here
+# at all are named too. README: "A1111 fields and what ldm does with each".
+INFOTEXT_KEYS: dict[str, A1111Key] = {
+    # honoured (read into the request by `_from_a1111_text`, or used to find the model)
+    "Steps": A1111Key("--steps", honoured=True),
+    "Sampler": A1111Key("--sampler (A1111's names; a sampler ldm does not have is an error)", honoured=True),
+    "Schedule type": A1111Key("--schedule: Karras, Exponential; Automatic, Uniform: the model's own spacing; "
+                              "others are an error", honoured=True),
+    "CFG scale": A1111Key("--cfg-scale", honoured=True),
+    "Seed": A1111Key("-s", honoured=True),
+    "Size": A1111Key("-W, -H", honoured=True),
+    "Clip skip": A1111Key("--clip-skip on SD 1.x; on SD 2.x and SDXL not applied, as A1111 does not apply it",
+                          honoured=True),
+    "RNG": A1111Key("--rng: CPU -> cpu, NV -> nv; GPU, A1111's default (so also when absent) -> nv, the numbers "
+                    "an NVIDIA GPU draws", honoured=True),
+    "Model hash": A1111Key("finds the model: one ldm can find with this hash, else with the Model's name "
+                           "(warned); neither: an error unless -m is given", honoured=True),
+    "Model": A1111Key("the model's name: see Model hash", honoured=True),
+    "Version": A1111Key(_INFO, honoured=True),
+    "User": A1111Key(_INFO, honoured=True),
+    "Pad conds": A1111Key("ldm pads the prompt and negative prompt to the same length, as this option does",
+                          honoured=True),
+    # known, honoured when off
+    "Emphasis": A1111Key("only A1111's default emphasis, Original, is implemented", off=("original",)),
+    "ENSD": A1111Key("eta noise seed delta, an offset of the ancestral noise's seed, is not supported", off=("0",)),
+    "Eta": A1111Key("ldm's ancestral and SDE samplers run with eta 1", off=("1",)),
+    "Eta DDIM": A1111Key("ldm's DDIM runs with eta 0", off=("0",)),
+    "Token merging ratio": A1111Key("token merging, ToMe, is not supported: ldm runs the full attention", off=("0",)),
+    "Token merging ratio hr": A1111Key(_HIRES, off=("0",)),
+    "Tiling": A1111Key("tileable images are not supported", off=("false",)),
+    "VAE Decoder": A1111Key("ldm decodes with the full VAE", off=("full",)),
+    "VAE Encoder": A1111Key(_IMG2IMG, off=("full",)),
+    "Noise Schedule": A1111Key("zero terminal SNR rescaling is not supported", off=("default",)),
+    "Discard penultimate sigma": A1111Key(_SAMPLER_SETTING, off=("false",)),
+    "SGM noise multiplier": A1111Key(_SAMPLER_SETTING, off=("false",)),
+    "Downcast alphas_cumprod": A1111Key("ldm keeps the noise schedule in full precision", off=("false",)),
+    "Old prompt editing timelines": A1111Key("ldm reads [from:to:when] as A1111 1.6 and later do", off=("false",)),
+    "Schedule max sigma": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    "Schedule min sigma": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    "Schedule rho": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    # known, not honoured
+    "Denoising strength": A1111Key(_SECOND_PASS),
+    "Lora hashes": A1111Key(_LORA),
+    "TI hashes": A1111Key("textual-inversion embeddings are not loaded: their names stay words of the prompt"),
+    "Hypernet": A1111Key(_HYPERNET),
+    "Hypernet hash": A1111Key(_HYPERNET),
+    "Hypernet strength": A1111Key(_HYPERNET),
+    "VAE": A1111Key(_VAE),
+    "VAE hash": A1111Key(_VAE),
+    "Face restoration": A1111Key("face restoration, a post-processing model, is not supported"),
+    "Variation seed": A1111Key(_VARIATION),
+    "Variation seed strength": A1111Key(_VARIATION),
+    "Seed resize from": A1111Key("seed resizing, noise drawn for another size, is not supported"),
+    "Pad conds v0": A1111Key("A1111's pre-1.6 padding of the negative prompt is not implemented"),
+    "NGMS": A1111Key("NGMS, skipping the negative pass at low noise, is not supported"),
+    "NGMS all steps": A1111Key("NGMS, skipping the negative pass at low noise, is not supported"),
+    "Skip Early CFG": A1111Key("skipping guidance in early steps is not supported"),
+    "Sigma churn": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    "Sigma tmin": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    "Sigma tmax": A1111Key(_SAMPLER_SETTING, off=("0", "inf")),
+    "Sigma noise": A1111Key(_SAMPLER_SETTING, off=("1",)),
+    "Beta schedule alpha": A1111Key(_SAMPLER_SETTING),
+    "Beta schedule beta": A1111Key(_SAMPLER_SETTING),
+    "UniPC variant": A1111Key("ldm has no UniPC sampler"),
+    "UniPC skip type": A1111Key("ldm has no UniPC sampler"),
+    "UniPC order": A1111Key("ldm has no UniPC sampler"),
+    "UniPC lower order final": A1111Key("ldm has no UniPC sampler"),
+    "Image CFG scale": A1111Key("instruct-pix2pix editing is not supported"),
+    "Conditional mask weight": A1111Key(_IMG2IMG),
+    "Init image hash": A1111Key(_IMG2IMG),
+    "Mask blur": A1111Key(_IMG2IMG),
+    "Noise multiplier": A1111Key(_IMG2IMG),
+    "Extra noise": A1111Key(_SECOND_PASS),
+    "Refiner": A1111Key(_REFINER),
+    "Refiner switch at": A1111Key(_REFINER),
+    "Refiner switch by sampling steps": A1111Key(_REFINER),
+    "FP8 weight": A1111Key("fp8 weight storage is not supported: ldm computes in bf16, fp16 or fp32"),
+    "Cache FP16 weight for LoRA": A1111Key(_LORA),
+    "Hashes": A1111Key("civitai's list of resource hashes: ldm finds the model by Model hash"),
+}
+# Keys by their first word(s): A1111's hires-fix family, and the most common extensions.
+INFOTEXT_PREFIXES: dict[str, str] = {
+    "Hires ": _HIRES,
+    "ADetailer ": "ADetailer, an extension's detail pass over detected faces or hands, is not supported",
+    "ControlNet": "ControlNet is not supported",
+}
+UNKNOWN_KEY = "a key ldm does not know, an extension's perhaps: not applied"
+
+
+def infotext_note(key: str, value: str) -> Note | None:
+    """The note for a key of an A1111 text that is not read into the request; None when there is
+    nothing to say (an informational key, or a value that leaves the feature off)."""
+    rule = INFOTEXT_KEYS.get(key)
+    if rule is None:
+        why = next((why for prefix, why in INFOTEXT_PREFIXES.items() if key.startswith(prefix)), UNKNOWN_KEY)
+        return Note(key, value, why)
+    if rule.honoured or is_off(value, rule.off):
+        return None
+    return Note(key, value, rule.does)
+
+
+def is_off(value: object, off: tuple[str, ...]) -> bool:
+    """Whether `value` is one of the `off` values: text compared without case and surrounding blanks,
+    numbers as numbers ("1.0" is "1"), JSON's null, false and empty containers as "", "false"."""
+    if value is None or (isinstance(value, (list, dict, str)) and not value):
+        return "" in off or "none" in off
+    text = str(value).strip().lower()
+    if text in off:
+        return True
+    try:
+        number = float(text)
+    except ValueError:
+        return False
+    return any(_number_or_none(o) == number for o in off)
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def a1111_schedule(name: str | None) -> str | None:
+    """ldm's schedule for an A1111 schedule type ("Karras" -> "karras"); None for Automatic and
+    Uniform (the model's own spacing) and when there is none. Raises ValueError for one ldm lacks."""
+    from ldmcli.samplers import SCHEDULES
+
+    if name is None or name.strip().lower() in ("", "automatic", "uniform"):
+        return None
+    for schedule in SCHEDULES.values():
+        if schedule.display_name and schedule.display_name.lower() == name.strip().lower():
+            return schedule.name
+    known = ", ".join(["Automatic", "Uniform", *(s.display_name for s in SCHEDULES.values() if s.display_name)])
+    raise ValueError(f"schedule type {name[:40]!r} is not one ldm has ({known})")
+
+
+RNG_NOTE_GPU = "GPU noise: on an NVIDIA GPU exactly the numbers --rng nv draws, so nv"
+
+
+def a1111_rng(value: str | None, key: str, *, absent_means_gpu: bool) -> tuple[str, Note | None] | None:
+    """(ldm's --rng, a note) for A1111's RNG setting (CPU, NV, GPU; any case). None: leave it unset
+    (absent, and absence means nothing). GPU, A1111's default, is an NVIDIA GPU's numbers: nv, said in
+    the note. A value ldm does not know is passed on for the request's check to refuse."""
+    if value is None:
+        if not absent_means_gpu:
+            return None
+        return "nv", Note(key, "absent", f"A1111's default is {RNG_NOTE_GPU}", honoured=True,
+                          fields=("rng",))
+    text = str(value)
+    lowered = text.strip().lower()
+    if lowered == "gpu":
+        return "nv", Note(key, text, f"A1111's {RNG_NOTE_GPU}", honoured=True, fields=("rng",))
+    return (lowered if lowered in ("cpu", "nv") else text), None
 
 
 # --- reading the text chunks of a PNG --------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Find models by name: ./weights, $LDM_MODELS_DIR and the local Hugging Face cache.
+"""Find models by name: ./weights, $LDM_MODELS_DIR and the local Hugging Face cache; and the model an
+image records, by its A1111 hash or name (`find_recorded_model`, for --from-png).
 
 People who already downloaded a model with diffusers have it under
 `~/.cache/huggingface/hub/models--ORG--NAME/snapshots/REV/`: we use it in place, nothing is downloaded.
@@ -84,8 +85,50 @@ def resolve_model(name: str | os.PathLike) -> Path:
     for model in list_models():
         if text in (model.name, model.path.name, model.name.split("/")[-1]):
             return model.path
-    places = [str(folder) for _, folder in search_dirs()] + [str(hf_hub_cache())]
-    raise ModelNotFoundError(f"model {text!r} not found: not a path, and not in {', '.join(places)}")
+    raise ModelNotFoundError(f"model {text!r} not found: not a path, and not in {places()}")
+
+
+@dataclass(frozen=True)
+class RecordedModel:
+    """The model ldm found for the one an image records: how it matched, and its hash."""
+
+    model: FoundModel
+    by: str  # "hash" or "name"
+    hash: str | None  # its A1111 hash (None for a diffusers folder)
+
+
+def find_recorded_model(name: str | None, recorded_hash: str | None) -> RecordedModel | None:
+    """The model an image records, among `list_models()`: the one with its hash (`hashing.hash_matches`:
+    A1111's 10-digit hash or the older 8-digit one), else one of its name (the file's stem, as A1111's
+    `Model` is, or a folder's or HF repo's name, case-insensitively); None when neither is found.
+
+    Models whose name matches are hashed first, so the usual case hashes one file; the others only if
+    needed (once each: `hashing` caches by path, size and mtime).
+    """
+    from ldmcli.hashing import hash_matches, model_hash
+
+    models = list_models()
+    named = [m for m in models if _is_named(m, name)]
+    if recorded_hash:
+        for model in [*named, *(m for m in models if m not in named)]:
+            if hash_matches(model.path, recorded_hash):
+                return RecordedModel(model, "hash", model_hash(model.path))
+    if named:
+        return RecordedModel(named[0], "name", model_hash(named[0].path))
+    return None
+
+
+def _is_named(model: FoundModel, name: str | None) -> bool:
+    if not name or not name.strip():
+        return False
+    wanted = name.strip().casefold()
+    stems = {model.name, model.path.name, model.path.stem, model.name.split("/")[-1]}
+    return wanted in {s.casefold() for s in stems}
+
+
+def places() -> str:
+    """Where ldm looks for models by name, for messages."""
+    return ", ".join([str(folder) for _, folder in search_dirs()] + [str(hf_hub_cache())])
 
 
 def demo_model() -> Path | None:

@@ -4,11 +4,7 @@ Modules are built on the meta device and receive the checkpoint's tensors with
 `load_state_dict(strict=True, assign=True)`: no random initialisation that is then overwritten,
 no second copy of the weights.
 
-Conditioning by family (what diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline do):
-- sd1/sd2: `context` = the text encoder's hidden states (SD2 single files: penultimate block + LN);
-- sdxl: `context` = [CLIP-L penultimate | bigG penultimate] (raw, no final LN), and
-  `y` = [pooled, projected bigG | size/crop sinusoids] (`conditioning.py`); an empty negative
-  prompt conditions on zeros (`force_zeros_for_empty_prompt`).
+Prompts become conditioning in `text_conditioning.py`; `guidance_conditioning` shapes it for the U-Net.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ from ldmcli.models.clip import CLIPTextModel
 from ldmcli.models.unet import UNetModel
 from ldmcli.models.vae import AutoencoderKL
 from ldmcli.request import ImageRequest
+from ldmcli.text_conditioning import TextConditioning
 from ldmcli.tokenizer import PromptTokenizer
 
 
@@ -39,7 +36,7 @@ class StableDiffusion:
     spec: ModelSpec
     path: Path
     tokenizer: PromptTokenizer
-    text_encoder: CLIPTextModel | None  # None once released (`encode_up_front`)
+    text_encoder: CLIPTextModel | None  # None once released (`text_conditioning.encode_up_front`)
     unet: UNetModel | None  # None once released (`release_unet`)
     vae: AutoencoderKL
     device: torch.device
@@ -50,9 +47,9 @@ class StableDiffusion:
     # Things that happened while generating that the user should hear about (e.g. a VAE decode
     # redone in fp32). The caller prints and clears them.
     warnings: list[str] = field(default_factory=list)
-    # Prompt -> its text conditioning, for prompts encoded before the text encoders were released
-    # (`encode_up_front`); `encode_text` looks here first.
-    text_cache: dict[str, TextConditioning] = field(default_factory=dict)
+    # (texts, clip skip) -> their text conditioning, for texts encoded before the text encoders were
+    # released (`text_conditioning.encode_up_front`); `encode_texts` looks here first.
+    text_cache: dict[tuple[tuple[str, ...], int], TextConditioning] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -188,66 +185,50 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-@dataclass(frozen=True)
-class TextConditioning:
-    """What the prompt encoders give: the cross-attention context and (SDXL) the pooled embedding."""
-
-    context: torch.Tensor  # [B, 77, context_dim]
-    pooled: torch.Tensor | None = None  # [B, projection_dim]: SDXL's projected bigG EOS state
-
-
 @torch.inference_mode()
-def encode_text(model: StableDiffusion, prompts: Sequence[str]) -> TextConditioning:
-    """Prompts -> context (and SDXL's pooled embedding), as the family's reference pipeline does.
+def unet_conditioning(model: StableDiffusion, text: TextConditioning, batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """The U-Net's keyword arguments for one row of text conditioning, repeated `batch` times:
+    {"context"} or, for SDXL, {"context", "y"} (y: the pooled vector and the size sinusoids)."""
+    from ldmcli.conditioning import SizeConditioning, sdxl_vector
 
-    Each distinct prompt is encoded once and on its own (a batch of one), so its embedding does not
-    depend on which other prompts share the batch, nor on whether it was encoded up front.
+    context = text.context.expand(batch, -1, -1)
+    if text.pooled is None:
+        return {"context": context}
+    dim = model.spec.addition_time_embed_dim
+    assert dim is not None
+    pooled = text.pooled.expand(batch, -1)
+    return {"context": context, "y": sdxl_vector(pooled, SizeConditioning.for_image(height, width), dim)}
+
+
+def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: int):
+    """(cond, uncond) for `request` as `ConditioningSchedule`s (uncond None without guidance).
+
+    Each is the prompt's A1111 schedule (`text_conditioning.prompt_conditioning`); every entry is padded
+    to the longest, since the unconditional and conditional passes go through the U-Net as one batch.
     """
-    encoded = {prompt: _encode_one(model, prompt) for prompt in dict.fromkeys(prompts)}
-    context = torch.cat([encoded[p].context for p in prompts])
-    if any(e.pooled is None for e in encoded.values()):  # one text encoder: no pooled embedding
-        return TextConditioning(context)
-    return TextConditioning(context, torch.cat([encoded[p].pooled for p in prompts]))
+    from ldmcli.denoiser import ConditioningSchedule
+    from ldmcli.text_conditioning import encode_texts, prompt_conditioning
 
+    cond = prompt_conditioning(model, request.prompt, request.steps, request.clip_skip)
+    uncond = None
+    if request.guided:  # at scale 1 no unconditional pass at all (Turbo)
+        uncond = prompt_conditioning(model, request.negative_prompt, request.steps, request.clip_skip)
+        if model.spec.zero_empty_negative and request.negative_prompt == "":
+            uncond = [(end, text.zeros()) for end, text in uncond]
+    entries = cond + (uncond or [])
+    tokens = max(text.context.shape[1] for _, text in entries)
+    empty = None
+    if any(text.context.shape[1] != tokens for _, text in entries):
+        empty = encode_texts(model, ("",), request.clip_skip)
 
-def _encode_one(model: StableDiffusion, prompt: str) -> TextConditioning:
-    cached = model.text_cache.get(prompt)
-    if cached is not None:
-        return cached
-    if model.text_encoder is None:
-        raise RuntimeError(f"the text encoders were released and {prompt!r} was not encoded up front")
-    ids = model.tokenizer([prompt]).to(model.device)
-    if model.text_encoder_2 is None:
-        return TextConditioning(model.text_encoder(ids, skip_last_layers=model.spec.clip_skip).hidden_states)
-    assert model.tokenizer_2 is not None
-    ids_2 = model.tokenizer_2([prompt]).to(model.device)
-    first = model.text_encoder(ids)
-    second = model.text_encoder_2(ids_2)
-    # SDXL conditions on both encoders' penultimate blocks, raw (no final LayerNorm).
-    context = torch.cat([first.penultimate, second.penultimate], dim=-1)
-    return TextConditioning(context, second.pooled)
+    def schedule(entries):
+        return ConditioningSchedule([
+            (end, unet_conditioning(model, text if empty is None else text.padded(tokens, empty), batch,
+                                    request.height, request.width))
+            for end, text in entries
+        ])
 
-
-def text_encoder_bytes(model: StableDiffusion) -> int:
-    """Memory the text encoder(s) hold: what `encode_up_front` can give back."""
-    encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
-    return sum(p.numel() * p.element_size() for e in encoders for p in e.parameters())
-
-
-@torch.inference_mode()
-def encode_up_front(model: StableDiffusion, prompts: Sequence[str]) -> None:
-    """Encode `prompts` now, keep their conditioning, and release the text encoders.
-
-    Nothing but `encode_text` needs the text encoders, so once every prompt of a run is encoded they
-    only take memory while the U-Net and VAE work (SD1.5 in bf16: 0.25 GB of 2.1 GB of weights; SDXL:
-    1.6 GB). Afterwards `encode_text` answers from the cache and raises for any other prompt.
-    """
-    for prompt in dict.fromkeys(prompts):
-        model.text_cache[prompt] = _encode_one(model, prompt)
-    model.text_encoder = model.text_encoder_2 = None
-    from ldmcli.kernels import return_freed_memory
-
-    return_freed_memory()
+    return schedule(cond), None if uncond is None else schedule(uncond)
 
 
 def release_unet(model: StableDiffusion) -> None:
@@ -264,39 +245,18 @@ def release_unet(model: StableDiffusion) -> None:
     return_freed_memory()
 
 
-def encode_prompts(model: StableDiffusion, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompts -> cross-attention context [B, 77, width]."""
-    return encode_text(model, prompts).context
-
-
-@torch.inference_mode()
-def unet_conditioning(
-    model: StableDiffusion, prompts: Sequence[str], height: int, width: int, *, zeros: bool = False
-) -> dict[str, torch.Tensor]:
-    """The U-Net's keyword arguments for `prompts`: {"context"} or, for SDXL, {"context", "y"}.
-
-    zeros: condition on all-zero text embeddings (SDXL's empty negative prompt).
-    """
-    from ldmcli.conditioning import SizeConditioning, sdxl_vector
-
-    text = encode_text(model, prompts)
-    if zeros:
-        pooled = None if text.pooled is None else torch.zeros_like(text.pooled)
-        text = TextConditioning(torch.zeros_like(text.context), pooled)
-    if text.pooled is None:
-        return {"context": text.context}
-    dim = model.spec.addition_time_embed_dim
-    assert dim is not None
-    return {"context": text.context, "y": sdxl_vector(text.pooled, SizeConditioning.for_image(height, width), dim)}
-
-
-def noise_source(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> Callable[[], torch.Tensor]:
-    """Standard-normal noise for a batch, image i drawn from its own CPU generator seeded `seeds[i]`.
+def noise_source(seeds: Sequence[int], shape: tuple[int, ...], device, dtype, rng: str = "cpu") -> Callable[[], torch.Tensor]:
+    """Standard-normal noise for a batch, image i drawn from its own generator seeded `seeds[i]`.
 
     The first call gives the initial latents, later calls the samplers' ancestral noise, in the order
     diffusers draws them from `generator=`. Drawing on the CPU in fp32 makes a seed mean the same image
-    whatever the device, dtype, batch size or position in the batch.
+    whatever the device, dtype, batch size or position in the batch. rng "nv": A1111's NV generator
+    (`rng_philox`), the numbers an NVIDIA GPU's torch.randn gives.
     """
+    if rng == "nv":
+        from ldmcli.rng_philox import nv_noise_source
+
+        return nv_noise_source(seeds, shape, device, dtype)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
     def draw() -> torch.Tensor:
@@ -338,12 +298,7 @@ def sample_latents(
     if model.unet is None:
         raise RuntimeError("the U-Net was released after the run's last image (release_unet)")
     n = len(seeds)
-    size = (request.height, request.width)
-    cond = unet_conditioning(model, [request.prompt] * n, *size)
-    uncond = None
-    if request.guided:  # at scale 1 no unconditional pass at all (Turbo)
-        zeros = model.spec.zero_empty_negative and request.negative_prompt == ""
-        uncond = unet_conditioning(model, [request.negative_prompt] * n, *size, zeros=zeros)
+    cond, uncond = guidance_conditioning(model, request, n)
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
     denoiser = CFGDenoiser(Denoiser(model.unet, model.spec.schedule), cond, uncond, request.cfg_scale)
@@ -354,7 +309,7 @@ def sample_latents(
         denoiser,
         # The sampler's state stays fp32 whatever the networks compute in: bf16 keeps 8 bits of
         # mantissa, too few for latents updated in small steps over many iterations.
-        noise_source(seeds, latent_shape, model.device, torch.float32),
+        noise_source(seeds, latent_shape, model.device, torch.float32, request.rng),
         spacing=request.schedule,
         callback=callback,
     )

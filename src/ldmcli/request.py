@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
 
 
 def _param(default: Any, *, a1111: str | None = None, template: bool = False) -> Any:
@@ -44,6 +44,11 @@ class ImageRequest:
     seed: int = _param(0, a1111="Seed", template=True)  # the job's first image; image i gets seed + i
     width: int = _param(512, template=True)
     height: int = _param(512, template=True)
+    # A1111's numbering: 1 = the model's own text-encoder layer, N = the layer N - 1 blocks earlier.
+    clip_skip: int = _param(1, a1111="Clip skip", template=True)
+    # Where the noise comes from: "cpu" torch's CPU generator (diffusers' and A1111's CPU setting),
+    # "nv" the numbers torch.randn gives on an NVIDIA GPU (A1111's default there), on any device.
+    rng: str = _param("cpu", a1111="RNG", template=True)
 
     @property
     def guided(self) -> bool:
@@ -75,6 +80,10 @@ class ImageRequest:
             raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and 2^64 - 1, got {self.seed}")
+        if not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise ValueError(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}")
+        if self.rng not in RNGS:
+            raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         sampler, name_schedule = resolve_sampler_name(self.sampler)
@@ -95,6 +104,10 @@ class ImageRequest:
         """
         check_values(values, where)
         return replace(base or cls(), **values)
+
+
+# The noise generators (`ImageRequest.rng`).
+RNGS = ("cpu", "nv")
 
 
 def field_names() -> tuple[str, ...]:
@@ -161,8 +174,14 @@ def check_values(values: Mapping[str, Any], where: str, *, extra: Mapping[str, t
         accepted = (int, float) if kind is float else (kind,)
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepted):
             raise ValueError(f"{where}: \"{key}\" must be {_kind_name(kind)}, got {_json(value)}")
-        if kind is float and not math.isfinite(value):
-            raise ValueError(f"{where}: \"{key}\" must be a finite number, got {value}")
+        if kind is float:
+            try:  # a whole number of 309 digits or more is beyond a float: math.isfinite raises OverflowError
+                finite = math.isfinite(value)
+            except OverflowError:
+                raise ValueError(f"{where}: \"{key}\" must be a finite number, got a {len(str(abs(value)))}-digit "
+                                 "number, beyond what a float holds") from None
+            if not finite:
+                raise ValueError(f"{where}: \"{key}\" must be a finite number, got {value}")
 
 
 def check_text(text: str, name: str) -> None:

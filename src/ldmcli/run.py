@@ -144,6 +144,7 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     share = ProcessShare.from_environment()
     tasks, todo = prepare(jobs, options, defaults, share)
     mine = [t for t in tasks if share.owns(t)]
+    _say_notes(mine, report)
     if share.world > 1:
         report.say(f"process {share.rank + 1} of {share.world}: {len(mine)} image(s)")
     report.counts["skipped"] = len(mine) - len(todo)
@@ -178,6 +179,23 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
     return EXIT_FAILURE if report.counts["failed"] else EXIT_OK
 
 
+# At most this many notes of one job on its stderr line; --json records carry them all.
+NOTES_PER_LINE = 12
+
+
+def _say_notes(tasks: list[ImageTask], report: Report) -> None:
+    """One `note:` line per job with notes (what its source asked for that ldm does not do, then the
+    rest worth saying), before anything loads. The --json records carry the full lists."""
+    for job in {t.job_index: t.job for t in tasks}.values():
+        if not job.notes:
+            continue
+        missing = [n.text() for n in job.notes if not n.honoured]
+        remarks = [n.text() for n in job.notes if n.honoured]
+        parts = ([f"not honoured: {'; '.join(missing[:NOTES_PER_LINE])}"] if missing else []) + remarks[:NOTES_PER_LINE]
+        more = len(missing) - NOTES_PER_LINE
+        report.say(f"note: {job.source}: " + "; ".join(parts) + (f" (and {more} more: see --json)" if more > 0 else ""))
+
+
 def _remove_leftovers(tasks: list[ImageTask], report: Report) -> None:
     """Remove the temporary files killed runs left in this run's output folders (only save_png's own,
     only unlocked ones: `image.remove_stale_temp_files`)."""
@@ -202,8 +220,14 @@ class ProcessShare:
 
     @classmethod
     def from_environment(cls) -> ProcessShare:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        """The share `accelerate launch`/torchrun describe in RANK, WORLD_SIZE and LOCAL_RANK; LdmError
+        naming the variable for a value that is not a whole number in its range (WORLD_SIZE=0 would
+        divide by zero, RANK=5 of WORLD_SIZE=2 make nothing and succeed)."""
+        world = _environment_number("WORLD_SIZE", 1, minimum=1)
+        rank = _environment_number("RANK", 0)
+        if rank >= world:
+            raise LdmError(f"RANK={rank} is not below WORLD_SIZE={world}: process ranks are 0 to WORLD_SIZE - 1")
+        return cls(rank, world, _environment_number("LOCAL_RANK", 0))
 
     def owns(self, task: ImageTask) -> bool:
         return task.index % self.world == self.rank
@@ -219,6 +243,18 @@ class ProcessShare:
 
             PartialState().wait_for_everyone()
         return True
+
+
+def _environment_number(name: str, default: int, minimum: int = 0) -> int:
+    """A whole number from environment variable `name` (`default` when unset), at least `minimum`."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 9) or int(digits) < minimum:
+        raise LdmError(f"{name}={text!r} in the environment: expected a whole number of at least {minimum} "
+                       "(set by accelerate launch or torchrun)")
+    return int(digits)
 
 
 def _load(options: RunOptions, report: Report, device: str):
@@ -244,9 +280,12 @@ def _load(options: RunOptions, report: Report, device: str):
     return model
 
 
-# At most this many distinct prompts are encoded before the first image (about 10 s on a CPU for
+# At most this many distinct texts are encoded before the first image (about 10 s on a CPU for
 # SD1.5); a longer prompt file keeps its text encoder and encodes as it goes.
 PROMPTS_UP_FRONT = 256
+# Chunks of 77 tokens assumed per text when weighing the cache against the encoders: prompts of up
+# to 300 tokens.
+CHUNKS_PER_TEXT = 4
 
 
 def _encode_up_front(model, todo: list[ImageTask]) -> None:
@@ -255,13 +294,13 @@ def _encode_up_front(model, todo: list[ImageTask]) -> None:
     The U-Net and VAE then run without the text encoder resident (SD1.5 in bf16: 0.25 GB less at the
     peak, SDXL 1.6 GB). Skipped when the cached embeddings would not be smaller than the encoders.
     """
-    from ldmcli import pipeline
+    from ldmcli import text_conditioning
 
-    prompts = list(dict.fromkeys(p for t in todo for p in t.job.request.text_prompts))
-    width = model.spec.unet.context_dim
-    per_prompt = 77 * width * model.dtype.itemsize  # 77 tokens
-    if len(prompts) <= PROMPTS_UP_FRONT and len(prompts) * per_prompt < pipeline.text_encoder_bytes(model):
-        pipeline.encode_up_front(model, prompts)
+    requests = list(dict.fromkeys(t.job.request for t in todo))
+    texts = {text for r in requests for batch, _ in text_conditioning.conditioning_keys(r) for text in batch}
+    per_text = CHUNKS_PER_TEXT * 77 * model.spec.unet.context_dim * model.dtype.itemsize
+    if len(texts) <= PROMPTS_UP_FRONT and len(texts) * per_text < text_conditioning.text_encoder_bytes(model):
+        text_conditioning.encode_up_front(model, requests)
 
 
 def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report) -> None:
@@ -370,7 +409,8 @@ def _save(model, task: ImageTask, image, seconds: float, options: RunOptions, re
     report.counts["made"] += 1
     report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
     report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
-                 "index": task.index, "seconds": round(seconds, 3)})
+                 "index": task.index, "seconds": round(seconds, 3),
+                 "not_honoured": task.job.not_honoured, "notes": task.job.remarks})
 
 
 def _grid_path(tasks: list[ImageTask]) -> Path:

@@ -120,11 +120,20 @@ class PromptTokenizer:
         """
         if isinstance(prompts, str):
             raise TypeError("PromptTokenizer expects a sequence of prompts, not a single str")
-        rows = []
-        for prompt in prompts:
-            row = [self.bos_token_id, *self.tokenize(prompt)[: self.max_length - 2], self._eos_token_id]
-            rows.append(row + [self.pad_token_id] * (self.max_length - len(row)))
+        rows = [self.frame(self.tokenize(prompt)[: self.max_length - 2]) for prompt in prompts]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def frame(self, ids: Sequence[int]) -> list[int]:
+        """``[BOS] ids [EOS] pad...``: exactly ``max_length`` ids; ``ids`` must leave room for BOS and EOS."""
+        if len(ids) > self.max_length - 2:
+            raise ValueError(f"{len(ids)} ids do not fit in {self.max_length} with BOS and EOS")
+        row = [self.bos_token_id, *ids, self._eos_token_id]
+        return row + [self.pad_token_id] * (self.max_length - len(row))
+
+    @property
+    def comma_id(self) -> int | None:
+        """Id of a word-final comma (``,</w>``, 267 in OpenAI's vocabulary): where long prompts may be cut."""
+        return self._bpe.vocab.get(",</w>")
 
 
 class BytePairEncoder:

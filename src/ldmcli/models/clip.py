@@ -51,7 +51,9 @@ class CLIPTextOutput(NamedTuple):
 
     hidden_states: [B, T, width] output of all but the last ``skip_last_layers`` blocks, then
         ``final_layer_norm`` (SD1: skip 0; SD2: skip 1, "penultimate layer + final LN").
-    penultimate: [B, T, width] raw output of the second-to-last block, no final LN (SDXL).
+    penultimate: [B, T, width] raw output of the block before that one, no final LN: with skip 0 the
+        second-to-last block (SDXL's conditioning); each skipped block moves it one block earlier
+        (clip skip on SDXL, as diffusers' ``hidden_states[-(clip_skip + 2)]``).
     pooled: [B, width | projection_dim] final-LN'ed last block at the EOS position, through
         ``text_projection`` when the model has one (SDXL's pooled text embedding).
     """
@@ -179,7 +181,7 @@ class CLIPTextModel(nn.Module):
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
-        return CLIPTextOutput(hidden_states=hidden, penultimate=states[-2], pooled=pooled)
+        return CLIPTextOutput(hidden_states=hidden, penultimate=states[n - 1 - skip_last_layers], pooled=pooled)
 
 
 _LAYER_KEY = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")

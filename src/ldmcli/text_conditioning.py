@@ -1,0 +1,176 @@
+"""Prompts -> what the U-Net is conditioned on, step by step.
+
+By family (what diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline do for a plain prompt):
+- sd1/sd2: `context` = the text encoder's hidden states (SD2 single files: penultimate block + LN);
+- sdxl: `context` = [CLIP-L penultimate | bigG penultimate] (raw, no final LN), and a pooled, projected
+  bigG vector that `pipeline` turns into the U-Net's `y`; an empty negative prompt conditions on zeros
+  (`force_zeros_for_empty_prompt`).
+
+On top of that, prompts are read as A1111 reads them (`prompt_encoding.py`: weights, chunks of 75
+tokens, BREAK) and may change during sampling (`prompt_syntax.prompt_schedule`: `[from:to:when]`,
+`[a|b]`). Clip skip counts as A1111 does: 1 is the model's own layer, N conditions on the layer N - 1
+blocks earlier (diffusers' `clip_skip=N-1`). On SDXL both encoders move back, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ldmcli.prompt_encoding import chunk_prompt, encode_chunks
+from ldmcli.prompt_syntax import extra_network_tags, prompt_schedule
+
+if TYPE_CHECKING:
+    from ldmcli.pipeline import StableDiffusion
+    from ldmcli.request import ImageRequest
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the prompt encoders give: the cross-attention context and (SDXL) the pooled embedding."""
+
+    context: torch.Tensor  # [B, 77 * chunks, context_dim]
+    pooled: torch.Tensor | None = None  # [B, projection_dim]: SDXL's projected bigG EOS state (first chunk)
+
+    def rows(self, start: int, stop: int) -> TextConditioning:
+        pooled = None if self.pooled is None else self.pooled[start:stop]
+        return TextConditioning(self.context[start:stop], pooled)
+
+    def zeros(self) -> TextConditioning:
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return TextConditioning(torch.zeros_like(self.context), pooled)
+
+    def padded(self, tokens: int, empty: TextConditioning) -> TextConditioning:
+        """The context lengthened to `tokens` with copies of the empty prompt's (one chunk of 77), as
+        A1111's "pad prompt/negative prompt to be same length" does, so that prompts of different
+        lengths batch together. The pooled vector is the first chunk's and stays."""
+        missing = tokens - self.context.shape[1]
+        if missing == 0:
+            return self
+        chunk = empty.context.shape[1]
+        if missing < 0 or missing % chunk:
+            raise ValueError(f"cannot pad a context of {self.context.shape[1]} tokens to {tokens}")
+        filler = empty.context.expand(self.context.shape[0], -1, -1).repeat(1, missing // chunk, 1)
+        return TextConditioning(torch.cat([self.context, filler.to(self.context.dtype)], dim=1), self.pooled)
+
+
+def concat(parts: Sequence[TextConditioning]) -> TextConditioning:
+    """Batch conditionings of the same length along dim 0."""
+    context = torch.cat([p.context for p in parts])
+    if any(p.pooled is None for p in parts):
+        return TextConditioning(context)
+    return TextConditioning(context, torch.cat([p.pooled for p in parts]))
+
+
+@torch.inference_mode()
+def encode_texts(model: StableDiffusion, texts: tuple[str, ...], clip_skip: int = 1) -> TextConditioning:
+    """Texts encoded together as A1111 encodes a prompt's schedule texts: one row each, all as long as
+    the longest (`prompt_encoding`). A text that appears more than once is encoded once, and counted
+    as often as it appears in the emphasis's batch mean. Answered from `model.text_cache` when encoded
+    up front."""
+    cached = model.text_cache.get((texts, clip_skip))
+    if cached is not None:
+        return cached
+    if model.text_encoder is None:
+        raise RuntimeError(f"the text encoders were released and {texts!r} was not encoded up front")
+    distinct = list(dict.fromkeys(texts))
+    counts = [texts.count(text) for text in distinct]
+    encoded = _encode_distinct(model, distinct, counts, clip_skip - 1)
+    if len(distinct) == len(texts):
+        return encoded
+    index = torch.tensor([distinct.index(text) for text in texts], device=encoded.context.device)
+    pooled = None if encoded.pooled is None else encoded.pooled[index]
+    return TextConditioning(encoded.context[index], pooled)
+
+
+def _encode_distinct(model: StableDiffusion, texts: list[str], counts: list[int], skip: int) -> TextConditioning:
+    """`texts` through the text encoder(s), `skip` blocks before the family's own layer."""
+    if model.text_encoder_2 is None:
+        chunks = [chunk_prompt(text, model.tokenizer) for text in texts]
+        encoder = model.text_encoder
+        layers = model.spec.clip_skip + skip  # SD2 single files already skip the tower's last block
+
+        def states(ids):
+            return encoder(ids, skip_last_layers=layers).hidden_states, None
+
+        context, _ = encode_chunks(states, model.tokenizer, chunks, device=model.device, counts=counts)
+        return TextConditioning(context)
+    assert model.tokenizer_2 is not None and model.text_encoder_2 is not None
+    first_encoder, second_encoder = model.text_encoder, model.text_encoder_2
+    chunks_1 = [chunk_prompt(text, model.tokenizer) for text in texts]
+    chunks_2 = [chunk_prompt(text, model.tokenizer_2) for text in texts]
+    # The two tokenizers split alike unless a tokenizer.json makes "!" special in one: equal counts.
+    count = max(len(chunks) for chunks in (*chunks_1, *chunks_2))
+
+    def first(ids):
+        return first_encoder(ids, skip_last_layers=skip).penultimate, None
+
+    def second(ids):
+        out = second_encoder(ids, skip_last_layers=skip)
+        return out.penultimate, out.pooled
+
+    context_1, _ = encode_chunks(first, model.tokenizer, chunks_1, device=model.device, chunk_count=count, counts=counts)
+    context_2, pooled = encode_chunks(second, model.tokenizer_2, chunks_2, device=model.device, chunk_count=count,
+                                      counts=counts)
+    return TextConditioning(torch.cat([context_1, context_2], dim=-1), pooled)
+
+
+def encode_text(model: StableDiffusion, prompts: Sequence[str], clip_skip: int = 1) -> TextConditioning:
+    """Prompts -> one row each, every prompt encoded on its own (a batch of one), so that its
+    conditioning does not depend on which other prompts share the batch; shorter ones padded."""
+    encoded = {prompt: encode_texts(model, (prompt,), clip_skip) for prompt in dict.fromkeys(prompts)}
+    tokens = max(e.context.shape[1] for e in encoded.values())
+    empty = encode_texts(model, ("",), clip_skip) if any(e.context.shape[1] < tokens for e in encoded.values()) else None
+    return concat([encoded[p] if empty is None else encoded[p].padded(tokens, empty) for p in prompts])
+
+
+ConditioningSchedule = list[tuple[int, TextConditioning]]
+"""[(end_at_step, conditioning), ...] as A1111's ScheduledPromptConditioning: the conditioning of
+the first entry whose end_at_step is at least the current step."""
+
+
+def prompt_conditioning(model: StableDiffusion, prompt: str, steps: int, clip_skip: int = 1) -> ConditioningSchedule:
+    """A prompt's conditioning over `steps` steps: its schedule's texts encoded together (`encode_texts`)."""
+    schedule = _schedule(prompt, steps)
+    encoded = encode_texts(model, tuple(text for _, text in schedule), clip_skip)
+    return [(end, encoded.rows(i, i + 1)) for i, (end, _) in enumerate(schedule)]
+
+
+def _schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """The prompt's A1111 schedule, its extra-network tags (`<lora:x:0.8>`) removed first, as A1111
+    removes them before it parses the prompt (what they ask for is applied, or reported, elsewhere)."""
+    return prompt_schedule(extra_network_tags(prompt)[0], steps)
+
+
+def text_encoder_bytes(model: StableDiffusion) -> int:
+    """Memory the text encoder(s) hold: what `encode_up_front` can give back."""
+    encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
+    return sum(p.numel() * p.element_size() for e in encoders for p in e.parameters())
+
+
+@torch.inference_mode()
+def encode_up_front(model: StableDiffusion, requests: Sequence[ImageRequest]) -> None:
+    """Encode every text `requests` will need now, keep the results, and release the text encoders.
+
+    Nothing but `encode_texts` needs the text encoders, so once every prompt of a run is encoded they
+    only take memory while the U-Net and VAE work (SD1.5 in bf16: 0.25 GB of 2.1 GB of weights; SDXL:
+    1.6 GB). Afterwards `encode_texts` answers from the cache and raises for any other text.
+    """
+    keys = dict.fromkeys(key for request in requests for key in conditioning_keys(request))
+    keys[(("",), 1)] = None  # the padding of prompts of different lengths
+    keys.update({(("",), r.clip_skip): None for r in requests})
+    for texts, clip_skip in keys:
+        model.text_cache[(texts, clip_skip)] = encode_texts(model, texts, clip_skip)
+    model.text_encoder = model.text_encoder_2 = None
+    from ldmcli.kernels import return_freed_memory
+
+    return_freed_memory()
+
+
+def conditioning_keys(request: ImageRequest) -> list[tuple[tuple[str, ...], int]]:
+    """The (texts, clip skip) batches an image of `request` encodes: its prompt's and negative prompt's."""
+    return [(tuple(text for _, text in _schedule(prompt, request.steps)), request.clip_skip)
+            for prompt in request.text_prompts]

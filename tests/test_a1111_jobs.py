@@ -1,0 +1,267 @@
+"""Prompt files as A1111 users have them: JSONL lines holding A1111's txt2img request, lines of its
+"Prompts from file or textbox" script, `"seed": -1`, and extra-network tags (`<lora:...>`) in any
+prompt, each noted rather than dropped. Through the real CLI on the tiny SD1 model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ldmcli.cli import cli
+from ldmcli.errors import LdmError
+from ldmcli.jobs import A1111_PARAMS, A1111_REQUEST_KEYS, SCRIPT_OPTIONS, check_job, command_line_job, read_prompt_file
+
+TINY = ["-W", "64", "-H", "64", "--steps", "2"]
+
+
+def invoke(*args, env=None, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, input=input)
+
+
+def records(result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"path"')]
+
+
+def note_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from ldmcli import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline, "load", refuse)
+
+
+# An A1111 txt2img request as its API takes it (and returns it as "parameters"), the inert keys included.
+A1111_REQUEST = {
+    "prompt": "a red circle", "negative_prompt": "blurry", "steps": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+    "cfg_scale": 5, "seed": 3, "width": 64, "height": 64, "n_iter": 2, "batch_size": 2,
+    "override_settings": {"CLIP_stop_at_last_layers": 2, "randn_source": "CPU", "sd_vae": "Automatic"},
+    "override_settings_restore_afterwards": True, "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent",
+    "denoising_strength": 0.7, "restore_faces": True, "tiling": False, "styles": [], "subseed": -1,
+    "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "eta": None, "s_noise": 1.0,
+    "send_images": True, "save_images": False, "alwayson_scripts": {}, "script_args": [], "sampler_index": "Euler",
+}
+
+
+def test_a_saved_a1111_request_runs_unchanged(tmp_path, tiny_single_file):
+    """Its images are the ones ldm's own keys for the same request make; what ldm cannot do is noted."""
+    theirs, ours = tmp_path / "theirs.jsonl", tmp_path / "ours.jsonl"
+    theirs.write_text(json.dumps(A1111_REQUEST) + "\n")
+    ours.write_text(json.dumps({"prompt": "a red circle", "negative_prompt": "blurry", "steps": 2, "sampler": "dpmpp_2m",
+                                "schedule": "karras", "cfg_scale": 5, "seed": 3, "width": 64, "height": 64,
+                                "batch_count": 4, "clip_skip": 2, "rng": "cpu"}) + "\n")
+    made = {}
+    for name, path in (("theirs", theirs), ("ours", ours)):
+        result = invoke("generate", "--prompts", path, "-m", tiny_single_file, "--json", "-o", f"{tmp_path / name}/")
+        assert result.exit_code == 0, result.output
+        made[name] = records(result)
+    assert [r["seed"] for r in made["theirs"]] == [3, 4, 5, 6]  # n_iter x batch_size images, seed + i
+    first = made["theirs"][0]
+    assert (first["sampler"], first["schedule"], first["clip_skip"], first["rng"]) == ("dpmpp_2m", "karras", 2, "cpu")
+    assert first["not_honoured"] == [{"key": "restore_faces", "value": "true",
+                                      "why": "face restoration, a post-processing model, is not supported"}]
+    assert first["notes"] == [] and made["ours"][0]["not_honoured"] == []
+    for a, b in zip(made["theirs"], made["ours"]):
+        assert np.array_equal(pixels(a["path"]), pixels(b["path"]))
+
+
+@pytest.mark.parametrize("settings_, flags, rng, noted", [
+    ({}, [], "nv", True),  # A1111's default noise source: GPU, which NVIDIA's numbers (nv) reproduce
+    ({"randn_source": "GPU"}, [], "nv", True),
+    ({"randn_source": "NV"}, [], "nv", False),
+    ({"randn_source": "CPU"}, [], "cpu", False),
+    ({}, ["--rng", "cpu"], "cpu", False),  # the command line said: its default, not A1111's
+])
+def test_a1111_noise_source(tmp_path, settings_, flags, rng, noted):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "n_iter": 1, "override_settings": settings_}) + "\n")
+    flag_values = {"rng": flags[1]} if flags else {}
+    (job,) = read_prompt_file(str(path), command_line_job(flag_values))
+    assert job.request.rng == rng
+    assert [n.key for n in job.notes if n.honoured] == (["override_settings.randn_source" if settings_ else "randn_source"]
+                                                        if noted else [])
+
+
+def test_hires_keys_are_noted_only_when_hires_is_on(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}) + "\n"
+                    + json.dumps({"prompt": "b", "enable_hr": False, "hr_scale": 2, "denoising_strength": 0.5}) + "\n")
+    on, off = read_prompt_file(str(path), command_line_job({}))
+    assert {n.key for n in on.notes if not n.honoured} == {"enable_hr", "hr_scale", "denoising_strength"}
+    assert [n.key for n in off.notes if not n.honoured] == []
+
+
+def test_every_request_key_is_read_or_has_a_rule():
+    """The API's txt2img keys (StableDiffusionProcessingTxt2Img, modules/api/models.py) and the script's options."""
+    api = {"prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+           "seed_resize_from_w", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width",
+           "height", "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta",
+           "denoising_strength", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings",
+           "override_settings_restore_afterwards", "refiner_checkpoint", "refiner_switch_at",
+           "disable_extra_networks", "firstpass_image", "comments", "enable_hr", "firstphase_width",
+           "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+           "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+           "force_task_id", "sampler_index", "script_name", "script_args", "send_images", "save_images",
+           "alwayson_scripts", "infotext"}
+    ldm_names = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height"}
+    assert api - ldm_names <= A1111_REQUEST_KEYS
+    assert set(SCRIPT_OPTIONS) - ldm_names <= A1111_REQUEST_KEYS
+    assert all(rule.needs is None or rule.needs in A1111_PARAMS for rule in A1111_PARAMS.values())
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "x", "colour": "red"}, "unknown field(s) colour (known: prompt, negative_prompt, steps,"),
+    ({"prompt": "x", "sampler": "euler", "sampler_name": "Euler"}, '"sampler" and "sampler_name" both given'),
+    ({"prompt": "x", "batch_count": 2, "n_iter": 2}, '"batch_count" and "n_iter" both given'),
+    ({"prompt": "x", "n_iter": "2"}, '"n_iter" must be a whole number, got "2"'),
+    ({"prompt": "x", "batch_size": 0}, '"batch_size" must be at least 1, got 0'),
+    ({"prompt": "x", "override_settings": []}, '"override_settings" must be an object'),
+    ({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": "2"}}, '"CLIP_stop_at_last_layers" must be a whole'),
+    ({"prompt": "x", "clip_skip": 2, "override_settings": {"CLIP_stop_at_last_layers": 2}}, "both given"),
+    ({"prompt": "x", "scheduler": "Align Your Steps"}, "schedule type 'Align Your Steps' is not one ldm has"),
+    ({"prompt": "x", "sampler_name": "UniPC"}, "unknown sampler 'UniPC'"),
+    ({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": 40}}, "clip_skip must be between 1 and 12"),
+])
+def test_a1111_request_errors_name_the_line_before_loading(tmp_path, tiny_single_file, no_loading, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + json.dumps(line) + "\n")
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"ldm: error: {path}:2: ") and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+# --- "seed": -1 ------------------------------------------------------------------------------------------
+
+
+def test_jsonl_seed_minus_one_is_random_and_recorded(tmp_path, tiny_single_file):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "seed": -1, "batch_count": 2}\n')
+    seeds = []
+    for run in range(2):
+        result = invoke("generate", "--prompts", path, "-m", tiny_single_file, *TINY, "--json", "-o",
+                        f"{tmp_path / str(run)}/")
+        assert result.exit_code == 0, result.output
+        first, second = records(result)
+        assert second["seed"] == first["seed"] + 1 and 0 <= first["seed"] < 2**32
+        seeds.append(first["seed"])
+    assert seeds[0] != seeds[1]
+
+
+# --- "Prompts from file or textbox" lines -----------------------------------------------------------------
+
+
+def test_prompts_from_file_script_lines(tmp_path, tiny_single_file):
+    path = tmp_path / "prompts.txt"
+    path.write_text('a plain prompt\n'
+                    '--prompt "a red circle" on blue --negative_prompt "ugly, bad" --steps 2 --sampler_name "Euler a" '
+                    "--seed 5 --width 64 --height 64 --cfg_scale 4.5 --n_iter 2 --restore_faces true --tiling false\n")
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, *TINY, "-s", "9", "--json", "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 0, result.output
+    plain, circle1, circle2 = records(result)
+    assert (plain["prompt"], plain["seed"], plain["rng"], plain["notes"]) == ("a plain prompt", 9, "cpu", [])
+    assert (circle1["prompt"], circle1["negative_prompt"], circle1["sampler"], circle1["cfg_scale"]) == (
+        "a red circle on blue", "ugly, bad", "euler_a", 4.5)
+    assert (circle1["seed"], circle2["seed"], circle1["rng"]) == (5, 6, "nv")  # A1111's default noise
+    assert [n["key"] for n in circle1["not_honoured"]] == ["restore_faces"]
+    assert [n["key"] for n in circle1["notes"]] == ["randn_source"]
+    (line,) = note_lines(result)
+    assert line.startswith(f"note: {path}:2: not honoured: restore_faces: true (")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("--prompt a --sd_model foo", "unknown option '--sd_model'"),
+    ("--prompt a --hires true", "unknown option '--hires'"),
+    ("--prompt a --steps many", "--steps takes a whole number, got 'many'"),
+    ("--prompt a --cfg_scale nan", '"cfg_scale" must be a finite number'),
+    ('--prompt "a cat', "not a valid A1111 prompt-file line (No closing quotation)"),
+    ("--steps 3", "needs --prompt"),
+    ("--prompt a --steps", "--steps needs a value"),
+    ("--prompt a stray --steps 2 value", "expected an option starting with --, got 'value'"),
+])
+def test_script_line_errors_name_file_and_line(tmp_path, tiny_single_file, no_loading, line, message):
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"fine\n{line}\n")
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"ldm: error: {path}:2: ") and message in result.stderr, result.stderr
+
+
+# --- extra-network tags, from any source ---------------------------------------------------------------
+
+
+def test_extra_network_tags_are_noted_once_per_job(tmp_path, tiny_single_file):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a dog <hypernet:ink:1>", "negative_prompt": "<lyco:bad:0.5> blurry"}\n')
+    result = invoke("generate", "a cat <lora:film grain:0.8>", "a cow", "--prompts", path, "-m", tiny_single_file,
+                    *TINY, "-s", "1", "-b", "2", "--json", "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 0, result.output
+    cat1, cat2, cow, _, dog, _ = records(result)
+    assert cat1["not_honoured"] == cat2["not_honoured"] == [
+        {"key": "prompt", "value": "<lora:film grain:0.8>", "why": "LoRA is not applied yet (issue 17); the tag is "
+                                                                    "removed from the prompt"}]
+    assert cow["not_honoured"] == []
+    assert [(n["key"], n["value"]) for n in dog["not_honoured"]] == [("prompt", "<hypernet:ink:1>"),
+                                                                     ("negative_prompt", "<lyco:bad:0.5>")]
+    lines = note_lines(result)  # one per job with tags, not per image
+    assert len(lines) == 2
+    assert lines[0].startswith("note: command line: not honoured: prompt: <lora:film grain:0.8> (LoRA")
+    assert lines[1].startswith(f"note: {path}:1: not honoured: prompt: <hypernet:ink:1> (hypernetworks")
+
+
+# --- fuzz: any line is jobs or one clear error ---------------------------------------------------------
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=6)
+PAYLOADS = st.dictionaries(st.sampled_from(sorted(A1111_REQUEST_KEYS | {"prompt", "seed", "steps", "sampler"})),
+                           JSON_VALUES | st.dictionaries(st.sampled_from(["CLIP_stop_at_last_layers", "randn_source",
+                                                                          "sd_vae", "x"]), JSON_VALUES, max_size=3),
+                           max_size=6)
+SCRIPT_WORDS = st.sampled_from([*("--" + o for o in SCRIPT_OPTIONS), "--", "--x", '"', "'", "a", "1", "-1", "2.5",
+                                "true", "nan", "Euler a", "\\", "é"])
+
+
+def _jobs_or_one_error(path) -> None:
+    try:
+        jobs = read_prompt_file(str(path), command_line_job({}))
+    except LdmError as exc:
+        assert "\n" not in str(exc)
+        return
+    for job in jobs:
+        try:
+            check_job(job)
+        except LdmError as exc:
+            assert str(exc).startswith(f"{path}:")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=PAYLOADS)
+def test_any_a1111_request_line_is_a_job_or_one_error(tmp_path, payload):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(payload) + "\n")
+    _jobs_or_one_error(path)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(SCRIPT_WORDS | st.text(max_size=6), max_size=8))
+def test_any_script_line_is_a_job_or_one_error(tmp_path, words):
+    path = tmp_path / "p.txt"
+    path.write_text("--" + " ".join(words).replace("\n", " ").replace("\r", " ") + "\n", encoding="utf-8",
+                    errors="surrogatepass")
+    _jobs_or_one_error(path)
