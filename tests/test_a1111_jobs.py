@@ -265,3 +265,15 @@ def test_any_script_line_is_a_job_or_one_error(tmp_path, words):
     path.write_text("--" + " ".join(words).replace("\n", " ").replace("\r", " ") + "\n", encoding="utf-8",
                     errors="surrogatepass")
     _jobs_or_one_error(path)
+
+
+def test_a1111_request_pads_conds_only_when_its_settings_say(tmp_path):
+    from ldmcli.jobs import Job, read_prompt_file
+    from ldmcli.request import ImageRequest
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "sampler_name": "Euler"}\n'
+                    '{"prompt": "b", "sampler_name": "Euler", "override_settings": {"pad_cond_uncond": true}}\n'
+                    '{"prompt": "c"}\n', encoding="utf-8")
+    default, on, ours = read_prompt_file(str(path), Job(ImageRequest()))
+    assert (default.request.pad_conds, on.request.pad_conds, ours.request.pad_conds) == (False, True, True)

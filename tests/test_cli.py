@@ -410,8 +410,9 @@ def test_info_of_an_a1111_image_shows_only_what_it_records(tmp_path):
     # No sampler, CFG or size in the text: none shown (ldm's defaults are not what that tool used).
     recorded = {k: v for k, v in shown.items() if k not in ("path", "made_by", "model", "parameters", "not_honoured", "notes")}
     # No RNG: A1111's default, its GPU noise, which is what an NVIDIA GPU draws (--rng nv); said in the notes.
+    # No Pad conds: A1111's default, off.
     assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96,
-                        "rng": "nv"}, shown
+                        "rng": "nv", "pad_conds": False}, shown
     assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG"]
 
 

@@ -365,3 +365,50 @@ def test_cli_records_clip_skip_and_rng_and_regenerates_them(tmp_path, folder):
     import numpy as np
 
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+# --- a long prompt against a short negative prompt: padded (one batch) or not (two passes) ----------
+
+
+def long_prompt_embeddings(reference):
+    """A 2-chunk prompt (80 cats) and a 1-chunk negative prompt ("dog"), by the per-chunk oracle."""
+    prompt = torch.cat([oracle_chunk(reference, [CAT] * 75, [1.0] * 75), oracle_chunk(reference, [CAT] * 5, [1.0] * 5)], 1)
+    return prompt, oracle_chunk(reference, [DOG], [1.0])
+
+
+@torch.inference_mode()
+def test_padded_long_prompt_equals_diffusers_fed_padded_embeddings(reference, ours):
+    prompt, negative = long_prompt_embeddings(reference)
+    padded = torch.cat([negative, oracle_chunk(reference, [], [])], dim=1)  # A1111's pad: the empty prompt
+    expected, expected_pixels = diffusers_latents_and_pixels(
+        reference, None, prompt_embeds=prompt, negative_prompt_embeds=padded, height=SIZE, width=SIZE,
+        num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(SEED))
+    request = ImageRequest(prompt=" ".join(["cat"] * 80), negative_prompt="dog", width=SIZE, height=SIZE, steps=6,
+                           cfg_scale=7.5, sampler="euler_a")
+    latents = pipeline.sample_latents(ours, request, [SEED])
+    assert_latents_match(latents, expected, "sd1", "padded")
+    assert_pixels_match(pipeline.decode_latents(ours, latents), expected_pixels, "padded")
+
+
+@torch.inference_mode()
+def test_unpadded_long_prompt_equals_two_unet_passes_per_step(reference, ours):
+    """A1111's default: the 154-token prompt and the 77-token negative prompt go through the U-Net apart.
+    The oracle is diffusers' Euler scheduler and U-Net driven by hand, one U-Net call per text."""
+    from diffusers import EulerDiscreteScheduler
+
+    prompt, negative = long_prompt_embeddings(reference)
+    scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    scheduler.set_timesteps(6)
+    latents = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(SEED))
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        eps_u = reference.unet(x, t, encoder_hidden_states=negative).sample
+        eps_c = reference.unet(x, t, encoder_hidden_states=prompt).sample
+        latents = scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, latents).prev_sample
+    request = ImageRequest(prompt=" ".join(["cat"] * 80), negative_prompt="dog", width=SIZE, height=SIZE, steps=6,
+                           cfg_scale=7.5, sampler="euler", pad_conds=False)
+    unpadded = pipeline.sample_latents(ours, request, [SEED])
+    assert_latents_match(unpadded, latents, "sd1", "unpadded")
+    padded = pipeline.sample_latents(ours, ImageRequest(**{**request.record(), "pad_conds": True}), [SEED])
+    assert not torch.allclose(padded, unpadded, atol=1e-3)

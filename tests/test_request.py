@@ -41,6 +41,7 @@ def _strategy(name: str):
         "height": st.integers(1, 256).map(lambda n: 8 * n),
         "clip_skip": st.integers(1, 12),
         "rng": st.sampled_from(["cpu", "nv"]),  # written out, not taken from request.RNGS
+        "pad_conds": st.booleans(),
     }[name]
 
 

@@ -105,6 +105,9 @@ def cli() -> None:
               help="Condition on the text encoder's layer N - 1 blocks before its own (A1111's Clip skip). [default: 1]")
 @click.option("--rng", type=click.Choice(RNGS), help="Noise generator: cpu (torch's CPU generator), or nv (an NVIDIA GPU's numbers, "
               "A1111's default there, on any device). [default: cpu]")
+@click.option("--pad-conds/--no-pad-conds", "pad_conds", default=None,
+              help="A prompt and negative prompt of different lengths: pad the shorter with empty chunks and run one "
+                   "U-Net batch, or run two unpadded passes (A1111's default). [default: pad]")
 @click.option("-b", "--batch-count", type=click.IntRange(min=1, max=MAX_IMAGES_PER_RUN), default=1, show_default=True, help="Images per prompt.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per U-Net batch (speed/memory only: images do not change).")
@@ -134,7 +137,7 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, clip_skip, rng, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
+             height, seed, clip_skip, rng, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 

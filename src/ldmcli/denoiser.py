@@ -103,7 +103,8 @@ class CFGDenoiser:
     (the caller's decision: `ImageRequest.guided`) only the conditional pass runs.
 
     cond / uncond: a `Conditioning`, or a `ConditioningSchedule` when it changes during sampling (the
-    calls are counted here). Batched, cond and uncond must have the same keys and shapes.
+    calls are counted here). They must have the same keys; when their shapes differ (texts of different
+    lengths, unpadded) the two go through the network one after the other instead of as one batch.
     """
 
     def __init__(
@@ -127,7 +128,12 @@ class CFGDenoiser:
         if self.uncond is None:
             return self.denoiser(x, sigma, t=t, **cond)
         uncond = self.uncond.at(call)
-        two = lambda v: v if v is None or torch.as_tensor(v).ndim == 0 else torch.cat([v, v])  # noqa: E731
-        cond_in = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), two(sigma), t=two(t), **cond_in).chunk(2)
+        if any(uncond[k].shape != cond[k].shape for k in cond):
+            # Texts of different lengths, unpadded (A1111's default): two passes, as A1111 runs them.
+            uncond_x0 = self.denoiser(x, sigma, t=t, **uncond)
+            cond_x0 = self.denoiser(x, sigma, t=t, **cond)
+        else:
+            two = lambda v: v if v is None or torch.as_tensor(v).ndim == 0 else torch.cat([v, v])  # noqa: E731
+            cond_in = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), two(sigma), t=two(t), **cond_in).chunk(2)
         return uncond_x0 + self.scale * (cond_x0 - uncond_x0)

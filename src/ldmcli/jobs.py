@@ -271,7 +271,6 @@ A1111_SETTINGS: dict[str, A1111Param] = {
     "eta_ddim": A1111Param("ldm's DDIM runs with eta 0", off=("", "0")),
     "token_merging_ratio": A1111Param("token merging, ToMe, is not supported", off=("", "0")),
     "sd_vae_decode_method": A1111Param("ldm decodes with the full VAE", off=("", "full")),
-    "pad_cond_uncond": A1111Param(None),  # ldm pads the prompt and negative prompt to one length, as this does
 }
 A1111_UNKNOWN_SETTING = "an A1111 setting ldm does not have: not applied"
 
@@ -295,6 +294,8 @@ def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, templa
         rng, note = a1111_rng(None, "randn_source", absent_means_gpu=True)
         job = job.setting(rng=rng)
         notes.append(note)
+    if "pad_conds" not in values and "pad_conds" not in said and "pad_conds" not in template.given:
+        job = job.setting(pad_conds=False)  # A1111's default: prompt and negative prompt unpadded
     return job.noting(notes, a1111)
 
 
@@ -331,6 +332,12 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
                     raise LdmError(f'{where}: "clip_skip" and override_settings "{key}" both given: give one')
                 values["clip_skip"] = _typed(settings, key, int, where)
                 a1111.add("clip_skip")
+            elif key == "pad_cond_uncond":
+                if "pad_conds" in said:
+                    raise LdmError(f'{where}: "pad_conds" and override_settings "{key}" both given: give one')
+                if not isinstance(value, bool):
+                    raise LdmError(f'{where}: override_settings "{key}" must be true or false, got {_json_text(value)[:40]}')
+                values["pad_conds"] = value
             elif key == "randn_source":
                 if "rng" in said:
                     raise LdmError(f'{where}: "rng" and override_settings "{key}" both given: give one')

@@ -181,7 +181,7 @@ def png_text(model, record: dict) -> dict[str, str]:
 
 
 # The keys A1111 writes after the model's, in its order.
-A1111_AFTER_MODEL = ("Clip skip", "RNG")
+A1111_AFTER_MODEL = ("Clip skip", "RNG", "Pad conds")
 
 
 def _a1111_fields(request) -> dict[str, object]:
@@ -202,6 +202,8 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Size"] = f"{request.width}x{request.height}"
         elif f.name == "rng":
             pairs["RNG"] = value.upper()  # A1111 spells its settings "CPU" and "NV"
+        elif f.name == "pad_conds":
+            pairs["Pad conds"] = True if value else None  # A1111 writes it only when on
         elif f.name == "clip_skip":
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
         elif f.metadata["a1111"]:
@@ -306,6 +308,8 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
             values["schedule"] = schedule
     except (KeyError, ValueError) as exc:
         raise ImageMetadataError(f"{where}: A1111 parameters not understood ({exc})") from exc
+    if "pad_conds" not in values and not ours:  # absent from A1111's text: off, its default
+        values["pad_conds"] = False
     notes = []
     rng = a1111_rng(values.get("rng"), "RNG", absent_means_gpu=not ours)
     if rng is not None:
@@ -396,8 +400,8 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Model": A1111Key("the model's name: see Model hash", honoured=True),
     "Version": A1111Key(_INFO, honoured=True),
     "User": A1111Key(_INFO, honoured=True),
-    "Pad conds": A1111Key("ldm pads the prompt and negative prompt to the same length, as this option does",
-                          honoured=True),
+    "Pad conds": A1111Key("--pad-conds; absent: --no-pad-conds, A1111's default (a prompt and negative prompt of "
+                          "different lengths go through the U-Net unpadded, in two passes)", honoured=True),
     # known, honoured when off
     "Emphasis": A1111Key("only A1111's default emphasis, Original, is implemented", off=("original",)),
     "ENSD": A1111Key("eta noise seed delta, an offset of the ancestral noise's seed, is not supported", off=("0",)),

@@ -203,8 +203,10 @@ def unet_conditioning(model: StableDiffusion, text: TextConditioning, batch: int
 def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: int):
     """(cond, uncond) for `request` as `ConditioningSchedule`s (uncond None without guidance).
 
-    Each is the prompt's A1111 schedule (`text_conditioning.prompt_conditioning`); every entry is padded
-    to the longest, since the unconditional and conditional passes go through the U-Net as one batch.
+    Each is the prompt's A1111 schedule (`text_conditioning.prompt_conditioning`). With
+    `request.pad_conds` every entry is padded to the longest with empty chunks, so the unconditional
+    and conditional passes go through the U-Net as one batch; without, entries keep their lengths and
+    `CFGDenoiser` runs the two passes apart when they differ (A1111's default).
     """
     from ldmcli.denoiser import ConditioningSchedule
     from ldmcli.text_conditioning import encode_texts, prompt_conditioning
@@ -218,7 +220,7 @@ def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: 
     entries = cond + (uncond or [])
     tokens = max(text.context.shape[1] for _, text in entries)
     empty = None
-    if any(text.context.shape[1] != tokens for _, text in entries):
+    if request.pad_conds and any(text.context.shape[1] != tokens for _, text in entries):
         empty = encode_texts(model, ("",), request.clip_skip)
 
     def schedule(entries):

@@ -49,6 +49,10 @@ class ImageRequest:
     # Where the noise comes from: "cpu" torch's CPU generator (diffusers' and A1111's CPU setting),
     # "nv" the numbers torch.randn gives on an NVIDIA GPU (A1111's default there), on any device.
     rng: str = _param("cpu", a1111="RNG", template=True)
+    # A prompt and negative prompt of different chunk counts: True pads the shorter with empty chunks
+    # and runs both through the U-Net as one batch (A1111's "Pad prompt/negative prompt"); False runs
+    # them as two passes, unpadded (A1111's default, so what its images without "Pad conds" used).
+    pad_conds: bool = _param(True, a1111="Pad conds")
 
     @property
     def guided(self) -> bool:
