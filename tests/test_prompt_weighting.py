@@ -412,3 +412,21 @@ def test_unpadded_long_prompt_equals_two_unet_passes_per_step(reference, ours):
     assert_latents_match(unpadded, latents, "sd1", "unpadded")
     padded = pipeline.sample_latents(ours, ImageRequest(**{**request.record(), "pad_conds": True}), [SEED])
     assert not torch.allclose(padded, unpadded, atol=1e-3)
+
+
+@torch.inference_mode()
+def test_schedule_texts_share_one_emphasis_mean_as_in_a1111s_batch(reference, ours):
+    """A1111 encodes a prompt's schedule texts as one batch, repeats included, and restores the mean
+    over that whole batch: "[(cat:1.3)|dog]" over 5 steps is the batch cat, dog, cat, dog, cat."""
+    texts = ["cat", "dog", "cat", "dog", "cat"]
+    tokens = {"cat": ([CAT], [1.3]), "dog": ([DOG], [1.0])}
+    ids = torch.tensor([[BOS, *tokens[t][0]] + [EOS] * 75 for t in texts])
+    weights = torch.tensor([[1.0, *tokens[t][1]] + [1.0] * 75 for t in texts])
+    z = reference.text_encoder(ids).last_hidden_state
+    before = z.mean()
+    z = z * weights[..., None]
+    expected = z * (before / z.mean())
+    schedule = text_conditioning.prompt_conditioning(ours, "[(cat:1.3)|dog]", 5)
+    assert [end for end, _ in schedule] == [1, 2, 3, 4, 5]
+    got = torch.cat([text.context for _, text in schedule])
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
