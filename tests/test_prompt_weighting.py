@@ -430,3 +430,26 @@ def test_schedule_texts_share_one_emphasis_mean_as_in_a1111s_batch(reference, ou
     assert [end for end, _ in schedule] == [1, 2, 3, 4, 5]
     got = torch.cat([text.context for _, text in schedule])
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+# --- SD 2.x: chunks pad with "!" (id 0) after their EOS --------------------------------------------
+
+
+@torch.inference_mode()
+def test_sd2_long_weighted_prompt_equals_per_chunk_clip(tmp_path):
+    from sd_fixtures import build_tiny_sd2_pipeline
+
+    reference = build_tiny_sd2_pipeline(seed=6)
+    with torch.no_grad():
+        reference.text_encoder.final_layer_norm.bias += 0.5  # a mean away from zero, as for SD1 above
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    ours = pipeline.load(tmp_path)
+    prompt = "a cat BREAK (dog:0.8) " + " ".join(["cat"] * 76)  # "a cat" | dog x0.8 + 74 cats | 2 cats
+    chunks = [([A, CAT], [1.0, 1.0]), ([DOG] + [CAT] * 74, [0.8] + [1.0] * 74), ([CAT] * 2, [1.0] * 2)]
+    parts = []
+    for tokens, weights in chunks:
+        ids = torch.tensor([[BOS, *tokens, EOS] + [0] * (75 - len(tokens))])
+        z = reference.text_encoder(ids).last_hidden_state  # diffusers' SD2 folders end at the penultimate block
+        parts.append(a1111_emphasis(z, torch.tensor([1.0, *weights] + [1.0] * (76 - len(weights)))))
+    got = text_conditioning.encode_text(ours, [prompt]).context
+    torch.testing.assert_close(got, torch.cat(parts, dim=1), atol=5e-5, rtol=1e-5)
