@@ -413,7 +413,7 @@ def test_info_of_an_a1111_image_shows_only_what_it_records(tmp_path):
     # No Pad conds: A1111's default, off.
     assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96,
                         "rng": "nv", "pad_conds": False}, shown
-    assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG"]
+    assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG", "Schedule type"]
 
 
 # --- interruption ---------------------------------------------------------------------------------

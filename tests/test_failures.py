@@ -285,3 +285,116 @@ def test_debug_shows_the_traceback_but_keeps_the_exit_code(tmp_path):
         assert plain.returncode == debug.returncode == 2, debug.stderr
         assert "Traceback" in debug.stderr and "Traceback" not in plain.stderr
         assert plain.stderr.strip().splitlines()[-1] in debug.stderr  # the same one-line message, too
+
+
+# --- no stderr ---------------------------------------------------------------------------------------
+
+
+def _stderr_gone(how: str):
+    """(stderr argument, preexec_fn, cleanup) for a child whose stderr is closed (`2>&-`) or a pipe
+    whose reader has left (`2>&1 | head -0`)."""
+    if how == "closed":
+        return None, lambda: os.close(2), lambda: None
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end, None, lambda: os.close(write_end)
+
+
+@pytest.mark.parametrize("how", ["closed", "broken pipe"])
+def test_no_stderr_still_makes_every_image(how, tmp_path, tiny_single_file):
+    """`ldm generate ... 2>&-` exited 1 with no image and no message (sys.stderr is None, and the human
+    lines went to stdout, into the --json records); with a stderr whose reader left, exit 0 and no image."""
+    out = tmp_path / "out"
+    stderr, preexec, cleanup = _stderr_gone(how)
+    try:
+        proc = subprocess.run([*LDM, "generate", "a cat", "-m", str(tiny_single_file), *TINY, "--dtype", "fp32", "-s", "1",
+                               "-b", "2", "-o", f"{out}/", "--json"], stdout=subprocess.PIPE, stderr=stderr,
+                              preexec_fn=preexec, text=True, timeout=120)
+    finally:
+        cleanup()
+    assert proc.returncode == 0, proc.stdout
+    records = [json.loads(line) for line in proc.stdout.splitlines()]  # nothing but the records on stdout
+    assert [r["index"] for r in records[:-1]] == [0, 1] and records[-1]["summary"]["made"] == 2
+    made = sorted(out.glob("*.png"))
+    assert len(made) == 2 and not list(out.glob(".*.part"))
+    for path in made:
+        assert_complete(path)
+
+
+@pytest.mark.parametrize("how", ["closed", "broken pipe"])
+def test_no_stderr_keeps_the_exit_code_of_a_refusal(how, tmp_path):
+    """The one-line error has nowhere to go; the exit code still says what happened (was 1 for a broken pipe)."""
+    stderr, preexec, cleanup = _stderr_gone(how)
+    try:
+        proc = subprocess.run([*LDM, "generate", "a cat", "-m", str(tmp_path / "absent.safetensors"), "-o", f"{tmp_path}/"],
+                              stdout=subprocess.PIPE, stderr=stderr, preexec_fn=preexec, text=True, timeout=60)
+    finally:
+        cleanup()
+    assert proc.returncode == 2 and proc.stdout == ""
+
+
+def test_closed_standard_streams_get_dev_null(tmp_path):
+    """With stdout and stderr closed, the next files ldm opened took their numbers (1, 2): PyTorch's C++
+    warnings, written to 2, would have gone into them. ldm puts /dev/null there first."""
+    report = tmp_path / "report.txt"
+    script = ("import sys\n"
+              "from ldmcli.cli import cli\n"
+              "try:\n"
+              "    cli(['generate', 'a cat', '-m', 'absent.safetensors'])\n"
+              "except SystemExit as exc:\n"
+              f"    with open({str(report)!r}, 'w') as file:\n"
+              "        file.write(f'{exc.code} {file.fileno()} {sys.stdout is not None} {sys.stderr is not None}')\n")
+    proc = subprocess.run([sys.executable, "-c", script], preexec_fn=lambda: (os.close(1), os.close(2)), timeout=60)
+    assert proc.returncode == 0 and report.read_text() == "2 3 True True"
+
+
+# --- SIGTERM (or Ctrl-C) before the first image -------------------------------------------------------
+
+
+def test_sigterm_while_reading_the_prompts_prints_the_summary(tmp_path, tiny_single_file):
+    """`timeout 1.5 ldm generate ...` stopping it while it reads or plans: "ldm: terminated", exit 143,
+    but no summary (stderr) and no --json summary. Here it waits on a prompt FIFO (`--prompts <(...)`)
+    that is given nothing, so the signal surely lands before the first image."""
+    fifo = tmp_path / "prompts.txt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*LDM, "generate", "--prompts", str(fifo), "-m", str(tiny_single_file), "-o", f"{tmp_path}/",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opens once ldm has opened the FIFO to read it
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-2:] == ["terminated (SIGTERM): finished images are saved; re-run with --skip-existing "
+                                        "to make the rest", "done: 0 made, 0 skipped, 0 failed in 0.0 s"]
+    assert json.loads(stdout) == {"summary": {"made": 0, "skipped": 0, "failed": 0, "total": 0, "interrupted": True,
+                                              "seconds": 0.0}}
+
+
+@pytest.mark.parametrize("stage", ["ldmcli.run.plan_images", "ldmcli.run.check_outputs", "ldmcli.run.recommended_defaults"])
+def test_interrupt_while_planning_prints_the_summary(stage, tmp_path, tiny_single_file, monkeypatch):
+    """An interrupt in any stage before the first image: the summary, then its exit code (143 for SIGTERM)."""
+    from ldmcli.errors import Terminated
+
+    def stopped(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(stage, stopped)
+    result = CliRunner().invoke(cli, ["generate", "a cat", "-b", "3", "-m", str(tiny_single_file), "-o", f"{tmp_path}/",
+                                      "--json"])
+    assert result.exit_code == 143, result.output
+    assert "terminated (SIGTERM)" in result.stderr and "done: 0 made, 0 skipped, 0 failed" in result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])["summary"]
+    assert summary["interrupted"] is True and summary["made"] == 0
+    assert not list(tmp_path.glob("*.png"))

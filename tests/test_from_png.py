@@ -21,6 +21,11 @@ from ldmcli.metadata import INFOTEXT_KEYS, INFOTEXT_PREFIXES, parse_a1111, read_
 
 TINY = ["-W", "64", "-H", "64", "--steps", "2"]
 # The keys of an A1111 text that ldm reads into the request or uses to find the model.
+def other_notes(record: dict) -> list[dict]:
+    """A record's notes but the one every A1111 image gets: its sampling discretization (k-diffusion's)."""
+    return [n for n in record["notes"] if not (n["key"] == "Schedule type" and "k-diffusion" in n["why"])]
+
+
 READ_KEYS = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "Model hash", "Model"}
 
 
@@ -104,7 +109,8 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     assert all(n["why"] for n in made["not_honoured"])
     why = {n["key"]: n["why"] for n in made["not_honoured"]}
     assert "hires fix" in why["Hires upscale"] and "issue 17" in why["Lora hashes"] and "not know" in why["My Extension"]
-    assert [n["key"] for n in made["notes"]] == ["RNG"] and "nv" in made["notes"][0]["why"]
+    assert [n["key"] for n in made["notes"]] == ["RNG", "Schedule type"] and "nv" in made["notes"][0]["why"]
+    assert "k-diffusion" in made["notes"][1]["why"]  # the discretization: same composition, not the same pixels
 
     (line,) = note_lines(result)  # one line for the job, naming each
     assert line.startswith(f"note: {png}: not honoured: ")
@@ -120,7 +126,7 @@ def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     assert {n["key"] for n in shown["not_honoured"]} == {
         "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "ENSD",
         "Token merging ratio", "My Extension", "ADetailer model", "prompt"}
-    assert [n["key"] for n in shown["notes"]] == ["RNG"]
+    assert [n["key"] for n in shown["notes"]] == ["RNG", "Schedule type"]
     text = invoke("info", png).output
     assert "not_honoured:\n  - Denoising strength: 0.4 (" in text and "  - prompt: <lora:film grain:0.8> (LoRA" in text
 
@@ -145,8 +151,8 @@ def test_a_recorded_rng_is_honoured_and_a_flag_beats_it(tmp_path, tiny_single_fi
     result = invoke("generate", "--from-png", png, *flag, "--json", "-o", tmp_path / "o.png", env=models_env)
     assert result.exit_code == 0, result.output
     (made,) = records(result)
-    assert (made["rng"], made["notes"], made["not_honoured"]) == (rng, notes, [])
-    assert note_lines(result) == []
+    assert (made["rng"], other_notes(made), made["not_honoured"]) == (rng, notes, [])
+    assert [line for line in note_lines(result) if "k-diffusion" not in line] == []
 
 
 def test_a_flag_replaces_the_note_of_what_it_overrides(tmp_path, tiny_single_file, models_env):
@@ -155,7 +161,7 @@ def test_a_flag_replaces_the_note_of_what_it_overrides(tmp_path, tiny_single_fil
     result = invoke("generate", "--from-png", png, "--rng", "cpu", "--json", "-o", tmp_path / "o.png", env=models_env)
     assert result.exit_code == 0, result.output
     (made,) = records(result)
-    assert (made["rng"], made["notes"]) == ("cpu", [])
+    assert (made["rng"], other_notes(made)) == ("cpu", [])
 
 
 # --- the image's model ------------------------------------------------------------------------------
@@ -258,15 +264,15 @@ def test_clip_skip_of_an_a1111_image_is_not_applied_on_sd2(tmp_path, sd2_folder)
     assert result.exit_code == 0, result.output
     (made,) = records(result)
     assert made["clip_skip"] == 1 and made["not_honoured"] == []
-    assert [(n["key"], n["value"]) for n in made["notes"]] == [("Clip skip", "2")]
-    assert "SD 2.x and SDXL" in made["notes"][0]["why"]
+    assert [(n["key"], n["value"]) for n in other_notes(made)] == [("Clip skip", "2")]
+    assert "SD 2.x and SDXL" in other_notes(made)[0]["why"]
     (line,) = note_lines(result)
     assert "Clip skip: 2 (A1111 does not apply clip skip" in line
     # Asked for on the command line, it is ldm's clip skip: applied, nothing to note.
     result = invoke("generate", "--from-png", png, "-m", sd2_folder, "--clip-skip", "2", "--json", "-o", tmp_path / "p.png")
     assert result.exit_code == 0, result.output
     (made,) = records(result)
-    assert (made["clip_skip"], made["notes"]) == (2, [])
+    assert (made["clip_skip"], other_notes(made)) == (2, [])
 
 
 def test_clip_skip_of_an_a1111_request_is_not_applied_on_sd2(tmp_path, sd2_folder):
@@ -276,7 +282,7 @@ def test_clip_skip_of_an_a1111_request_is_not_applied_on_sd2(tmp_path, sd2_folde
     result = invoke("generate", "--prompts", prompts, "-m", sd2_folder, "--json", "-o", f"{tmp_path / 'o'}/")
     assert result.exit_code == 0, result.output
     (made,) = records(result)
-    assert made["clip_skip"] == 1 and [n["key"] for n in made["notes"]] == ["Clip skip"]
+    assert made["clip_skip"] == 1 and [n["key"] for n in other_notes(made)] == ["Clip skip"]
 
 
 def test_clip_skip_of_an_a1111_image_is_applied_on_sd1(tmp_path, tiny_single_file, models_env):
@@ -284,5 +290,5 @@ def test_clip_skip_of_an_a1111_image_is_applied_on_sd1(tmp_path, tiny_single_fil
     result = invoke("generate", "--from-png", png, "--json", "-o", tmp_path / "o.png", env=models_env)
     assert result.exit_code == 0, result.output
     (made,) = records(result)
-    assert (made["clip_skip"], made["notes"]) == (2, [])
+    assert (made["clip_skip"], other_notes(made)) == (2, [])
     assert json.loads(read_png_text(tmp_path / "o.png")["ldm"])["clip_skip"] == 2

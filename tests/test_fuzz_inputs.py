@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ldmcli.checkpoint import read_json, read_safetensors_metadata, read_state_dict, shard_files
@@ -368,3 +368,65 @@ def split_chunks(png: bytes) -> list[bytes]:
         chunks.append(png[at:end])
         at = end
     return chunks
+
+
+# --- prompt-file lines ----------------------------------------------------------------------------------
+
+LINE_CHARS = st.sampled_from(list("a#- \t\r\n\x0b\x0c\x1c\x85\xa0\u2028\u3000\ufeff{}é") + ["\ud800"])
+
+
+@settings(max_examples=1000, deadline=2000)
+@given(text=st.one_of(st.text(LINE_CHARS, max_size=40), st.text(max_size=40)))
+def test_prompt_file_lines_are_the_lines_split_at_newline(text):
+    """The regex that skips blank and comment lines in C gives what the plain reading does: split at
+    "\\n" only, strip (str.strip's whitespace), skip "" and "#...", number from 1."""
+    from ldmcli.jobs import _content_lines
+
+    expected = [(number, line.strip()) for number, line in enumerate(text.split("\n"), 1)
+                if line.strip() and not line.strip().startswith("#")]
+    assert list(_content_lines(text)) == expected
+
+
+# --- ldm info prints whatever a PNG records ---------------------------------------------------------------
+
+# Any code point, lone surrogates included: JSON's escapes ("\ud800") carry them through a PNG's text.
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)  # the default leaves out Cs
+
+
+@st.composite
+def recorded_texts(draw) -> tuple[str, str]:
+    """(PNG text key, value): ldm's record or A1111's text, with arbitrary strings where strings go."""
+    if draw(st.booleans()):
+        record = {"prompt": draw(ANY_TEXT), "seed": 1, "steps": 1, "sampler": "euler", "width": 64, "height": 64}
+        if draw(st.booleans()):
+            record["negative_prompt"] = draw(ANY_TEXT)
+        if draw(st.booleans()):
+            record["model"] = {"name": draw(ANY_TEXT), "hash": draw(ANY_TEXT), "path": draw(ANY_TEXT)}
+        return LDM_KEY, json.dumps(record)  # ASCII: every character escaped, lone surrogates too
+    quoted = json.dumps(draw(ANY_TEXT))
+    last = draw(st.sampled_from([f"Model: {quoted}", f"Model hash: {quoted}", f"Sampler: {quoted}", f"Extra: {quoted}"]))
+    prompt = draw(st.text(st.characters(exclude_categories=["Cs"]), max_size=12))
+    return A1111_KEY, f"{prompt}\nSteps: 2, Seed: 1, Size: 64x64, {last}"
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(recorded=recorded_texts(), as_json=st.booleans())
+@example(recorded=(LDM_KEY, '{"prompt": "a\\ud800b", "seed": 1}'), as_json=False)
+@example(recorded=(A1111_KEY, 'a\nSteps: 2, Seed: 1, Model: "\\udfff"'), as_json=True)
+def test_ldm_info_prints_any_recorded_text(scratch, recorded, as_json):
+    """`ldm info` shows what a PNG records or refuses it in one line (exit 2), never `ldm: failed`
+    (a lone surrogate was a UnicodeEncodeError, exit 1); --json is always valid JSON."""
+    from click.testing import CliRunner
+
+    from ldmcli.cli import cli
+    from ldmcli.image import save_png
+
+    key, text = recorded
+    path = scratch / "info.png"
+    save_png(__import__("numpy").zeros((2, 2, 3), "uint8"), path, text={key: text}, overwrite=True)
+    result = CliRunner().invoke(cli, ["info", str(path), *(["--json"] if as_json else [])])
+    assert result.exit_code in (0, 2) and "ldm: failed" not in result.output, result.output
+    if result.exit_code == 0 and as_json:
+        described = json.loads(result.stdout)
+        if key == LDM_KEY:
+            assert described["prompt"] == json.loads(text)["prompt"]

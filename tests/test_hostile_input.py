@@ -447,3 +447,149 @@ def test_planning_refuses_a_path_in_a_field_even_from_an_unchecked_job():
     for name in ("../x", "a/b", "/abs"):
         with pytest.raises(LdmError, match="must be a file name, not a path"):
             plan_images([Job(ImageRequest(prompt="a cat"), name=name)], "out/{name}.png")
+
+
+# --- --grid: the contact sheet never replaces an image, nor writes over what is not a file ----------------
+
+
+@pytest.mark.parametrize("name", ["grid", "GRID"])  # GRID: the same file where names ignore case (macOS, Windows)
+def test_an_image_named_like_the_grid_is_refused(tmp_path, tiny_folder, name):
+    """`og/{name}.png` with a job named "grid": the image was made, then overwritten by the sheet, exit 0."""
+    prompts = tmp_path / "g.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "name": name, "seed": 1}) + "\n"
+                       + json.dumps({"prompt": "b", "name": "dog", "seed": 2}) + "\n")
+    out = tmp_path / "og"
+    refused(invoke("generate", "--prompts", prompts, "-m", tiny_folder, *TINY, "-o", f"{out}/{{name}}.png", "--grid"),
+            f"{out}/{name}.png is image 0 ({prompts}:1) and the path --grid writes its contact sheet to")
+    no_pngs(tmp_path)
+
+
+@pytest.mark.parametrize("flag", [None, "--overwrite", "--skip-existing"])
+@pytest.mark.parametrize("kind", ["FIFO", "folder"])
+def test_grid_path_that_is_not_a_file_is_refused(tmp_path, tiny_folder, kind, flag):
+    """As at any output path: a FIFO or a folder at grid.png is refused whatever the flags (it was only
+    asked to "exist": --skip-existing replaced a FIFO, --overwrite made the images and then failed)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "grid.png") if kind == "FIFO" else (out / "grid.png").mkdir()
+    args = ["generate", "a cat", "-s", "1", "-m", tiny_folder, *TINY, "-o", f"{out}/", "--grid"]
+    refused(invoke(*args, *([flag] if flag else [])), f"{out}/grid.png: not a file but a")
+    assert not list(out.glob("0*.png"))
+
+
+def test_grid_next_to_images_with_other_names_is_made(tmp_path, tiny_folder):
+    prompts = tmp_path / "g.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "name": "grid-1", "seed": 1}) + "\n")
+    result = invoke("generate", "--prompts", prompts, "-m", tiny_folder, *TINY, "-o", f"{tmp_path}/{{name}}.png", "--grid")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["grid-1.png", "grid.png"]
+
+
+# --- the run limit stops reading a prompt file ----------------------------------------------------------
+
+
+def test_a_prompt_file_of_a_million_lines_is_refused_at_the_line_beyond_the_limit(tmp_path):
+    """1,000,000 lines "a" took 23 s and 1.1 GB before exit 2 (a 64 MiB file, 33M lines: killed for memory):
+    reading stops at the line that goes beyond the limit, in bounded time and memory."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"a\n" * 1_000_000)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ldmcli", "generate", "--prompts", str(prompts), "-m",
+                           str(tmp_path / "absent.safetensors"), "-o", f"{tmp_path}/"],
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"ldm: error: {prompts}:{MAX_IMAGES_PER_RUN + 1}: at least 100,001 images in one run: "
+                      "the limit is 100,000 (split the prompt file)\n")
+    assert seconds < 5, seconds
+
+
+def test_prompt_file_reading_stops_within_bounded_memory(tmp_path):
+    """The same file, the peak memory of a process of its own measured (Linux's VmHWM, in kB, which
+    starts afresh at exec; ru_maxrss would count the forked test process): 1.1 GB before."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc/self/status")
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"a\n" * 1_000_000)
+    script = ("import re\n"
+              "from ldmcli.cli import cli\n"
+              "try:\n"
+              f"    cli(['generate', '--prompts', {str(prompts)!r}, '-m', 'absent.safetensors'])\n"
+              "except SystemExit as exc:\n"
+              "    status = open('/proc/self/status').read()\n"
+              "    print(exc.code, re.search(r'VmHWM:\\s*(\\d+) kB', status).group(1))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    code, peak_kb = proc.stdout.split()
+    assert code == "2" and "at least 100,001 images" in proc.stderr, proc.stderr
+    assert int(peak_kb) < 250_000, f"{int(peak_kb) // 1024} MB"
+
+
+@pytest.mark.parametrize("args, lines, stop", [
+    (["-b", "40000"], ["a", "b", "c"], "p.txt:3: at least 120,000 images"),  # -b counts on every line
+    (["a", "b", "-b", "40000"], ["c", "d"], "p.txt:1: at least 120,000 images"),  # so do the command line's prompts
+    ([], ["# a comment", "", '{"prompt": "a", "batch_count": 60000}', '{"prompt": "b", "n_iter": 40001}'],
+     "p.jsonl:4: at least 100,001 images"),  # lines numbered as in the file; A1111's n_iter is a batch count
+    ([], ['{"prompt": "a", "n_iter": 1000000, "batch_size": 1000000}', "not JSON"],
+     "p.jsonl:1: batch_count must be between 1 and 100,000, got 1000000000000"),
+])
+def test_batch_counts_count_towards_the_limit_while_reading(tmp_path, args, lines, stop):
+    prompts = tmp_path / ("p.jsonl" if lines[-1].startswith(("{", "not")) else "p.txt")
+    prompts.write_text("\n".join(lines) + "\n")
+    refused(invoke("generate", "--prompts", prompts, *args, "-m", tmp_path / "absent.safetensors"),
+            f"{tmp_path}/{stop}")
+
+
+def test_prompt_file_at_the_limit_is_read_whole(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("#\n" + "a\n" * 99_999 + "\n  \u2028 b  \n")
+    jobs = read_prompt_file(str(prompts), command_line_job({}))
+    assert len(jobs) == MAX_IMAGES_PER_RUN and jobs[-1].request.prompt == "b" and jobs[-1].source == f"{prompts}:100002"
+
+
+# --- ldm info shows any string -------------------------------------------------------------------------
+
+
+def _png_with(path: Path, key: str, text: str) -> Path:
+    from ldmcli.image import save_png
+
+    save_png(__import__("numpy").zeros((8, 8, 3), "uint8"), path, text={key: text})
+    return path
+
+
+LONE_SURROGATES = {
+    # ldm's record with an escaped lone surrogate in the prompt (valid JSON, not valid Unicode)
+    "ldm": ("ldm", json.dumps({"prompt": "café a\ud800b", "seed": 1, "steps": 1, "cfg_scale": 7.0, "sampler": "euler",
+                               "width": 64, "height": 64}), "prompt", "café a\ud800b"),
+    # A1111's text with a JSON-quoted value that decodes to one
+    "a1111": ("parameters", 'a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: "\\ud800"',
+              "model", {"name": "\ud800", "hash": None}),
+}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("case", sorted(LONE_SURROGATES))
+def test_info_shows_a_lone_surrogate_escaped(tmp_path, case, as_json):
+    """Was `ldm: failed: UnicodeEncodeError`, exit 1 (after half the text output)."""
+    key, text, field, value = LONE_SURROGATES[case]
+    png = _png_with(tmp_path / "x.png", key, text)
+    result = invoke("info", png, *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    assert "\\ud800" in result.output and "Traceback" not in result.output
+    if as_json:  # valid JSON, saying what the image says, readable where it can be (é, not \u00e9)
+        assert ("café" in result.output) == (case == "ldm")
+        described = json.loads(result.output)
+        assert described[field] == value if field == "prompt" else described[field]["name"] == value["name"]
+    else:
+        assert result.output.startswith(f"path: {png}\n")
+
+
+def test_info_on_a_stdout_that_cannot_encode_the_text(tmp_path):
+    """An ASCII stdout (PYTHONIOENCODING, a C locale without UTF-8 coercion): escaped, never a crash."""
+    png = _png_with(tmp_path / "x.png", "ldm", json.dumps({"prompt": "café \ud800 ☕", "seed": 1}))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    for args in ([], ["--json"]):
+        proc = subprocess.run([sys.executable, "-m", "ldmcli", "info", str(png), *args], capture_output=True,
+                              env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        shown = proc.stdout.decode("ascii")
+        assert (json.loads(shown)["prompt"] == "café \ud800 ☕") if args else "prompt: caf\\xe9 \\ud800 \\u2615" in shown

@@ -237,14 +237,20 @@ EDITS = {
     "a [dog:4]": ["a "] * 5 + ["a dog"],  # [(4, "a "), (6, "a dog")]
     "a [cat|dog]": ["a cat", "a cat", "a dog", "a cat", "a dog", "a cat"],  # [(1, cat), (2, dog), (3, cat), ...]
 }
+# Heun calls the model twice a step but once in its last (11 calls for 6 steps), and A1111 lays the
+# timeline of a second-order sampler over twice the steps (12): "0.5" switches after call 6.
+HEUN_EDITS = {
+    "a [cat:dog:0.5]": ["a cat"] * 7 + ["a dog"] * 4,  # [(6, "a cat"), (12, "a dog")]
+    "a [cat|dog]": ["a cat", "a cat"] + ["a dog", "a cat"] * 4 + ["a dog"],  # [(1, cat), (2, dog), ... (12, dog)]
+}
 
 
-@pytest.mark.parametrize("prompt", list(EDITS))
+@pytest.mark.parametrize("sampler, prompt", [("euler", p) for p in EDITS] + [("heun", p) for p in HEUN_EDITS])
 @torch.inference_mode()
-def test_prompt_editing_equals_diffusers_with_prompt_swapped_each_step(prompt, reference, ours):
-    from diffusers import EulerDiscreteScheduler
+def test_prompt_editing_equals_diffusers_with_prompt_swapped_each_call(sampler, prompt, reference, ours):
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
 
-    texts = EDITS[prompt]
+    texts = (EDITS if sampler == "euler" else HEUN_EDITS)[prompt]
     embeds = {text: reference.encode_prompt(text, "cpu", 1, False)[0] for text in set(texts)}
     negative = reference.encode_prompt("blurry", "cpu", 1, False)[0]
 
@@ -254,8 +260,10 @@ def test_prompt_editing_equals_diffusers_with_prompt_swapped_each_step(prompt, r
         return tensors
 
     scheduler = reference.scheduler
-    reference.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+    reference.scheduler = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler}[sampler].from_config(
+        scheduler.config)
     try:
+        # diffusers' loop makes one model call an iteration (Heun's two are two iterations).
         expected = reference(prompt_embeds=embeds[texts[0]], negative_prompt_embeds=negative, height=SIZE, width=SIZE,
                              num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(SEED),
                              callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"],
@@ -263,8 +271,8 @@ def test_prompt_editing_equals_diffusers_with_prompt_swapped_each_step(prompt, r
     finally:
         reference.scheduler = scheduler
     request = ImageRequest(prompt=prompt, negative_prompt="blurry", width=SIZE, height=SIZE, steps=6, cfg_scale=7.5,
-                           sampler="euler")
-    assert_latents_match(pipeline.sample_latents(ours, request, [SEED]), expected, "sd1", prompt)
+                           sampler=sampler)
+    assert_latents_match(pipeline.sample_latents(ours, request, [SEED]), expected, "sd1", f"{sampler} {prompt}")
 
 
 # --- extra-network tags: removed before parsing, as A1111 does -------------------------------------
@@ -278,6 +286,19 @@ def test_network_tags_are_removed_from_the_text(ours):
 
     assert torch.equal(image("a (red:1.2) cat <lora:film grain:0.8>"), image("a (red:1.2) cat "))
     assert not torch.equal(image("a (red:1.2) cat <lora:film grain:0.8>"), image("a (red:1.2) cat <lora:film grain:0.8"))
+
+
+@torch.inference_mode()
+def test_network_tags_in_the_negative_prompt_stay_words(ours):
+    # A1111 reads extra networks from the prompt only (processing.parse_extra_network_prompts): in the
+    # negative prompt a tag is text CLIP reads.
+    def cond(negative):
+        request = ImageRequest(prompt="a cat", negative_prompt=negative, width=SIZE, height=SIZE, steps=3).checked()
+        return pipeline.guidance_conditioning(ours, request, 1)[1].at(0)["context"]
+
+    tagged = cond("blurry <lora:x:1>")
+    assert not torch.equal(tagged, cond("blurry "))
+    assert torch.equal(tagged, text_conditioning.encode_text(ours, ["blurry <lora:x:1>"]).context)
 
 
 # --- SDXL: both encoders chunk alike, each restores its own mean; the pooled vector is chunk 1's ----

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failure while generating, 2 usage or input error, 130 interr
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,32 @@ def cli() -> None:
 
     Exit codes: 0 ok, 1 an image failed, 2 usage or input error, 130 interrupted, 143 terminated (SIGTERM).
     """
+    _fill_closed_standard_streams()
+
+
+def _fill_closed_standard_streams() -> None:
+    """Put /dev/null where the shell closed stdin, stdout or stderr (`2>&-`).
+
+    Python starts with sys.stderr None then, `print(file=sys.stderr)` writes to stdout instead (into
+    the --json records), and the next file ldm opens (a model, a PNG being written) would get the
+    number 2, where PyTorch's C++ warnings go. So the number gets /dev/null, and sys.stdout and
+    sys.stderr a stream onto it: the messages are dropped, the images still made. sys.stdin stays
+    None, so that `--prompts -` still says standard input is closed.
+    """
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+            continue  # taken since by a file of someone else's: not ours to replace
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if name != "stdin":
+            setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False))
 
 
 @cli.command()
@@ -141,7 +168,31 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
 
+    report = None  # the run's Report, made first thing, so that an interrupt from here on ends with the summary
+
+    def stopped_early(exc: KeyboardInterrupt) -> int:
+        """Ctrl-C or SIGTERM before run_generate took over (reading prompts, finding the model,
+        reading its headers): the summary, 0 made, as for any run that began."""
+        nonlocal report
+        if report is None:
+            from ldmcli.run import Report
+
+            report = Report(json=json_lines, quiet=quiet)
+        if report.summarized:  # the interrupt came after the summary: nothing more to say
+            raise exc
+        return report.finish(exc)
+
     def build():
+        try:
+            return plan_and_run()
+        except KeyboardInterrupt as exc:
+            return stopped_early(exc)
+
+    def plan_and_run():
+        nonlocal report
+        from ldmcli.run import Report
+
+        report = Report(json=json_lines, quiet=quiet)
         from ldmcli.jobs import apply_model_family, command_line_job, job_from_png, random_seed, read_prompt_file
         from ldmcli.outputs import check_template, resolve_template
         from ldmcli.request import field_names
@@ -170,7 +221,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
                 template = template.setting(seed=random_seed())
             jobs = [template.setting(prompt=t) for t in texts]
             if prompt_file:
-                jobs += read_prompt_file(prompt_file, template)
+                jobs += read_prompt_file(prompt_file, template, images_before=len(jobs) * batch_count)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -188,7 +239,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         if any("clip_skip" in job.a1111 and job.request.clip_skip != 1 for job in jobs):
             family = _model_family(model_file, prediction_type)  # headers only, as recommended_defaults
             jobs = [apply_model_family(job, family) for job in jobs]
-        return run_generate(jobs, options, defaults)
+        return run_generate(jobs, options, defaults, report)
 
     sys.exit(_run(build, debug))
 
@@ -208,7 +259,7 @@ def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: st
 
     def say(message: str) -> None:
         if not quiet:
-            click.echo(f"ldm: {message}", err=True)
+            _tell(f"ldm: {message}")
 
     def check(path: Path, what: str) -> Path:
         """`path`, said to differ from the recorded model when its hash does."""
@@ -273,7 +324,7 @@ def _resolve_model(name: str | None, quiet: bool) -> Path:
     if demo is None:
         raise ModelNotFoundError("no model: pass -m MODEL or set LDM_MODEL (the bundled demo model is not installed)")
     if not quiet:
-        click.echo(f"ldm: using the bundled demo model {demo} (pass -m to use another)", err=True)
+        _tell(f"ldm: using the bundled demo model {demo} (pass -m to use another)")
     return demo
 
 
@@ -320,20 +371,70 @@ def info(target, as_json, debug) -> None:
 
         described = describe_image(Path(target)) if target.lower().endswith(".png") else describe_model(target)
         if as_json:
-            import json
-
-            click.echo(json.dumps(described, indent=2, ensure_ascii=False))
+            _print_json(described)
         else:
+            lines = []
             for key, value in described.items():
                 if key in ("not_honoured", "notes"):  # lists of {"key", "value", "why"}
-                    click.echo(f"{key}:" + ("" if value else " none"))
-                    for note in value:
-                        click.echo(f"  - {_note_text(note)}")
+                    lines.append(f"{key}:" + ("" if value else " none"))
+                    lines += [f"  - {_note_text(note)}" for note in value]
                 else:
-                    click.echo(f"{key}: {value}")
+                    lines.append(f"{key}: {value}")
+            _print_text("\n".join(lines))
         return 0
 
     sys.exit(_run(show, debug))
+
+
+# A surrogate code point: in a str only as a lone one (from a JSON "\\ud800" escape, or bytes that are not
+# UTF-8), which no UTF-8 stream can write.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _stdout_encoding() -> str:
+    return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+def _print_text(text: str) -> None:
+    """`text` on stdout, whatever it holds: what the stream cannot encode (a lone surrogate a PNG's
+    record smuggled in; anything, on an ASCII terminal) is shown as a backslash escape (\\ud800)."""
+    encoding = _stdout_encoding()
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: ASCII is in all of them
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+    click.echo(text)
+
+
+def _print_json(value) -> None:
+    """`value` as JSON on stdout, readable text where the stream takes it, valid JSON whatever it holds:
+    a lone surrogate is written as its JSON escape (\\ud800, what the PNG's record said), and on a
+    stream that cannot encode the rest, all of it is escaped (ensure_ascii)."""
+    import json
+
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, indent=2, ensure_ascii=False))
+    try:
+        text.encode(_stdout_encoding())
+    except (UnicodeEncodeError, LookupError):
+        text = json.dumps(value, indent=2, ensure_ascii=True)
+    click.echo(text)
+
+
+def _tell(message: str) -> None:
+    """A line on stderr, or nowhere when there is no stderr to write to (closed, or its reader left):
+    saying something is never an error of its own, nor changes the exit code."""
+    try:
+        try:
+            click.echo(message, err=True)
+        except UnicodeEncodeError:
+            click.echo(message.encode("ascii", "backslashreplace").decode("ascii"), err=True)
+    except (OSError, ValueError):
+        try:  # what is still buffered would fail again at exit, and make the exit code 120
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def _note_text(note: dict) -> str:
@@ -364,7 +465,7 @@ def _run(action, debug: bool) -> int:
     except LdmError as exc:
         return _fail(f"ldm: error: {exc}", exc.exit_code, debug)
     except KeyboardInterrupt as exc:
-        click.echo("ldm: terminated" if isinstance(exc, Terminated) else "ldm: interrupted", err=True)
+        _tell("ldm: terminated" if isinstance(exc, Terminated) else "ldm: interrupted")
         return getattr(exc, "exit_code", EXIT_INTERRUPTED)
     except BrokenPipeError:  # `ldm ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -379,7 +480,7 @@ def _fail(message: str, exit_code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    click.echo(message, err=True)
+    _tell(message)
     return exit_code
 
 

@@ -117,20 +117,21 @@ def command_line_job(flags: Mapping[str, Any], batch_count: int = 1) -> Job:
     return Job(ImageRequest(), batch_count=batch_count).setting(**flags)
 
 
-def read_prompt_file(path: str, template: Job) -> list[Job]:
+def read_prompt_file(path: str, template: Job, images_before: int = 0) -> list[Job]:
     """Jobs from a prompt file (`-` = stdin); every line is checked, errors name the line.
 
     UTF-8 (a leading BOM is ignored), at most MAX_PROMPT_FILE_BYTES. Lines end at "\\n" (and "\\r\\n")
     only: U+2028, U+0085 and the other characters `str.splitlines` breaks at stay inside a prompt.
+    Reading stops at the line whose images (its batch count), with those of the lines before and the
+    `images_before` of the run's other jobs, go beyond MAX_IMAGES_PER_RUN: a 64 MiB file of short lines
+    (33 million jobs) is refused in a moment, never built in memory.
     """
     name = "<stdin>" if path == "-" else path
     text = _read_text(path, name)
     jsonl = path.endswith(".jsonl") or (path == "-" and text.lstrip().startswith("{"))
     jobs = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
+    images = images_before
+    for number, stripped in _content_lines(text):
         where = f"{name}:{number}"
         if jsonl:
             job = _json_job(stripped, template, where)
@@ -138,10 +139,32 @@ def read_prompt_file(path: str, template: Job) -> list[Job]:
             job = _script_job(stripped, template, where)
         else:
             job = template.setting(prompt=stripped)
+        if isinstance(job.batch_count, int) and job.batch_count > MAX_IMAGES_PER_RUN:  # check_job's message, now
+            raise LdmError(f"{where}: batch_count must be between 1 and {MAX_IMAGES_PER_RUN:,}, got {job.batch_count}")
+        images += max(job.batch_count, 1) if isinstance(job.batch_count, int) else 1  # 0 and below: check_job's
+        if images > MAX_IMAGES_PER_RUN:
+            raise LdmError(f"{where}: at least {images:,} images in one run: the limit is {MAX_IMAGES_PER_RUN:,} "
+                           "(split the prompt file)")
         jobs.append(replace(job, source=where))
     if not jobs:
         raise LdmError(f"{name}: no prompts in the file")
     return jobs
+
+
+# A line with something on it that is not a `#` comment, from its first character that is not
+# whitespace (as str.strip sees it: `\s` is str.isspace). `^` is a line's start after "\n" only.
+_CONTENT_LINE = re.compile(r"^[^\S\n]*([^\s#][^\n]*)", re.MULTILINE)
+
+
+def _content_lines(text: str):
+    """(line number, the line stripped) of each line of `text` (split at "\\n" only) that is neither
+    blank nor a `#` comment, one at a time: never a list of the 67 million lines 64 MiB can hold, and
+    blank and comment lines are skipped by the regex engine, not one by one in Python."""
+    number, counted = 1, 0
+    for match in _CONTENT_LINE.finditer(text):
+        number += text.count("\n", counted, match.start())
+        counted = match.start()
+        yield number, match.group(1).rstrip()
 
 
 def _read_text(path: str, name: str) -> str:

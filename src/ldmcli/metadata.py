@@ -203,7 +203,8 @@ def _a1111_fields(request) -> dict[str, object]:
         elif f.name == "rng":
             pairs["RNG"] = value.upper()  # A1111 spells its settings "CPU" and "NV"
         elif f.name == "pad_conds":
-            pairs["Pad conds"] = True if value else None  # A1111 writes it only when on
+            # A1111 writes it only when on; ldm always, since its own default is on (absent reads as off)
+            pairs["Pad conds"] = value
         elif f.name == "clip_skip":
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
         elif f.metadata["a1111"]:
@@ -317,6 +318,8 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
         notes += [note] if note else []
     read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", *keys.values()}
     notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
+    if not ours:
+        notes += sampling_notes(params)
     return PngParameters(
         ImageRequest(**values), frozenset(values), {"name": params.get("Model"), "hash": params.get("Model hash")},
         notes=tuple(notes), a1111=frozenset() if ours else frozenset({"clip_skip"} & values.keys()),
@@ -467,6 +470,31 @@ INFOTEXT_PREFIXES: dict[str, str] = {
     "ControlNet": "ControlNet is not supported",
 }
 UNKNOWN_KEY = "a key ldm does not know, an extension's perhaps: not applied"
+
+
+# Samplers whose noise A1111 draws from a Brownian tree seeded by the image's seed (its
+# `sd_samplers_common.create_noise_sampler`, torchsde), not from its generator step by step.
+BROWNIAN_TREE_SAMPLERS = ("dpm++ 2m sde", "dpm++ sde", "dpm++ 3m sde", "dpm++ 2m sde heun")
+
+
+def sampling_notes(params: Mapping[str, str]) -> list[Note]:
+    """What differs when ldm samples an A1111 text's image, said (the keys themselves are honoured).
+
+    A1111 runs k-diffusion's discretization: initial noise times sigma_max, the network at fractional
+    timesteps, and for "Automatic"/"Uniform" its uniform grid of timesteps; ldm follows diffusers'
+    (the noise scaled by sqrt(sigma_max^2 + 1) for most samplers, its own timestep spacings). The same
+    seed then gives the same composition, not the same pixels.
+    """
+    sampler = params.get("Sampler", "")
+    notes = [Note("Schedule type", params.get("Schedule type", "Automatic"),
+                  "A1111 samples with k-diffusion's discretization (initial noise x sigma_max, fractional "
+                  "timesteps, its own uniform grid for Automatic/Uniform); ldm with diffusers': the same "
+                  "composition, not the same pixels", honoured=True, fields=("schedule",))]
+    if sampler.strip().lower().removesuffix(" karras").removesuffix(" exponential") in BROWNIAN_TREE_SAMPLERS:
+        notes.append(Note("Sampler", sampler, "A1111 draws this sampler's noise from a Brownian tree (torchsde); "
+                          "ldm draws it step by step from the seed's generator: not the same image",
+                          fields=("sampler",)))
+    return notes
 
 
 def infotext_note(key: str, value: str) -> Note | None:

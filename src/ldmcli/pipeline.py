@@ -203,20 +203,15 @@ def unet_conditioning(model: StableDiffusion, text: TextConditioning, batch: int
 def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: int):
     """(cond, uncond) for `request` as `ConditioningSchedule`s (uncond None without guidance).
 
-    Each is the prompt's A1111 schedule (`text_conditioning.prompt_conditioning`). With
+    Each is the prompt's A1111 schedule (`text_conditioning.request_conditioning`). With
     `request.pad_conds` every entry is padded to the longest with empty chunks, so the unconditional
     and conditional passes go through the U-Net as one batch; without, entries keep their lengths and
     `CFGDenoiser` runs the two passes apart when they differ (A1111's default).
     """
     from ldmcli.denoiser import ConditioningSchedule
-    from ldmcli.text_conditioning import encode_texts, prompt_conditioning
+    from ldmcli.text_conditioning import encode_texts, request_conditioning
 
-    cond = prompt_conditioning(model, request.prompt, request.steps, request.clip_skip)
-    uncond = None
-    if request.guided:  # at scale 1 no unconditional pass at all (Turbo)
-        uncond = prompt_conditioning(model, request.negative_prompt, request.steps, request.clip_skip)
-        if model.spec.zero_empty_negative and request.negative_prompt == "":
-            uncond = [(end, text.zeros()) for end, text in uncond]
+    cond, uncond = request_conditioning(model, request)
     entries = cond + (uncond or [])
     tokens = max(text.context.shape[1] for _, text in entries)
     empty = None

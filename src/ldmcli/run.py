@@ -57,22 +57,47 @@ def json_line(record: dict) -> str:
 
 @dataclass
 class Report:
-    """Where messages go: human lines to stderr, machine lines to stdout."""
+    """Where messages go: human lines to stderr, machine lines to stdout.
+
+    Neither is needed to make the images: a closed stderr (`2>&-`) or one whose reader left drops the
+    human lines, a closed stdout the --json records; the run and its exit code go on as before.
+    """
 
     json: bool = False
     quiet: bool = False
     counts: dict = field(default_factory=lambda: {"made": 0, "skipped": 0, "failed": 0})
     stdout_closed: bool = False  # the --json reader went away (`| head`)
+    stderr_closed: bool = False  # nowhere to say anything: `2>&-`, or a reader that went away
+    total: int = 0  # this process's images, once planned
+    started: float | None = None  # when making began (after planning), for the summary's seconds
+    summarized: bool = False  # the summary is out: an interrupt after it must not print another
 
     def say(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        if self.quiet or self.stderr_closed:
+            return
+        if sys.stderr is None:  # Python found file descriptor 2 closed at startup
+            self.stderr_closed = True
+            return
+        try:
+            try:
+                print(message, file=sys.stderr, flush=True)
+            except UnicodeEncodeError:  # a stream that cannot show every character: escaped, then
+                print(message.encode("ascii", "backslashreplace").decode("ascii"), file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # EPIPE, EIO; ValueError: a closed stream
+            self.stderr_closed = True
+            try:  # the unflushed line would fail again at exit, and make the exit code 120
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            except (OSError, ValueError, AttributeError):  # a stderr without a file descriptor (tests)
+                pass
 
     def emit(self, record: dict) -> None:
         if not self.json or self.stdout_closed:
             return
         try:
-            print(json_line(record), flush=True)
+            try:
+                print(json_line(record), flush=True)
+            except UnicodeEncodeError:  # a stdout that cannot show every character: the same record, ASCII
+                print(json.dumps(record, ensure_ascii=True), flush=True)
         except BrokenPipeError:
             self._stdout_gone()
 
@@ -88,7 +113,32 @@ class Report:
 
     @property
     def progress(self) -> bool:
-        return not (self.json or self.quiet) and sys.stderr.isatty()
+        if self.json or self.quiet or self.stderr_closed or sys.stderr is None:
+            return False
+        try:
+            return sys.stderr.isatty()
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def finish(self, stopped: KeyboardInterrupt | None = None, share: ProcessShare | None = None) -> int:
+        """Say how the run ended and print its summary (stderr; stdout too with --json); the exit code.
+
+        For every run that began: one stopped by Ctrl-C or SIGTERM while it read its prompts, loaded
+        its model or planned (0 made) as one stopped while making images."""
+        if stopped is not None:
+            how = "terminated (SIGTERM)" if isinstance(stopped, Terminated) else "interrupted"
+            self.say(f"{how}: finished images are saved; re-run with --skip-existing to make the rest")
+        seconds = 0.0 if self.started is None else time.perf_counter() - self.started
+        summary = {**self.counts, "total": self.total, "interrupted": stopped is not None, "seconds": round(seconds, 3)}
+        if share is not None and share.world > 1:
+            summary.update(process=share.rank, processes=share.world)
+        self.summarized = True
+        self.emit({"summary": summary})
+        self.say(f"done: {summary['made']} made, {summary['skipped']} skipped, {summary['failed']} failed "
+                 f"in {summary['seconds']:.1f} s")
+        if stopped is not None:
+            return getattr(stopped, "exit_code", EXIT_INTERRUPTED)  # 130 for Ctrl-C, 143 for SIGTERM
+        return EXIT_FAILURE if self.counts["failed"] else EXIT_OK
 
 
 def resolve_device(device: str) -> str:
@@ -133,30 +183,37 @@ def prepare(
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
-    if options.grid and _grid_path(tasks).exists() and not (options.overwrite or options.skip_existing):
-        raise LdmError(f"{_grid_path(tasks)} exists: use --skip-existing or --overwrite to replace the grid")
+    if options.grid:
+        _check_grid_path(tasks, overwrite=options.overwrite or options.skip_existing)
     return tasks, todo
 
 
-def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> int:
-    """Make every image of `jobs` not yet made; `defaults` are the model's recommended values."""
-    report = Report(json=options.json, quiet=options.quiet)
-    share = ProcessShare.from_environment()
-    tasks, todo = prepare(jobs, options, defaults, share)
-    mine = [t for t in tasks if share.owns(t)]
-    _say_notes(mine, report)
-    if share.world > 1:
-        report.say(f"process {share.rank + 1} of {share.world}: {len(mine)} image(s)")
-    report.counts["skipped"] = len(mine) - len(todo)
-    if report.counts["skipped"]:
-        report.say(f"skipping {report.counts['skipped']} existing image(s)")
-    remade = [t for t in todo if options.skip_existing and t.path.exists()]
-    if remade:
-        report.say(f"remaking {len(remade)} incomplete image(s) (empty or cut short), e.g. {remade[0].path}")
-    _remove_leftovers(tasks, report)
-    started = time.perf_counter()
+def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = None,
+                 report: Report | None = None) -> int:
+    """Make every image of `jobs` not yet made; `defaults` are the model's recommended values.
+
+    `report`: the run's, when the caller made it before reading the prompts, so that an interrupt
+    before this (reading, loading headers) also ends with the summary (`Report.finish`).
+    """
+    report = report or Report(json=options.json, quiet=options.quiet)
+    share: ProcessShare | None = None
     stopped: KeyboardInterrupt | None = None  # Ctrl-C, or SIGTERM (cli.py raises Terminated for it)
     try:
+        share = ProcessShare.from_environment()
+        tasks, todo = prepare(jobs, options, defaults, share)
+        mine = [t for t in tasks if share.owns(t)]
+        report.total = len(mine)
+        _say_notes(mine, report)
+        if share.world > 1:
+            report.say(f"process {share.rank + 1} of {share.world}: {len(mine)} image(s)")
+        report.counts["skipped"] = len(mine) - len(todo)
+        if report.counts["skipped"]:
+            report.say(f"skipping {report.counts['skipped']} existing image(s)")
+        remade = [t for t in todo if options.skip_existing and t.path.exists()]
+        if remade:
+            report.say(f"remaking {len(remade)} incomplete image(s) (empty or cut short), e.g. {remade[0].path}")
+        _remove_leftovers(tasks, report)
+        report.started = time.perf_counter()
         if todo:
             model = _load(options, report, share.device(options.device))
             _encode_up_front(model, todo)
@@ -165,18 +222,7 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
             _write_grid(tasks, report)
     except KeyboardInterrupt as exc:
         stopped = exc
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        report.say(f"{how}: finished images are saved; re-run with --skip-existing to make the rest")
-    summary = {**report.counts, "total": len(mine), "interrupted": stopped is not None,
-               "seconds": round(time.perf_counter() - started, 3)}
-    if share.world > 1:
-        summary.update(process=share.rank, processes=share.world)
-    report.emit({"summary": summary})
-    report.say(f"done: {summary['made']} made, {summary['skipped']} skipped, {summary['failed']} failed "
-               f"in {summary['seconds']:.1f} s")
-    if stopped is not None:
-        return getattr(stopped, "exit_code", EXIT_INTERRUPTED)  # 130 for Ctrl-C, 143 for SIGTERM
-    return EXIT_FAILURE if report.counts["failed"] else EXIT_OK
+    return report.finish(stopped, share)
 
 
 # At most this many notes of one job on its stderr line; --json records carry them all.
@@ -415,6 +461,23 @@ def _save(model, task: ImageTask, image, seconds: float, options: RunOptions, re
 
 def _grid_path(tasks: list[ImageTask]) -> Path:
     return tasks[0].path.parent / "grid.png"
+
+
+def _check_grid_path(tasks: list[ImageTask], *, overwrite: bool) -> None:
+    """LdmError unless --grid may write its contact sheet: no image of the run is (or, on a file
+    system that ignores case, may be) the grid's file, which the sheet would replace once made, and
+    nothing is there but a file it may replace (as `outputs.check_outputs` checks every output path:
+    a FIFO, device or folder is refused whatever the flags)."""
+    from ldmcli.outputs import _occupied
+
+    grid = _grid_path(tasks)
+    clash = next((t for t in tasks if t.path.parent == grid.parent and t.path.name.casefold() == grid.name.casefold()),
+                 None)
+    if clash is not None:
+        raise LdmError(f"{clash.path} is image {clash.index} ({clash.job.source}) and the path --grid writes its "
+                       "contact sheet to: name the images otherwise, or leave out --grid")
+    if _occupied(grid) and not overwrite:
+        raise LdmError(f"{grid} exists: use --skip-existing or --overwrite to replace the grid")
 
 
 def _write_grid(tasks: list[ImageTask], report: Report) -> None:

@@ -240,6 +240,9 @@ class SamplerInfo:
     diffusers_class: str  # the equivalent diffusers scheduler (configured from the model's config)
     diffusers_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     description: str = ""
+    # A1111 lays prompt-editing timelines over twice the steps for its second-order samplers (its
+    # SamplerData.total_steps), since they call the model about twice a step and it counts calls.
+    second_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,8 +255,8 @@ class ScheduleInfo:
     description: str
 
 
-def _info(name, display, fn, convention, cls, description, **kwargs) -> SamplerInfo:  # noqa: ANN001
-    return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description)
+def _info(name, display, fn, convention, cls, description, second_order=False, **kwargs) -> SamplerInfo:  # noqa: ANN001
+    return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description, second_order)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -263,7 +266,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         _info("euler_a", "Euler a", euler_a, "discrete", "EulerAncestralDiscreteScheduler",
               "ancestral Euler: fresh noise every step (stochastic, does not converge with steps)"),
         _info("heun", "Heun", heun, "discrete", "HeunDiscreteScheduler",
-              "Heun's 2nd-order ODE solver, two network calls per step"),
+              "Heun's 2nd-order ODE solver, two network calls per step", second_order=True),
         _info("ddim", "DDIM", ddim, "ddim", "DDIMScheduler", "DDIM, Song et al. 2020 (eta=0: deterministic)"),
         _info("dpmpp_2m", "DPM++ 2M", dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
               "DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep, one call per step",

@@ -132,17 +132,46 @@ ConditioningSchedule = list[tuple[int, TextConditioning]]
 the first entry whose end_at_step is at least the current step."""
 
 
+def request_conditioning(model: StableDiffusion, request: ImageRequest) -> tuple[ConditioningSchedule, ConditioningSchedule | None]:
+    """The prompt's and (with guidance) the negative prompt's conditioning schedules for `request`.
+
+    SDXL conditions an empty negative prompt on zeros, as A1111 does when every text of its schedule is
+    empty (and diffusers' `force_zeros_for_empty_prompt`).
+    """
+    timeline = timeline_steps(request)
+    cond = _conditioning(model, _schedule(request.prompt, timeline), request.clip_skip)
+    if not request.guided:  # at scale 1 no unconditional pass at all (Turbo)
+        return cond, None
+    schedule = _schedule(request.negative_prompt, timeline, negative=True)
+    uncond = _conditioning(model, schedule, request.clip_skip)
+    if model.spec.zero_empty_negative and all(text == "" for _, text in schedule):
+        uncond = [(end, text.zeros()) for end, text in uncond]
+    return cond, uncond
+
+
 def prompt_conditioning(model: StableDiffusion, prompt: str, steps: int, clip_skip: int = 1) -> ConditioningSchedule:
-    """A prompt's conditioning over `steps` steps: its schedule's texts encoded together (`encode_texts`)."""
-    schedule = _schedule(prompt, steps)
+    """A prompt's conditioning over a timeline of `steps`: its schedule's texts encoded together."""
+    return _conditioning(model, _schedule(prompt, steps), clip_skip)
+
+
+def _conditioning(model: StableDiffusion, schedule: list[tuple[int, str]], clip_skip: int) -> ConditioningSchedule:
     encoded = encode_texts(model, tuple(text for _, text in schedule), clip_skip)
     return [(end, encoded.rows(i, i + 1)) for i, (end, _) in enumerate(schedule)]
 
 
-def _schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """The prompt's A1111 schedule, its extra-network tags (`<lora:x:0.8>`) removed first, as A1111
-    removes them before it parses the prompt (what they ask for is applied, or reported, elsewhere)."""
-    return prompt_schedule(extra_network_tags(prompt)[0], steps)
+def timeline_steps(request: ImageRequest) -> int:
+    """The steps A1111 lays a prompt's editing timeline over: twice the steps for a second-order
+    sampler (it counts model calls, about two a step there), else the steps."""
+    from ldmcli.samplers import SAMPLERS
+
+    return request.steps * (2 if SAMPLERS[request.sampler].second_order else 1)
+
+
+def _schedule(prompt: str, steps: int, *, negative: bool = False) -> list[tuple[int, str]]:
+    """The prompt's A1111 schedule. A prompt's extra-network tags (`<lora:x:0.8>`) are removed first, as
+    A1111 removes them before it parses it (what they ask for is applied, or reported, elsewhere); a
+    negative prompt's stay words, as in A1111, which reads tags in the prompt only."""
+    return prompt_schedule(prompt if negative else extra_network_tags(prompt)[0], steps)
 
 
 def text_encoder_bytes(model: StableDiffusion) -> int:
@@ -172,5 +201,6 @@ def encode_up_front(model: StableDiffusion, requests: Sequence[ImageRequest]) ->
 
 def conditioning_keys(request: ImageRequest) -> list[tuple[tuple[str, ...], int]]:
     """The (texts, clip skip) batches an image of `request` encodes: its prompt's and negative prompt's."""
-    return [(tuple(text for _, text in _schedule(prompt, request.steps)), request.clip_skip)
-            for prompt in request.text_prompts]
+    timeline = timeline_steps(request)
+    return [(tuple(text for _, text in _schedule(prompt, timeline, negative=i == 1)), request.clip_skip)
+            for i, prompt in enumerate(request.text_prompts)]
