@@ -474,3 +474,16 @@ def test_sd2_long_weighted_prompt_equals_per_chunk_clip(tmp_path):
         parts.append(a1111_emphasis(z, torch.tensor([1.0, *weights] + [1.0] * (76 - len(weights)))))
     got = text_conditioning.encode_text(ours, [prompt]).context
     torch.testing.assert_close(got, torch.cat(parts, dim=1), atol=5e-5, rtol=1e-5)
+
+
+def test_clip_skip_beyond_the_text_encoder_is_refused_before_loading(tmp_path, folder):
+    from click.testing import CliRunner
+
+    from ldmcli.cli import cli
+
+    # The tiny text encoder has 2 blocks: clip skip 2 conditions on the first one's output, 3 on nothing.
+    args = ["generate", "a cat", "-m", str(folder), "-W", "64", "-H", "64", "--steps", "1", "-o", str(tmp_path / "x.png")]
+    result = CliRunner().invoke(cli, [*args, "--clip-skip", "3"])
+    assert result.exit_code == 2 and "clip skip 3 is beyond this model's text encoder: at most 2" in result.output
+    assert not (tmp_path / "x.png").exists()
+    assert CliRunner().invoke(cli, [*args, "--clip-skip", "2"]).exit_code == 0

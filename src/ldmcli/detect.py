@@ -62,6 +62,14 @@ class ModelSpec:
         """"epsilon" or "v_prediction"."""
         return self.schedule.prediction_type
 
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip (A1111's numbering) the text encoder(s) have blocks for: each step back
+        needs one more block before the layer the family conditions on (`text_conditioning`)."""
+        if self.text_encoder_2 is None:
+            return self.text_encoder.layers - self.clip_skip
+        return min(self.text_encoder.layers, self.text_encoder_2.layers) - 1
+
 
 @dataclass(frozen=True)
 class Family:

@@ -7,6 +7,7 @@ goes to stdout. Exit codes: 0 ok, 1 some image failed (NaN/Inf images included: 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -180,6 +181,7 @@ def prepare(
     """
     share = share or ProcessShare()
     checked = [check_job(job, defaults, max_pixels=options.max_pixels) for job in jobs]
+    _check_clip_skip(checked, options, defaults)
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
@@ -502,8 +504,27 @@ def _write_grid(tasks: list[ImageTask], report: Report) -> None:
 def recommended_defaults(model: Path, prediction: str | None = None) -> dict:
     """What the model calls for where the user said nothing: its native size, Turbo's or the demo model's
     steps/CFG/sampler. Read from headers and shapes only (safetensors headers, mmap-ed .ckpt), not weights."""
+    spec = _header_spec(Path(model), prediction)
+    return {"width": spec.native_size, "height": spec.native_size, **spec.recommended}
+
+
+@functools.lru_cache(maxsize=4)
+def _header_spec(model: Path, prediction: str | None):
+    """The model's spec from its headers (read once a run: planning asks more than once)."""
     from ldmcli.detect import detect_spec
     from ldmcli.layout import read_components
 
-    spec = detect_spec(read_components(Path(model), meta=True), prediction=prediction)
-    return {"width": spec.native_size, "height": spec.native_size, **spec.recommended}
+    return detect_spec(read_components(model, meta=True), prediction=prediction)
+
+
+def _check_clip_skip(jobs: list[Job], options: RunOptions, defaults: dict | None) -> None:
+    """Refuse a clip skip beyond the model's text encoder before it loads. Checked when the caller read
+    the model's headers for its `defaults` (the command line always does)."""
+    asked = max((job.request.clip_skip for job in jobs), default=1)
+    if defaults is None or asked == 1:
+        return
+    bound = _header_spec(Path(options.model), options.prediction).max_clip_skip
+    job = next((job for job in jobs if job.request.clip_skip > bound), None)
+    if job is not None:
+        raise LdmError(f"{job.source}: clip skip {job.request.clip_skip} is beyond this model's text encoder: "
+                       f"at most {bound}")
