@@ -15,7 +15,16 @@ from PIL import Image
 
 from ldmcli.cli import cli
 from ldmcli.errors import LdmError
-from ldmcli.jobs import A1111_PARAMS, A1111_REQUEST_KEYS, SCRIPT_OPTIONS, check_job, command_line_job, read_prompt_file
+from ldmcli.jobs import (
+    A1111_API_DEFAULTS,
+    A1111_PARAMS,
+    A1111_REQUEST_KEYS,
+    SCRIPT_OPTIONS,
+    check_job,
+    command_line_job,
+    read_prompt_file,
+)
+from ldmcli.request import field_names
 
 TINY = ["-W", "64", "-H", "64", "--steps", "2"]
 
@@ -215,13 +224,19 @@ def test_extra_network_tags_are_noted_once_per_job(tmp_path, tiny_single_file):
     assert cat1["not_honoured"] == cat2["not_honoured"] == [
         {"key": "prompt", "value": "<lora:film grain:0.8>", "why": "LoRA is not applied yet (issue 17); the tag is "
                                                                     "removed from the prompt"}]
-    assert cow["not_honoured"] == []
-    assert [(n["key"], n["value"]) for n in dog["not_honoured"]] == [("prompt", "<hypernet:ink:1>"),
-                                                                     ("negative_prompt", "<lyco:bad:0.5>")]
+    assert cow["not_honoured"] == cow["notes"] == []
+    # In the prompt a tag is not honoured (removed, not applied); in the negative prompt it stays words of
+    # the text, as in A1111, which reads extra networks from the prompt only: said as a remark, not as removed.
+    assert [(n["key"], n["value"]) for n in dog["not_honoured"]] == [("prompt", "<hypernet:ink:1>")]
+    (negative,) = dog["notes"]
+    assert (negative["key"], negative["value"]) == ("negative_prompt", "<lyco:bad:0.5>")
+    assert negative["why"].startswith("kept as words of the negative prompt, as in A1111, which reads extra networks "
+                                      "from the prompt only")
     lines = note_lines(result)  # one per job with tags, not per image
     assert len(lines) == 2
     assert lines[0].startswith("note: command line: not honoured: prompt: <lora:film grain:0.8> (LoRA")
     assert lines[1].startswith(f"note: {path}:1: not honoured: prompt: <hypernet:ink:1> (hypernetworks")
+    assert "negative_prompt: <lyco:bad:0.5> (kept as words of the negative prompt, as in A1111" in lines[1]
 
 
 # --- fuzz: any line is jobs or one clear error ---------------------------------------------------------
@@ -277,3 +292,114 @@ def test_a1111_request_pads_conds_only_when_its_settings_say(tmp_path):
                     '{"prompt": "c"}\n', encoding="utf-8")
     default, on, ours = read_prompt_file(str(path), Job(ImageRequest()))
     assert (default.request.pad_conds, on.request.pad_conds, ours.request.pad_conds) == (False, True, True)
+
+
+# --- what an A1111 line leaves out ----------------------------------------------------------------------
+
+# A model's recommendation (as the demo model and Turbo models make): an A1111 request line never takes it.
+RECOMMENDED = {"steps": 4, "cfg_scale": 1.0, "sampler": "dpmpp_2m", "schedule": "karras", "width": 64, "height": 64,
+               "clip_skip": 2, "negative_prompt": "ugly"}
+
+
+def _request(job):
+    r = job.request
+    return {"steps": r.steps, "cfg_scale": r.cfg_scale, "width": r.width, "height": r.height, "sampler": r.sampler,
+            "schedule": r.schedule, "clip_skip": r.clip_skip, "negative_prompt": r.negative_prompt,
+            "rng": r.rng, "pad_conds": r.pad_conds, "batch_count": job.batch_count}
+
+
+A1111_DEFAULT_REQUEST = {"steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "sampler": "euler",
+                         "schedule": None, "clip_skip": 1, "negative_prompt": "", "rng": "nv", "pad_conds": False,
+                         "batch_count": 1}
+
+
+def test_an_a1111_request_takes_a1111s_defaults_for_what_it_leaves_out(tmp_path):
+    """StableDiffusionProcessing's defaults (steps 50, cfg_scale 7.0, 512x512, seed -1, n_iter and batch_size
+    1) and the API's sampler_index "Euler": not ldm's (30 steps, CFG 7.5, Euler a), nor the model's."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "sampler_name": "Euler", "seed": 7}\n'  # the reviewer's line
+                    '{"prompt": "a dog", "n_iter": 1}\n'
+                    '{"prompt": "a hen", "n_iter": 1}\n'
+                    '{"prompt": "a cow"}\n')  # ldm's keys only: ldm's meaning
+    cat, dog, hen, cow = (check_job(job, RECOMMENDED) for job in read_prompt_file(str(path), command_line_job({})))
+    assert _request(cat) == _request(dog) == A1111_DEFAULT_REQUEST
+    assert cat.request.seed == 7
+    assert 0 <= dog.request.seed < 2**32 and dog.request.seed != hen.request.seed  # -1: each request its own
+    assert _request(cow) == {**RECOMMENDED, "rng": "cpu", "pad_conds": True, "batch_count": 1}
+    # Every request field has A1111's value when a request leaves it out (the prompt is required; the
+    # noise source and pad conds are A1111 settings, read with the request's override_settings).
+    assert set(A1111_API_DEFAULTS) | {"prompt", "rng", "pad_conds"} == set(field_names())
+
+
+def test_flags_are_the_defaults_of_an_a1111_request_too(tmp_path, tiny_single_file):
+    """Through the CLI: the line's values, then the flags, then A1111's defaults; -s for a line without a seed."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "sampler_name": "Euler", "seed": 7}\n'
+                    '{"prompt": "a dog", "n_iter": 1, "cfg_scale": 3}\n'
+                    '{"prompt": "a cow"}\n')
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, *TINY, "--json", "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 0, result.output
+    cat, dog, cow = records(result)
+    assert (cat["steps"], cat["width"], cat["cfg_scale"], cat["sampler"], cat["seed"]) == (2, 64, 7.0, "euler", 7)
+    assert (dog["cfg_scale"], dog["sampler"], dog["rng"]) == (3.0, "euler", "nv")
+    assert (cow["cfg_scale"], cow["sampler"], cow["rng"]) == (7.5, "euler_a", "cpu")  # ldm's line, ldm's defaults
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, *TINY, "-s", "9", "--cfg-scale", "2",
+                    "--sampler", "k_heun", "--json", "-o", f"{tmp_path / 'flags'}/")
+    assert result.exit_code == 0, result.output
+    cat, dog, cow = records(result)
+    assert (cat["seed"], cat["cfg_scale"], cat["sampler"]) == (7, 2.0, "euler")
+    assert (dog["seed"], dog["cfg_scale"], dog["sampler"]) == (9, 3.0, "heun")
+    assert (cow["seed"], cow["cfg_scale"], cow["sampler"]) == (9, 2.0, "heun")
+
+
+def test_a_script_line_takes_the_rest_from_the_command_line_as_from_a1111s_ui(tmp_path):
+    """The script copies A1111's UI values under each line: here the command line is the UI, so what a
+    line leaves out is the flags', else the model's recommendation, else ldm's; A1111's settings (noise
+    source, pad conds) are A1111's defaults, as for a request line."""
+    path = tmp_path / "prompts.txt"
+    path.write_text('--prompt "a cat" --sampler_name k_euler\n')
+    (plain,) = read_prompt_file(str(path), command_line_job({}))
+    (flagged,) = read_prompt_file(str(path), command_line_job({"steps": 3, "cfg_scale": 2.0, "width": 128}))
+    plain, flagged = check_job(plain, RECOMMENDED), check_job(flagged, RECOMMENDED)
+    assert _request(plain) == {**RECOMMENDED, "sampler": "euler", "schedule": "karras", "rng": "nv",
+                               "pad_conds": False, "batch_count": 1}
+    assert (flagged.request.steps, flagged.request.cfg_scale, flagged.request.width) == (3, 2.0, 128)
+    (bare,) = read_prompt_file(str(path), command_line_job({}))
+    assert (check_job(bare).request.steps, check_job(bare).request.cfg_scale) == (30, 7.5)  # ldm's, not A1111's 50/7
+
+
+# --- A1111's sampler aliases ------------------------------------------------------------------------------
+
+
+def test_a1111_sampler_aliases_in_script_lines_jsonl_and_flags(tmp_path, tiny_single_file):
+    """samplers_map's aliases (k_euler_a, k_dpmpp_2m_sde, ...), in any case, for the samplers ldm has."""
+    text, jsonl = tmp_path / "prompts.txt", tmp_path / "p.jsonl"
+    text.write_text('--prompt "a red circle" --sampler_name k_euler_a --seed 5\n'
+                    '--prompt "a red circle" --sampler_name "Euler a" --seed 5\n')
+    jsonl.write_text('{"prompt": "a cat", "sampler_name": "K_DPMPP_2M_SDE"}\n'
+                     '{"prompt": "a cat", "sampler_name": "k_dpmpp_2m_ka"}\n')
+    result = invoke("generate", "a cow", "--sampler", "k_lms", "--prompts", text, "-m", tiny_single_file, *TINY,
+                    "--json", "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 0, result.output
+    cow, alias, name = records(result)
+    assert (cow["sampler"], alias["sampler"], name["sampler"]) == ("lms", "euler_a", "euler_a")
+    assert np.array_equal(pixels(alias["path"]), pixels(name["path"]))
+    (sde, karras) = read_prompt_file(str(jsonl), command_line_job({}))
+    sde, karras = check_job(sde), check_job(karras)
+    assert (sde.request.sampler, sde.request.schedule) == ("dpmpp_2m_sde", None)
+    assert (karras.request.sampler, karras.request.schedule) == ("dpmpp_2m", "karras")
+
+
+@pytest.mark.parametrize("where, line", [
+    ("p.txt", '--prompt "a" --sampler_name k_dpm_2'),  # A1111's DPM2: ldm has no such sampler
+    ("p.jsonl", '{"prompt": "a", "sampler_name": "k_dpmpp_sde"}'),
+    ("p.jsonl", '{"prompt": "a", "sampler_name": "k_euler_x"}'),
+])
+def test_unknown_sampler_aliases_are_refused_before_loading(tmp_path, tiny_single_file, no_loading, where, line):
+    path = tmp_path / where
+    path.write_text(line + "\n")
+    result = invoke("generate", "--prompts", path, "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"ldm: error: {path}:1: unknown sampler '") and result.stderr.count("\n") == 1
+    result = invoke("generate", "a", "--sampler", "k_dpm_2", "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2 and "unknown sampler 'k_dpm_2'" in result.stderr

@@ -47,6 +47,33 @@ def test_samplers_lists_every_sampler_and_alias():
     out = invoke("samplers").output
     for name, display in [("euler_a", "Euler a"), ("dpmpp_2m", "DPM++ 2M"), ("plms", "PLMS"), ("karras", "Karras")]:
         assert name in out and display in out
+    assert "Euler a (k_euler_a, k_euler_ancestral)" in out and "DPM++ 2M SDE (k_dpmpp_2m_sde)" in out
+
+
+def test_generate_help_names_what_p_takes():
+    """-p is --prompt TEXT; a file of prompts is --prompts FILE."""
+    out = " ".join(invoke("generate", "--help").output.split())
+    assert "(or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)" in out and "-p, --prompt TEXT" in out
+    assert "(or -p, --prompts FILE" not in out
+    result = invoke("generate")
+    assert "(or -p TEXT, --prompts FILE, --from-png IMAGE)" in result.stderr
+
+
+def test_a_prompt_that_names_a_prompt_file_is_text_and_said(tmp_path, tiny_single_file, monkeypatch):
+    """`-p lines.txt` with lines.txt a file: the prompt is still the words "lines.txt" (unchanged), with a note."""
+    monkeypatch.chdir(tmp_path)
+    Path("lines.txt").write_text("a cat\n")
+    Path("jobs.JSONL").write_text('{"prompt": "a cat"}\n')
+    result = invoke("generate", "-p", "lines.txt", "jobs.JSONL", "missing.txt", "a cat.txt", "-m", tiny_single_file,
+                    *TINY, "--json", "-o", "out/")
+    assert result.exit_code == 0, result.output
+    assert [r["prompt"] for r in json_lines(result.stdout) if "path" in r] == ["jobs.JSONL", "missing.txt", "a cat.txt",
+                                                                               "lines.txt"]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [(f'note: the prompt "{name}" is the name of a file: it is used as the prompt\'s text, not read; '
+                      f"--prompts {name} reads prompts from the file") for name in ("jobs.JSONL", "lines.txt")]
+    quiet = invoke("generate", "-p", "lines.txt", "-m", tiny_single_file, *TINY, "-q", "-o", "quiet/")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 @pytest.mark.parametrize(

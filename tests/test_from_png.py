@@ -216,12 +216,26 @@ def test_m_is_used_and_a_different_hash_is_warned(tmp_path, tiny_single_file, mo
     assert result.exit_code == 0 and "warning" not in result.stderr
 
 
-def test_ldm_model_env_is_the_last_resort(tmp_path, tiny_single_file, models_env):
+def test_ldm_model_env_does_not_replace_a_recorded_model_ldm_cannot_find(tmp_path, tiny_single_file, models_env,
+                                                                         no_loading):
+    """$LDM_MODEL is a default, not a choice made for this image: only -m replaces the model it records."""
     png = a1111_png(tmp_path / "a.png", a1111_text("0123456789", model="nowhere"))
     env = {**models_env, "LDM_MODEL": str(tiny_single_file)}
     result = invoke("generate", "--from-png", png, "-o", tmp_path / "o.png", env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("ldm: error: ")
+    assert 'model "nowhere" (hash 0123456789), which ldm cannot find' in result.stderr
+    assert f"$LDM_MODEL ({tiny_single_file}) is not used in its place: only -m" in result.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_ldm_model_env_runs_an_image_that_names_no_model(tmp_path, tiny_single_file, models_env):
+    """No recorded model to be untrue to: $LDM_MODEL, the user's default, is used, and said."""
+    png = a1111_png(tmp_path / "a.png", a1111_text(None, model=None))
+    env = {**models_env, "LDM_MODEL": str(tiny_single_file)}
+    result = invoke("generate", "--from-png", png, "-o", tmp_path / "o.png", env=env)
     assert result.exit_code == 0, result.output
-    assert "which ldm cannot find: using $LDM_MODEL" in result.stderr
+    assert f"does not say which model made it; using $LDM_MODEL {tiny_single_file}" in result.stderr
 
 
 def test_ldm_record_path_first_then_the_same_lookup(tmp_path, tiny_single_file, models_env):

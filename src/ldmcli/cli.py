@@ -114,7 +114,8 @@ def _fill_closed_standard_streams() -> None:
 
 @cli.command()
 @click.argument("prompts", nargs=-1)
-@click.option("-p", "--prompt", "prompt_options", multiple=True, help="A prompt (repeatable; same as the arguments).")
+@click.option("-p", "--prompt", "prompt_options", multiple=True, metavar="TEXT",
+              help="A prompt's text (repeatable; same as the arguments); --prompts FILE reads a file of prompts.")
 @click.option("--prompts", "prompt_file", metavar="FILE",
               help="Prompts from FILE: one a line (# comments), or .jsonl objects with per-job overrides; - reads stdin.")
 @click.option("--from-png", "from_png", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -166,7 +167,7 @@ def _fill_closed_standard_streams() -> None:
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
              height, seed, clip_skip, rng, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
-    """Generate images from PROMPTS (or -p, --prompts FILE, --from-png IMAGE)."""
+    """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""
 
     report = None  # the run's Report, made first thing, so that an interrupt from here on ends with the summary
 
@@ -216,12 +217,17 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
                 run_dtype = recorded["dtype"]  # the same pixels need the same arithmetic
         else:
             if not texts and not prompt_file:
-                raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p, --prompts FILE, --from-png)')
-            if "seed" not in template.given:  # random, and recorded like any other
-                template = template.setting(seed=random_seed())
+                raise click.UsageError('give a prompt: ldm generate "a cat"  (or -p TEXT, --prompts FILE, --from-png IMAGE)')
+            if not quiet:
+                for text in dict.fromkeys(texts):
+                    if _names_a_prompt_file(text):
+                        _tell(_prompt_file_note(text))
             jobs = [template.setting(prompt=t) for t in texts]
             if prompt_file:
                 jobs += read_prompt_file(prompt_file, template, images_before=len(jobs) * batch_count)
+            if "seed" not in template.given:  # one random seed for the run's jobs that set none, recorded like any
+                seed = random_seed()  # other (an A1111 request line without a seed has -1: its own, as in A1111)
+                jobs = [job if "seed" in job.given else job.setting(seed=seed) for job in jobs]
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -244,11 +250,33 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
     sys.exit(_run(build, debug))
 
 
+def _names_a_prompt_file(text: str) -> bool:
+    """Whether a prompt given as text is exactly the name of an existing .txt or .jsonl file: most
+    likely meant for --prompts (it is still used as the text, as given)."""
+    if not text.lower().endswith((".txt", ".jsonl")):
+        return False
+    try:
+        return os.path.isfile(text)
+    except (OSError, ValueError):  # a NUL, a lone surrogate, a name too long: no such file
+        return False
+
+
+def _prompt_file_note(text: str) -> str:
+    import shlex
+
+    from ldmcli.metadata import printable
+
+    return (f'note: the prompt "{printable(text, 120)}" is the name of a file: it is used as the prompt\'s text, '
+            f"not read; --prompts {printable(shlex.quote(text), 120)} reads prompts from the file")
+
+
 def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: str | None, quiet: bool) -> Path:
     """The model to regenerate `png` with: -m (`explicit`) when given, warned if its hash is not the
     recorded one; else the recorded path (ldm's record) if it still exists; else the model ldm finds
-    with the recorded hash, or else the recorded name (warned when its hash differs); else $LDM_MODEL
-    (`fallback`, warned). None of these: an error naming the hash and the model, never the demo model.
+    with the recorded hash, or else the recorded name (warned when its hash differs). An image that
+    names no model runs on $LDM_MODEL (`fallback`, warned) if set. An image whose recorded model ldm
+    cannot find is an error naming the hash and the model, never a run on $LDM_MODEL or the demo
+    model: $LDM_MODEL is a default, not a choice made for this image; only -m replaces its model.
     """
     from ldmcli.errors import ModelNotFoundError
     from ldmcli.hashing import hash_matches, model_hash
@@ -291,11 +319,10 @@ def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: st
         else:
             say(f"{png} was made with {made_with}: using {found.model.path} (same name; the image records no hash)")
         return found.model.path
-    if fallback:
-        say(f"warning: {png} was made with {made_with}, which ldm cannot find: using $LDM_MODEL {fallback}")
-        return check(resolve_model(fallback), "$LDM_MODEL")
+    unused = (f"; $LDM_MODEL ({fallback}) is not used in its place: only -m on the command line replaces "
+              "the model an image records") if fallback else ""
     raise ModelNotFoundError(f"{png} was made with {made_with}, which ldm cannot find by hash or name "
-                             f"(looked in {places()}): pass -m MODEL to use another")
+                             f"(looked in {places()}): pass -m MODEL to use another{unused}")
 
 
 def _recorded_model(name: str | None, recorded_hash: str | None) -> str:
@@ -331,13 +358,17 @@ def _resolve_model(name: str | None, quiet: bool) -> Path:
 @cli.command()
 def samplers() -> None:
     """List samplers and schedules, with their A1111 names and diffusers equivalents."""
-    from ldmcli.samplers import SAMPLERS, SCHEDULES as SCHEDULE_INFO
+    from ldmcli.samplers import A1111_ALIASES, SAMPLERS, SCHEDULES as SCHEDULE_INFO
 
     def kwargs(mapping) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in mapping.items())
 
-    _table(["sampler", "A1111 name", "diffusers scheduler", "description"], [
-        [name, info.display_name, info.diffusers_class + (f"({kwargs(info.diffusers_kwargs)})" if info.diffusers_kwargs else ""),
+    def a1111_names(info) -> str:
+        aliases = [alias for alias, (name, schedule) in A1111_ALIASES.items() if name == info.name and schedule is None]
+        return info.display_name + (f" ({', '.join(aliases)})" if aliases else "")
+
+    _table(["sampler", "A1111 name (aliases)", "diffusers scheduler", "description"], [
+        [name, a1111_names(info), info.diffusers_class + (f"({kwargs(info.diffusers_kwargs)})" if info.diffusers_kwargs else ""),
          info.description] for name, info in SAMPLERS.items()])
     click.echo()
     _table(["schedule", "A1111 suffix", "diffusers scheduler kwargs", "description"], [

@@ -8,7 +8,11 @@ Every source builds its jobs here:
   `prompt` plus any request field, `batch_count` and `name`, or the keys of A1111's txt2img request),
   the flags as their defaults;
 - a PNG made by ldm or A1111 (`--from-png`): its recorded request, the flags the user gave on top.
-Fields nobody set take the model's recommendation (`check_job`), else `ImageRequest`'s defaults.
+Fields nobody set take the model's recommendation (`check_job`), else `ImageRequest`'s defaults; but a
+JSONL line that is an A1111 request (it has a key only A1111 has) runs as A1111's API would run it: what
+neither the line nor a flag sets takes A1111's default (`A1111_API_DEFAULTS`), never ldm's or the model's.
+A line of A1111's prompt-file script takes the rest from the command line, as the script takes it from
+A1111's UI, then from the model and ldm (`_script_job`).
 
 Nothing a source asks for is dropped quietly: what ldm does not do (an A1111 key or setting, a
 `<lora:...>` tag in a prompt) stays with the job as a `metadata.Note`, said on stderr and in --json.
@@ -213,7 +217,7 @@ def _json_job(line: str, template: Job, where: str) -> Job:
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
     job = replace(template.setting(**obj), **job_values)
     if payload:
-        job = _a1111_job(job, payload, where, said=obj.keys() | job_values.keys(), template=template)
+        job = _a1111_job(job, payload, where, said=obj.keys() | job_values.keys(), defaults=A1111_API_DEFAULTS)
     return job
 
 
@@ -297,29 +301,47 @@ A1111_SETTINGS: dict[str, A1111Param] = {
 }
 A1111_UNKNOWN_SETTING = "an A1111 setting ldm does not have: not applied"
 
+# The seed that asks for a random one, as in A1111 and stable-diffusion.cpp.
+RANDOM_SEED = -1
+
+# What A1111's txt2img API (/sdapi/v1/txt2img) uses for a key a request leaves out, so what an A1111
+# request line gets for a field that neither it nor a flag sets. StableDiffusionProcessing's defaults
+# (modules/processing.py): negative_prompt "", steps 50, cfg_scale 7.0, width and height 512, seed -1 (a
+# random seed, drawn for each line), n_iter and batch_size 1 (the flag -b's default, 1 image, stays);
+# the API's sampler_index "Euler", which stands in for a missing sampler_name (modules/api/models.py,
+# api.py `sampler_name or sampler_index`); scheduler None: Automatic, the model's own spacing; the
+# setting CLIP_stop_at_last_layers 1. Its settings randn_source (GPU: nv) and pad_cond_uncond (False)
+# are `_a1111_job`'s, for script lines too.
+A1111_API_DEFAULTS: dict[str, Any] = {
+    "negative_prompt": "", "steps": 50, "sampler": "Euler", "schedule": None, "cfg_scale": 7.0, "seed": RANDOM_SEED,
+    "width": 512, "height": 512, "clip_skip": 1,
+}
+
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.
 _SAME_THING = (("sampler", "sampler_name"), ("schedule", "scheduler"), ("batch_count", "n_iter"),
                ("batch_count", "batch_size"))
 
 
-def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, template: Job) -> Job:
-    """`job` (a JSONL line's or a script line's ldm values already set) with A1111's request keys
-    `payload` read or noted. said: the ldm keys the line itself gave."""
+def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, defaults: Mapping[str, Any]) -> Job:
+    """`job` (a JSONL line's or a script line's ldm values already set over the command line's) with
+    A1111's request keys `payload` read or noted, and `defaults` for the fields neither the line nor a
+    flag set. said: the ldm keys the line itself gave."""
     for ours, theirs in _SAME_THING:
         if ours in said and payload.get(theirs) is not None:
             raise LdmError(f'{where}: "{ours}" and "{theirs}" both given: they say the same thing, give one')
     values, batch_count, notes, a1111 = _read_a1111_request(payload, where, said)
-    job = job.setting(**values)
+    job = job.setting(**values)  # its `given`: the flags', the line's (a sampler name's schedule too)
     if batch_count is not None:
         job = replace(job, batch_count=batch_count)
-    if "rng" not in values and "rng" not in said and "rng" not in template.given:
+    if "rng" not in job.given:
         # A1111 draws its noise as its randn_source setting says, GPU unless changed.
         rng, note = a1111_rng(None, "randn_source", absent_means_gpu=True)
         job = job.setting(rng=rng)
         notes.append(note)
-    if "pad_conds" not in values and "pad_conds" not in said and "pad_conds" not in template.given:
+    if "pad_conds" not in job.given:
         job = job.setting(pad_conds=False)  # A1111's default: prompt and negative prompt unpadded
-    return job.noting(notes, a1111)
+    unset = {key: value for key, value in defaults.items() if key not in job.given}
+    return (job.setting(**unset) if unset else job).noting(notes, a1111)
 
 
 def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[dict, int | None, list[Note], set[str]]:
@@ -410,7 +432,13 @@ SCRIPT_OPTIONS: dict[str, type | Any] = {
 
 def _script_job(line: str, template: Job, where: str) -> Job:
     """A line of A1111's "Prompts from file or textbox" script: `--prompt "a cat" --steps 30 ...`,
-    shell-quoted; --prompt and --negative_prompt take every word up to the next option."""
+    shell-quoted; --prompt and --negative_prompt take every word up to the next option.
+
+    What the line leaves out the script takes from A1111's UI: its copy of the UI's request, the line's
+    options set over it. ldm's command line is that UI here, so the rest comes from the flags, then the
+    model's recommendation and ldm's defaults, as for a plain line; not from A1111's API defaults, which
+    are not what the script's user had on screen. A1111's settings (its noise source, pad conds) are
+    not on that screen: they take A1111's defaults unless a flag sets them, as for a request line."""
     options = _script_options(line, where)
     if "prompt" not in options:
         raise LdmError(f"{where}: an A1111 prompt-file line (it starts with --) needs --prompt")
@@ -419,7 +447,7 @@ def _script_job(line: str, template: Job, where: str) -> Job:
         check_values(ours, where)  # the script's conversions give each field its type; NaN is refused here
     except ValueError as exc:
         raise LdmError(str(exc)) from exc
-    return _a1111_job(template.setting(**ours), options, where, said=set(ours), template=template)
+    return _a1111_job(template.setting(**ours), options, where, said=set(ours), defaults={})
 
 
 def _script_options(line: str, where: str) -> dict[str, Any]:
@@ -496,20 +524,22 @@ def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pix
 
 
 def prompt_tag_notes(request: ImageRequest) -> list[Note]:
-    """A note for each extra-network tag (`<lora:name:0.8>`, `<hypernet:...>`, any `<kind:...>`) in the
-    prompt or negative prompt: the text conditioning removes them before encoding, as A1111 does, and
-    ldm applies none of them yet."""
+    """A note for each extra-network tag (`<lora:name:0.8>`, `<hypernet:...>`, any `<kind:...>`): in the
+    prompt, not honoured (the text conditioning removes it before encoding, as A1111 does, and ldm
+    applies no extra network yet); in the negative prompt, a remark that it stays words of the text, as
+    in A1111, which reads extra networks from the prompt only."""
     from ldmcli.prompt_syntax import extra_network_tags
 
-    notes = []
-    for name in ("prompt", "negative_prompt"):
-        _, tags = extra_network_tags(getattr(request, name))
-        notes += [Note(name, _tag_text(tag), EXTRA_NETWORKS.get(tag.kind.lower(), OTHER_EXTRA_NETWORK))
-                  for tag in tags]
-    return notes
+    _, tags = extra_network_tags(request.prompt)
+    notes = [Note("prompt", _tag_text(tag), EXTRA_NETWORKS.get(tag.kind.lower(), OTHER_EXTRA_NETWORK)) for tag in tags]
+    _, tags = extra_network_tags(request.negative_prompt)
+    return notes + [Note("negative_prompt", _tag_text(tag), NEGATIVE_PROMPT_TAG, honoured=True) for tag in tags]
 
 
-# Why each kind of A1111 extra network is not applied (the tag is removed from the prompt either way).
+NEGATIVE_PROMPT_TAG = ("kept as words of the negative prompt, as in A1111, which reads extra networks from the prompt "
+                       "only: nothing is applied or removed")
+
+# Why each kind of A1111 extra network in the prompt is not applied (the tag is removed either way).
 _LORA_WHY = "LoRA is not applied yet (issue 17); the tag is removed from the prompt"
 EXTRA_NETWORKS = {
     "lora": _LORA_WHY,
@@ -539,10 +569,6 @@ def apply_model_family(job: Job, family: str) -> Job:
         return job
     note = Note("Clip skip", str(job.request.clip_skip), A1111_NO_CLIP_SKIP, honoured=True, fields=("clip_skip",))
     return replace(job, request=replace(job.request, clip_skip=1)).noting([note])
-
-
-# The seed that asks for a random one, as in A1111 and stable-diffusion.cpp.
-RANDOM_SEED = -1
 
 
 def random_seed() -> int:

@@ -306,6 +306,25 @@ def _norm(name: str) -> str:
     return re.sub(r"\s+", " ", name.strip().lower().replace("-", "_"))
 
 
+# A1111's other names for the samplers ldm has, which its `samplers_map` (modules/sd_samplers.py) takes
+# in any case: the aliases of its samplers table (modules/sd_samplers_kdiffusion.py `samplers_k_diffusion`;
+# DDIM's and PLMS's, "ddim" and "plms", are ldm's names), and those of the "... Karras" samplers it had
+# before 1.9 split samplers from schedule types (k_lms_ka, k_dpmpp_2m_ka, k_dpmpp_2m_sde_ka). Its samplers
+# ldm lacks (k_dpm_2, k_dpmpp_sde, k_dpm_fast, ...) stay unknown names.
+A1111_ALIASES: dict[str, tuple[str, str | None]] = {
+    "k_euler_a": ("euler_a", None),
+    "k_euler_ancestral": ("euler_a", None),
+    "k_euler": ("euler", None),
+    "k_lms": ("lms", None),
+    "k_heun": ("heun", None),
+    "k_dpmpp_2m": ("dpmpp_2m", None),
+    "k_dpmpp_2m_sde": ("dpmpp_2m_sde", None),
+    "k_lms_ka": ("lms", "karras"),
+    "k_dpmpp_2m_ka": ("dpmpp_2m", "karras"),
+    "k_dpmpp_2m_sde_ka": ("dpmpp_2m_sde", "karras"),
+}
+
+
 def _aliases() -> dict[str, tuple[str, str | None]]:
     table: dict[str, tuple[str, str | None]] = {"euler_ancestral": ("euler_a", None)}
     for s in SAMPLERS.values():
@@ -314,6 +333,7 @@ def _aliases() -> dict[str, tuple[str, str | None]]:
             table[_norm(f"{s.name}_{sch.name}")] = (s.name, sch.name)
             if sch.display_name:
                 table[_norm(f"{s.display_name} {sch.display_name}")] = (s.name, sch.name)
+    table.update({_norm(alias): hit for alias, hit in A1111_ALIASES.items()})
     return table
 
 
@@ -321,15 +341,17 @@ _ALIASES = _aliases()
 
 
 def resolve_sampler_name(name: str) -> tuple[str, str | None]:
-    """Our sampler name or an A1111 name, case-insensitively, optionally with a schedule suffix:
+    """Our sampler name or an A1111 name or alias, case-insensitively, optionally with a schedule suffix:
     "DPM++ 2M Karras" -> ("dpmpp_2m", "karras"), "Euler a" -> ("euler_a", None),
-    "dpmpp_2m_karras" -> ("dpmpp_2m", "karras"). Unknown names raise ValueError."""
+    "k_euler_a" -> ("euler_a", None), "dpmpp_2m_karras" -> ("dpmpp_2m", "karras"). Unknown names
+    raise ValueError."""
     hit = _ALIASES.get(_norm(name))
     if hit is None:
         valid = ", ".join(f"{s.name} ({s.display_name!r})" for s in SAMPLERS.values())
         suffixes = ", ".join(repr(s.display_name) for s in SCHEDULES.values() if s.display_name)
         raise ValueError(
-            f"unknown sampler {name!r}; valid: {valid}; A1111 names may end in a schedule: {suffixes}"
+            f"unknown sampler {name!r}; valid: {valid}, or A1111's aliases of these (k_euler_a, k_dpmpp_2m, ...); "
+            f"A1111 names may end in a schedule: {suffixes}"
         )
     return hit
 
