@@ -386,7 +386,8 @@ def test_a1111_sampler_aliases_in_script_lines_jsonl_and_flags(tmp_path, tiny_si
     assert np.array_equal(pixels(alias["path"]), pixels(name["path"]))
     (sde, karras) = read_prompt_file(str(jsonl), command_line_job({}))
     sde, karras = check_job(sde), check_job(karras)
-    assert (sde.request.sampler, sde.request.schedule) == ("dpmpp_2m_sde", None)
+    # no scheduler in an A1111 request is "Automatic": DPM++ 2M SDE's own, Exponential (A1111 1.9+)
+    assert (sde.request.sampler, sde.request.schedule) == ("dpmpp_2m_sde", "exponential")
     assert (karras.request.sampler, karras.request.schedule) == ("dpmpp_2m", "karras")
 
 

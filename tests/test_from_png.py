@@ -306,3 +306,31 @@ def test_clip_skip_of_an_a1111_image_is_applied_on_sd1(tmp_path, tiny_single_fil
     (made,) = records(result)
     assert (made["clip_skip"], other_notes(made)) == (2, [])
     assert json.loads(read_png_text(tmp_path / "o.png")["ldm"])["clip_skip"] == 2
+
+
+@pytest.mark.parametrize("sampler, schedule_type, expected", [
+    ("DPM++ 2M", "Automatic", "karras"),  # A1111 1.9+: the sampler's own (sd_samplers_kdiffusion options)
+    ("DPM++ 2M SDE", "Automatic", "exponential"),
+    ("Euler a", "Automatic", None),  # A1111's uniform grid: the model's own spacing stands in
+    ("DPM++ 2M", None, None),  # A1111 before 1.9 wrote no schedule type: "DPM++ 2M" was its uniform grid
+    ("DPM++ 2M Karras", None, None),  # ... and put Karras in the sampler's name (resolved with the sampler)
+    ("DPM++ 2M", "Exponential", "exponential"),
+])
+def test_automatic_schedule_type_is_the_samplers_own_as_in_a1111(sampler, schedule_type, expected):
+    from ldmcli.metadata import A1111_KEY, request_from_png_text
+
+    kind = f", Schedule type: {schedule_type}" if schedule_type else ""
+    text = f"a cat\nSteps: 4, Sampler: {sampler}{kind}, CFG scale: 5, Seed: 1, Size: 64x64"
+    recorded = request_from_png_text({A1111_KEY: text}, "a.png")[0]
+    assert recorded.schedule == expected
+
+
+def test_a1111_request_without_scheduler_uses_the_samplers_automatic(tmp_path):
+    from ldmcli.jobs import Job, read_prompt_file
+    from ldmcli.request import ImageRequest
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "sampler_name": "DPM++ 2M"}\n{"prompt": "b", "sampler_name": "DPM++ 2M", '
+                    '"scheduler": "Uniform"}\n', encoding="utf-8")
+    automatic, uniform = read_prompt_file(str(path), Job(ImageRequest()))
+    assert (automatic.request.schedule, uniform.request.schedule) == ("karras", None)

@@ -356,10 +356,14 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
         values["sampler"] = _typed(payload, "sampler_name", str, where, sampler)
     if payload.get("scheduler") is not None:
         try:
-            # None (Automatic): the model's own spacing, set here so that a --schedule flag does not apply
-            values["schedule"] = a1111_schedule(_typed(payload, "scheduler", str, where))
+            # None (Automatic, Uniform): the model's own spacing, set so that a --schedule flag does not apply
+            values["schedule"] = a1111_schedule(_typed(payload, "scheduler", str, where), values.get("sampler"))
         except ValueError as exc:
             raise LdmError(f'{where}: "scheduler": {exc}') from None
+    elif "sampler" in values and "schedule" not in said:  # A1111 1.9+: no scheduler is "Automatic"
+        automatic = a1111_schedule("Automatic", values["sampler"])
+        if automatic is not None:
+            values["schedule"] = automatic
     batch_count = None
     for key in ("n_iter", "batch_size"):  # A1111 makes n_iter batches of batch_size images: seed, seed + 1, ...
         if payload.get(key) is not None:

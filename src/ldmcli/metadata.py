@@ -302,7 +302,8 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
         if "Sampler" in params:
             values["sampler"] = params["Sampler"]
         try:
-            schedule = a1111_schedule(params.get("Schedule type"))
+            # ldm writes its model's own spacing as "Automatic": the sampler's own only in A1111's texts
+            schedule = a1111_schedule(params.get("Schedule type"), None if ours else params.get("Sampler"))
         except ValueError:  # one ldm lacks: refused by the request's check, unless --schedule replaces it
             schedule = params["Schedule type"]
         if schedule is not None:
@@ -389,8 +390,9 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     # honoured (read into the request by `_from_a1111_text`, or used to find the model)
     "Steps": A1111Key("--steps", honoured=True),
     "Sampler": A1111Key("--sampler (A1111's names; a sampler ldm does not have is an error)", honoured=True),
-    "Schedule type": A1111Key("--schedule: Karras, Exponential; Automatic, Uniform: the model's own spacing; "
-                              "others are an error", honoured=True),
+    "Schedule type": A1111Key("--schedule: Karras, Exponential; Automatic: the sampler's own in A1111 1.9+ "
+                              "(DPM++ 2M Karras, DPM++ 2M SDE Exponential), else, and Uniform, the model's own "
+                              "spacing; others are an error", honoured=True),
     "CFG scale": A1111Key("--cfg-scale", honoured=True),
     "Seed": A1111Key("-s", honoured=True),
     "Size": A1111Key("-W, -H", honoured=True),
@@ -531,11 +533,19 @@ def _number_or_none(text: str) -> float | None:
         return None
 
 
-def a1111_schedule(name: str | None) -> str | None:
-    """ldm's schedule for an A1111 schedule type ("Karras" -> "karras"); None for Automatic and
-    Uniform (the model's own spacing) and when there is none. Raises ValueError for one ldm lacks."""
-    from ldmcli.samplers import SCHEDULES
+def a1111_schedule(name: str | None, sampler: str | None = None) -> str | None:
+    """ldm's schedule for an A1111 schedule type ("Karras" -> "karras"). "Automatic" is the `sampler`'s
+    own in A1111 1.9+ (DPM++ 2M: Karras; DPM++ 2M SDE: Exponential; others its uniform grid); None for
+    Uniform and the uniform grid (the model's own spacing stands in) and when there is no type (A1111
+    before 1.9, whose sampler names carry the schedule). Raises ValueError for one ldm lacks."""
+    from ldmcli.samplers import SAMPLERS, SCHEDULES, resolve_sampler_name
 
+    if name is not None and name.strip().lower() == "automatic" and sampler is not None:
+        try:
+            resolved, implied = resolve_sampler_name(sampler)
+        except ValueError:  # a sampler ldm lacks: the request's check names it
+            return None
+        return None if implied is not None else SAMPLERS[resolved].a1111_automatic
     if name is None or name.strip().lower() in ("", "automatic", "uniform"):
         return None
     for schedule in SCHEDULES.values():

@@ -243,6 +243,9 @@ class SamplerInfo:
     # A1111 lays prompt-editing timelines over twice the steps for its second-order samplers (its
     # SamplerData.total_steps), since they call the model about twice a step and it counts calls.
     second_order: bool = False
+    # The schedule A1111 1.9+ means by "Automatic" for this sampler (its sampler options' "scheduler");
+    # None: its uniform grid, which ldm has not (the model's own spacing stands in).
+    a1111_automatic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,10 @@ class ScheduleInfo:
     description: str
 
 
-def _info(name, display, fn, convention, cls, description, second_order=False, **kwargs) -> SamplerInfo:  # noqa: ANN001
-    return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description, second_order)
+def _info(name, display, fn, convention, cls, description, second_order=False, a1111_automatic=None,  # noqa: ANN001
+          **kwargs) -> SamplerInfo:
+    return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description, second_order,
+                       a1111_automatic)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -270,10 +275,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
         _info("ddim", "DDIM", ddim, "ddim", "DDIMScheduler", "DDIM, Song et al. 2020 (eta=0: deterministic)"),
         _info("dpmpp_2m", "DPM++ 2M", dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
               "DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep, one call per step",
-              algorithm_type="dpmsolver++", solver_order=2),
+              a1111_automatic="karras", algorithm_type="dpmsolver++", solver_order=2),
         _info("dpmpp_2m_sde", "DPM++ 2M SDE", dpmpp_2m_sde, "dpm", "DPMSolverMultistepScheduler",
               "DPM-Solver++(2M) SDE: stochastic 2nd-order multistep",
-              algorithm_type="sde-dpmsolver++", solver_order=2),
+              a1111_automatic="exponential", algorithm_type="sde-dpmsolver++", solver_order=2),
         _info("lms", "LMS", lms, "discrete", "LMSDiscreteScheduler", "linear multistep, order 4"),
         _info("plms", "PLMS", plms, "ddim", "PNDMScheduler",
               "pseudo linear multistep (PNDM, Liu et al. 2022), SD's original default",
