@@ -24,6 +24,13 @@ TINY = ["-W", "64", "-H", "64", "--steps", "2"]
 LDM = [sys.executable, "-m", "ldmcli"]
 
 
+def default_signals() -> None:
+    """In the child before exec: SIGTERM and SIGINT at their defaults, whatever this process inherited
+    (a shell or CI runner may start it with them ignored, and ldm leaves an ignored SIGTERM alone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -117,7 +124,8 @@ def test_sigterm_ends_like_ctrl_c_with_exit_143(tmp_path, tiny_single_file):
     out = tmp_path / "run"
     args = [*LDM, "generate", "a cat", "-m", tiny_single_file, "-s", "1", "-b", "4", "-W", "64", "-H", "64",
             "--steps", SIGNAL_STEPS, "-o", f"{out}/", "--json"]
-    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     try:
         first = proc.stdout.readline()  # blocks until the first image is written
         assert "path" in json.loads(first), first
@@ -358,7 +366,8 @@ def test_sigterm_while_reading_the_prompts_prints_the_summary(tmp_path, tiny_sin
     fifo = tmp_path / "prompts.txt"
     os.mkfifo(fifo)
     proc = subprocess.Popen([*LDM, "generate", "--prompts", str(fifo), "-m", str(tiny_single_file), "-o", f"{tmp_path}/",
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=default_signals, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     writer = None
     try:
         deadline = time.monotonic() + 60
@@ -369,7 +378,12 @@ def test_sigterm_while_reading_the_prompts_prints_the_summary(tmp_path, tiny_sin
                 assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
                 time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it is stuck: faulthandler prints every stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=10)
+            pytest.fail(f"ldm did not end 30 s after SIGTERM; its stacks:\n{stderr}")
     finally:
         proc.kill()
         if writer is not None:
