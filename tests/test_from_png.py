@@ -26,7 +26,8 @@ def other_notes(record: dict) -> list[dict]:
     return [n for n in record["notes"] if not (n["key"] == "Schedule type" and "k-diffusion" in n["why"])]
 
 
-READ_KEYS = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "Model hash", "Model"}
+READ_KEYS = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "ENSD", "Model hash",
+             "Model"}
 
 
 def invoke(*args, env=None):
@@ -97,7 +98,7 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     not_honoured = {(n["key"], n["value"]) for n in made["not_honoured"]}
     assert not_honoured == {
         ("Denoising strength", "0.4"), ("Hires upscale", "2"), ("Hires steps", "10"), ("Hires upscaler", "Latent"),
-        ("Lora hashes", "film grain: 0123abcd"), ("TI hashes", "easyneg: 1234abcd"), ("ENSD", "31337"),
+        ("Lora hashes", "film grain: 0123abcd"), ("TI hashes", "easyneg: 1234abcd"),
         ("Token merging ratio", "0.5"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
         ("prompt", "<lora:film grain:0.8>"), ("prompt", "<hypernet:ink>"),
     }
@@ -124,7 +125,7 @@ def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     png = a1111_png(tmp_path / "a.png", a1111_text(model_hash(tiny_single_file), extra=EVERYTHING, prompt=TAGGED))
     shown = json.loads(invoke("info", png, "--json").output)
     assert {n["key"] for n in shown["not_honoured"]} == {
-        "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "ENSD",
+        "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes",
         "Token merging ratio", "My Extension", "ADetailer model", "prompt"}
     assert [n["key"] for n in shown["notes"]] == ["RNG", "Schedule type"]
     text = invoke("info", png).output

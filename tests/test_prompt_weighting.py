@@ -487,3 +487,53 @@ def test_clip_skip_beyond_the_text_encoder_is_refused_before_loading(tmp_path, f
     assert result.exit_code == 2 and "clip skip 3 is beyond this model's text encoder: at most 2" in result.output
     assert not (tmp_path / "x.png").exists()
     assert CliRunner().invoke(cli, [*args, "--clip-skip", "2"]).exit_code == 0
+
+
+# --- ENSD: A1111's ImageRNG restarts each image's generator at seed + ENSD after the initial noise ----
+
+
+@pytest.mark.parametrize("rng", ["cpu", "nv"])
+def test_ensd_restarts_the_generators_after_the_initial_noise(rng):
+    from ldmcli.rng_philox import PhiloxGenerator
+
+    def generator(seed):  # the oracle's generators: torch's CPU one, or A1111's NV one
+        if rng == "nv":
+            return PhiloxGenerator(seed).randn
+        g = torch.Generator("cpu").manual_seed(seed)
+        return lambda shape: torch.randn(shape, generator=g)
+
+    shape, seeds, ensd = (4, 3, 2), [10, 11], 31337
+    firsts = [generator(s) for s in seeds]
+    restarted = [generator(s + ensd) for s in seeds]
+    expected = [torch.stack([d(shape) for d in firsts])] + [torch.stack([d(shape) for d in restarted]) for _ in range(2)]
+    draw = pipeline.noise_source(seeds, shape, "cpu", torch.float32, rng, ensd)
+    assert all(torch.equal(draw(), e) for e in expected)
+    plain = pipeline.noise_source(seeds, shape, "cpu", torch.float32, rng)
+    first, second = plain(), plain()
+    assert torch.equal(first, expected[0]) and not torch.equal(second, expected[1])
+
+
+def test_cli_records_ensd_and_an_a1111_ensd_is_honoured(tmp_path, folder):
+    import json
+
+    from click.testing import CliRunner
+
+    from ldmcli.cli import cli
+    from ldmcli.metadata import A1111_KEY, read_png_parameters, read_png_text
+
+    out = tmp_path / "e.png"
+    args = ["generate", "a cat", "-m", str(folder), "-W", "64", "-H", "64", "--steps", "3", "--sampler", "euler_a",
+            "-s", "5", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--ensd", "31337", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["ensd"] == 31337
+    assert "ENSD: 31337" in read_png_text(out)["parameters"]
+    plain = tmp_path / "p.png"
+    assert CliRunner().invoke(cli, [*args, "-o", str(plain)]).exit_code == 0
+    from PIL import Image
+    import numpy as np
+
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))  # ancestral noise differs
+    a1111 = "a cat\nSteps: 3, Sampler: Euler a, CFG scale: 5, Seed: 5, Size: 64x64, ENSD: 31337"
+    recorded = read_png_parameters({A1111_KEY: a1111}, "a.png")
+    assert recorded.request.ensd == 31337 and all(n.key != "ENSD" for n in recorded.notes)

@@ -42,6 +42,7 @@ def _strategy(name: str):
         "clip_skip": st.integers(1, 12),
         "rng": st.sampled_from(["cpu", "nv"]),  # written out, not taken from request.RNGS
         "pad_conds": st.booleans(),
+        "ensd": st.sampled_from([0, 31337]) | st.integers(0, 2**32),
     }[name]
 
 

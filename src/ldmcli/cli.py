@@ -133,6 +133,9 @@ def _fill_closed_standard_streams() -> None:
               help="Condition on the text encoder's layer N - 1 blocks before its own (A1111's Clip skip). [default: 1]")
 @click.option("--rng", type=click.Choice(RNGS), help="Noise generator: cpu (torch's CPU generator), or nv (an NVIDIA GPU's numbers, "
               "A1111's default there, on any device). [default: cpu]")
+@click.option("--ensd", type=click.IntRange(min=0, max=MAX_SEED),
+              help="A1111's eta noise seed delta: after the initial noise, each image's generator restarts at seed + N. "
+                   "[default: 0, none]")
 @click.option("--pad-conds/--no-pad-conds", "pad_conds", default=None,
               help="A prompt and negative prompt of different lengths: pad the shorter with empty chunks and run one "
                    "U-Net batch, or run two unpadded passes (A1111's default). [default: pad]")
@@ -165,7 +168,7 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, clip_skip, rng, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
+             height, seed, clip_skip, rng, ensd, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""
 

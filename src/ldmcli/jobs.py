@@ -292,7 +292,6 @@ A1111_SETTINGS: dict[str, A1111Param] = {
                                       "switch it"),
     "sd_vae": A1111Param("ldm decodes with the model's own VAE; a separate VAE file is not loaded",
                          off=("", "automatic", "none")),
-    "eta_noise_seed_delta": A1111Param("eta noise seed delta is not supported", off=("", "0")),
     "emphasis": A1111Param("only A1111's default emphasis, Original, is implemented", off=("", "original")),
     "eta_ancestral": A1111Param("ldm's ancestral and SDE samplers run with eta 1", off=("", "1")),
     "eta_ddim": A1111Param("ldm's DDIM runs with eta 0", off=("", "0")),
@@ -314,7 +313,7 @@ RANDOM_SEED = -1
 # are `_a1111_job`'s, for script lines too.
 A1111_API_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "steps": 50, "sampler": "Euler", "schedule": None, "cfg_scale": 7.0, "seed": RANDOM_SEED,
-    "width": 512, "height": 512, "clip_skip": 1,
+    "width": 512, "height": 512, "clip_skip": 1, "ensd": 0,
 }
 
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.
@@ -381,6 +380,10 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
                     raise LdmError(f'{where}: "clip_skip" and override_settings "{key}" both given: give one')
                 values["clip_skip"] = _typed(settings, key, int, where)
                 a1111.add("clip_skip")
+            elif key == "eta_noise_seed_delta":
+                if "ensd" in said:
+                    raise LdmError(f'{where}: "ensd" and override_settings "{key}" both given: give one')
+                values["ensd"] = _typed(settings, key, int, where)
             elif key == "pad_cond_uncond":
                 if "pad_conds" in said:
                     raise LdmError(f'{where}: "pad_conds" and override_settings "{key}" both given: give one')
@@ -520,6 +523,9 @@ def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pix
             raise ValueError(f"batch_count must be between 1 and {MAX_IMAGES_PER_RUN:,}, got {job.batch_count}")
         if request.seed + job.batch_count - 1 > MAX_SEED:
             raise ValueError(f"seed {request.seed} + {job.batch_count - 1} (the job's last image) is beyond 2^64 - 1")
+        if request.seed + job.batch_count - 1 + request.ensd > MAX_SEED:
+            raise ValueError(f"seed {request.seed} + {job.batch_count - 1} + ensd {request.ensd} (the job's last image's "
+                             "restarted generator) is beyond 2^64 - 1")
         if job.name is not None:
             check_file_name(job.name, "name")
     except ValueError as exc:

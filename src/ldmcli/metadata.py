@@ -181,7 +181,7 @@ def png_text(model, record: dict) -> dict[str, str]:
 
 
 # The keys A1111 writes after the model's, in its order.
-A1111_AFTER_MODEL = ("Clip skip", "RNG", "Pad conds")
+A1111_AFTER_MODEL = ("Clip skip", "ENSD", "RNG", "Pad conds")
 
 
 def _a1111_fields(request) -> dict[str, object]:
@@ -202,6 +202,8 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Size"] = f"{request.width}x{request.height}"
         elif f.name == "rng":
             pairs["RNG"] = value.upper()  # A1111 spells its settings "CPU" and "NV"
+        elif f.name == "ensd":
+            pairs["ENSD"] = value or None  # A1111 writes it only when it is set
         elif f.name == "pad_conds":
             # A1111 writes it only when on; ldm always, since its own default is on (absent reads as off)
             pairs["Pad conds"] = value
@@ -409,7 +411,7 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
                           "different lengths go through the U-Net unpadded, in two passes)", honoured=True),
     # known, honoured when off
     "Emphasis": A1111Key("only A1111's default emphasis, Original, is implemented", off=("original",)),
-    "ENSD": A1111Key("eta noise seed delta, an offset of the ancestral noise's seed, is not supported", off=("0",)),
+    "ENSD": A1111Key("--ensd: after the initial noise, the generators restart at seed + ENSD", honoured=True),
     "Eta": A1111Key("ldm's ancestral and SDE samplers run with eta 1", off=("1",)),
     "Eta DDIM": A1111Key("ldm's DDIM runs with eta 0", off=("0",)),
     "Token merging ratio": A1111Key("token merging, ToMe, is not supported: ldm runs the full attention", off=("0",)),

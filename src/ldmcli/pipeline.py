@@ -242,22 +242,30 @@ def release_unet(model: StableDiffusion) -> None:
     return_freed_memory()
 
 
-def noise_source(seeds: Sequence[int], shape: tuple[int, ...], device, dtype, rng: str = "cpu") -> Callable[[], torch.Tensor]:
+def noise_source(seeds: Sequence[int], shape: tuple[int, ...], device, dtype, rng: str = "cpu",
+                 ensd: int = 0) -> Callable[[], torch.Tensor]:
     """Standard-normal noise for a batch, image i drawn from its own generator seeded `seeds[i]`.
 
     The first call gives the initial latents, later calls the samplers' ancestral noise, in the order
     diffusers draws them from `generator=`. Drawing on the CPU in fp32 makes a seed mean the same image
     whatever the device, dtype, batch size or position in the batch. rng "nv": A1111's NV generator
-    (`rng_philox`), the numbers an NVIDIA GPU's torch.randn gives.
+    (`rng_philox`), the numbers an NVIDIA GPU's torch.randn gives. ensd: A1111's eta noise seed delta,
+    after the initial noise each generator restarts at its seed + ensd (A1111's ImageRNG).
     """
     if rng == "nv":
         from ldmcli.rng_philox import nv_noise_source
 
-        return nv_noise_source(seeds, shape, device, dtype)
+        return nv_noise_source(seeds, shape, device, dtype, eta_noise_seed_delta=ensd)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    first = True
 
     def draw() -> torch.Tensor:
-        return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device=device, dtype=dtype)
+        nonlocal generators, first
+        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+        if first and ensd:
+            generators = [torch.Generator("cpu").manual_seed(int(seed) + ensd) for seed in seeds]
+        first = False
+        return noise.to(device=device, dtype=dtype)
 
     return draw
 
@@ -306,7 +314,7 @@ def sample_latents(
         denoiser,
         # The sampler's state stays fp32 whatever the networks compute in: bf16 keeps 8 bits of
         # mantissa, too few for latents updated in small steps over many iterations.
-        noise_source(seeds, latent_shape, model.device, torch.float32, request.rng),
+        noise_source(seeds, latent_shape, model.device, torch.float32, request.rng, request.ensd),
         spacing=request.schedule,
         callback=callback,
     )

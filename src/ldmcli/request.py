@@ -53,6 +53,9 @@ class ImageRequest:
     # and runs both through the U-Net as one batch (A1111's "Pad prompt/negative prompt"); False runs
     # them as two passes, unpadded (A1111's default, so what its images without "Pad conds" used).
     pad_conds: bool = _param(True, a1111="Pad conds")
+    # A1111's "eta noise seed delta": after the initial noise, image i's generator restarts at
+    # seed + i + ensd for the samplers' later (ancestral) noise. 0: no restart.
+    ensd: int = _param(0, a1111="ENSD")
 
     @property
     def guided(self) -> bool:
@@ -86,6 +89,8 @@ class ImageRequest:
             raise ValueError(f"seed must be between 0 and 2^64 - 1, got {self.seed}")
         if not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
             raise ValueError(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}")
+        if not 0 <= self.ensd <= MAX_SEED:
+            raise ValueError(f"ensd must be between 0 and 2^64 - 1, got {self.ensd}")
         if self.rng not in RNGS:
             raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
         if not math.isfinite(self.cfg_scale):
