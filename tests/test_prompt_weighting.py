@@ -379,6 +379,8 @@ def test_cli_records_clip_skip_and_rng_and_regenerates_them(tmp_path, folder):
     assert record["clip_skip"] == 2 and record["rng"] == "nv" and 0 <= record["seed"] < 2**32
     parameters = read_png_text(first)["parameters"]
     assert "Clip skip: 2" in parameters and "RNG: NV" in parameters and f"Seed: {record['seed']}," in parameters
+    # the model's own spacing, in A1111's words its plain grid: "Automatic" would mean Karras for DPM++ 2M there
+    assert "Schedule type: Uniform," in parameters
     again = tmp_path / "again.png"
     result = CliRunner().invoke(cli, ["generate", "--from-png", str(first), "-m", str(folder), "-o", str(again)])
     assert result.exit_code == 0, result.output

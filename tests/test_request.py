@@ -76,7 +76,7 @@ def test_ldm_record_round_trips_every_field(request: ImageRequest) -> None:
 @settings(max_examples=150, deadline=None)
 @given(requests)
 def test_a1111_text_round_trips_every_field(request: ImageRequest) -> None:
-    """Read as A1111 would leave it (no ldm chunk); A1111 writes the model's own spacing as "Automatic"."""
+    """Read as A1111 would leave it (no ldm chunk); ldm writes the model's own spacing as "Uniform"."""
     recorded, _, model = request_from_png_text({A1111_KEY: _png_text(request)[A1111_KEY]}, "x.png")
     expected = request if SCHEDULES[request.schedule].display_name else replace(request, schedule=None)
     assert recorded.checked() == expected.checked()

@@ -196,8 +196,9 @@ def _a1111_fields(request) -> dict[str, object]:
         if f.name == "sampler":
             pairs["Sampler"] = SAMPLERS[value].display_name
         elif f.name == "schedule":
-            # A1111 calls the model's own spacing "Automatic"; Karras/Exponential have its names.
-            pairs["Schedule type"] = SCHEDULES[value].display_name or "Automatic"
+            # Karras/Exponential have A1111's names. The model's own spacing is written "Uniform", A1111's
+            # plain timestep grid: "Automatic" would tell A1111 1.9+ the sampler's own (DPM++ 2M: Karras).
+            pairs["Schedule type"] = SCHEDULES[value].display_name or "Uniform"
         elif f.name == "width":
             pairs["Size"] = f"{request.width}x{request.height}"
         elif f.name == "rng":
@@ -304,7 +305,8 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
         if "Sampler" in params:
             values["sampler"] = params["Sampler"]
         try:
-            # ldm writes its model's own spacing as "Automatic": the sampler's own only in A1111's texts
+            # ldm wrote its model's own spacing as "Automatic" before it wrote "Uniform": the sampler's own
+            # schedule only in A1111's texts
             schedule = a1111_schedule(params.get("Schedule type"), None if ours else params.get("Sampler"))
         except ValueError:  # one ldm lacks: refused by the request's check, unless --schedule replaces it
             schedule = params["Schedule type"]
