@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from ldmcli.errors import LdmError
 
@@ -65,6 +67,35 @@ def read_bounded(path: Path, limit: int, error: type[LdmError] = LdmError) -> by
     if len(data) > limit:
         raise error(f"{path}: larger than {limit:,} bytes, the most ldm reads of such a file")
     return data
+
+
+# How long a read of a pipe waits before the main thread looks at pending signals again.
+SIGNAL_CHECK_SECONDS = 0.2
+
+
+def read_stream(stream: BinaryIO, limit: int) -> bytes:
+    """Up to `limit` + 1 bytes of a file, pipe or FIFO, read so that Ctrl-C and SIGTERM still stop it.
+
+    A signal may be delivered to any thread of the process (torch's, once it is imported): the main
+    thread, blocked in read() on a pipe nobody writes to, would then never run Python's handler. So the
+    read waits in select() with a timeout and returns to Python between waits, where the handler runs.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # an in-memory stream (a test's stdin): it cannot block
+        return stream.read(limit + 1)
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        ready, _, _ = select.select([fd], [], [], SIGNAL_CHECK_SECONDS)
+        if not ready:
+            continue
+        chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def loads_json(text: str | bytes) -> object:

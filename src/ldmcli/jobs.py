@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmcli.errors import LdmError
+from ldmcli.files import read_stream
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_NAME_BYTES, MAX_PROMPT_FILE_BYTES, MAX_SEED
 from ldmcli.metadata import (
     INFOTEXT_PREFIXES,
@@ -177,10 +178,10 @@ def _read_text(path: str, name: str) -> str:
         if path == "-":
             if sys.stdin is None or sys.stdin.closed:
                 raise LdmError("--prompts -: standard input is closed")
-            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+            data = read_stream(sys.stdin.buffer, MAX_PROMPT_FILE_BYTES)
         else:
-            with open(path, "rb") as file:
-                data = file.read(MAX_PROMPT_FILE_BYTES + 1)
+            with open(path, "rb", buffering=0) as file:
+                data = read_stream(file, MAX_PROMPT_FILE_BYTES)
     except (OSError, ValueError) as exc:  # ValueError: reading a closed file
         raise LdmError(f"{name}: cannot read prompt file ({getattr(exc, 'strerror', None) or exc})") from exc
     if len(data) > MAX_PROMPT_FILE_BYTES:
