@@ -52,14 +52,7 @@ def _diffusers_scheduler(name: str):
     return cls.from_config(SD15_SCHEDULER_CONFIG, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on this shared 2-core box, with other work
-    running, the thread handoff made diffusers' 12 steps take 13 s instead of 0.1 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

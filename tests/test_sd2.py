@@ -47,14 +47,7 @@ SEED = 1234
 PROMPTS = ["a photo of a cat", "", " ".join(f"word{i}" for i in range(100))]  # short, empty, truncated
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on this shared 2-core box the thread
-    handoff made convolutions ~10x slower (as test_unet.py measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- text encoder ------------------------------------------------------------------------------------

@@ -56,13 +56,7 @@ UNET_TOL = dict(atol=1e-6, rtol=1e-6)
 PROMPTS = ["a photo of a cat", "", " ".join(f"word{i}" for i in range(100))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on this shared 2-core box they cost ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ours(sd: dict, act: str) -> CLIPTextModel:

@@ -35,6 +35,11 @@ from ldmcli.files import read_stream
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_NAME_BYTES, MAX_PROMPT_FILE_BYTES, MAX_SEED
 from ldmcli.metadata import (
     INFOTEXT_PREFIXES,
+    REFINER,
+    SAMPLER_SETTING,
+    SECOND_PASS,
+    SEED_RESIZE,
+    VARIATION_SEEDS,
     Note,
     a1111_rng,
     a1111_schedule,
@@ -239,31 +244,26 @@ class A1111Param:
 
 
 _HIRES = INFOTEXT_PREFIXES["Hires "]
-_SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
-_VARIATION = "variation seeds, noise blended from a second seed, are not supported"
-_SEED_RESIZE = "seed resizing, noise drawn for another size, is not supported"
-_SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
-_REFINER = "the SDXL refiner is not supported"
 _SCRIPTS = "A1111 scripts and extensions are not run"
 
 A1111_PARAMS: dict[str, A1111Param] = {
     "styles": A1111Param("A1111's saved styles, its styles.csv, are not available: put their text in the prompt"),
-    "subseed": A1111Param(_VARIATION, needs="subseed_strength"),
-    "subseed_strength": A1111Param(_VARIATION, off=("", "0")),
-    "seed_resize_from_h": A1111Param(_SEED_RESIZE, off=("", "0", "-1")),
-    "seed_resize_from_w": A1111Param(_SEED_RESIZE, off=("", "0", "-1")),
+    "subseed": A1111Param(VARIATION_SEEDS, needs="subseed_strength"),
+    "subseed_strength": A1111Param(VARIATION_SEEDS, off=("", "0")),
+    "seed_resize_from_h": A1111Param(SEED_RESIZE, off=("", "0", "-1")),
+    "seed_resize_from_w": A1111Param(SEED_RESIZE, off=("", "0", "-1")),
     "restore_faces": A1111Param("face restoration, a post-processing model, is not supported", off=("", "false")),
     "tiling": A1111Param("tileable images are not supported", off=("", "false")),
     "eta": A1111Param("ldm's samplers run with their standard eta: 1 for ancestral and SDE samplers, 0 for DDIM"),
-    "denoising_strength": A1111Param(_SECOND_PASS, needs="enable_hr"),
+    "denoising_strength": A1111Param(SECOND_PASS, needs="enable_hr"),
     "s_min_uncond": A1111Param("NGMS, skipping the negative pass at low noise, is not supported", off=("", "0")),
-    "s_churn": A1111Param(_SAMPLER_SETTING, off=("", "0")),
-    "s_tmax": A1111Param(_SAMPLER_SETTING, off=("", "0", "inf")),
-    "s_tmin": A1111Param(_SAMPLER_SETTING, off=("", "0")),
-    "s_noise": A1111Param(_SAMPLER_SETTING, off=("", "1")),
-    "refiner_checkpoint": A1111Param(_REFINER, off=("", "none")),
-    "refiner_switch_at": A1111Param(_REFINER, needs="refiner_checkpoint"),
-    "firstpass_image": A1111Param(_SECOND_PASS),
+    "s_churn": A1111Param(SAMPLER_SETTING, off=("", "0")),
+    "s_tmax": A1111Param(SAMPLER_SETTING, off=("", "0", "inf")),
+    "s_tmin": A1111Param(SAMPLER_SETTING, off=("", "0")),
+    "s_noise": A1111Param(SAMPLER_SETTING, off=("", "1")),
+    "refiner_checkpoint": A1111Param(REFINER, off=("", "none")),
+    "refiner_switch_at": A1111Param(REFINER, needs="refiner_checkpoint"),
+    "firstpass_image": A1111Param(SECOND_PASS),
     "enable_hr": A1111Param(_HIRES, off=("", "false")),
     "firstphase_width": A1111Param(_HIRES, off=("", "0")),
     "firstphase_height": A1111Param(_HIRES, off=("", "0")),

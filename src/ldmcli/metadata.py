@@ -377,14 +377,16 @@ class A1111Key:
 
 
 _HIRES = "hires fix, a second upscaled pass, is not supported yet"
-_SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
+# Reasons shared with jobs.py's table of A1111's request keys.
+SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
 _IMG2IMG = "img2img and inpainting are not supported: ldm makes text-to-image only"
 _LORA = "LoRA is not applied yet: issue 17"
 _HYPERNET = "hypernetworks are not supported"
 _VAE = "ldm decodes with the model's own VAE; a separate VAE file is not loaded"
-_VARIATION = "variation seeds, noise blended from a second seed, are not supported"
-_SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
-_REFINER = "the SDXL refiner is not supported"
+VARIATION_SEEDS = "variation seeds, noise blended from a second seed, are not supported"
+SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
+REFINER = "the SDXL refiner is not supported"
+SEED_RESIZE = "seed resizing, noise drawn for another size, is not supported"
 _INFO = "informational"
 
 # Every key of A1111's infotext (modules/processing.py `create_infotext`, the options that carry an
@@ -422,15 +424,15 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "VAE Decoder": A1111Key("ldm decodes with the full VAE", off=("full",)),
     "VAE Encoder": A1111Key(_IMG2IMG, off=("full",)),
     "Noise Schedule": A1111Key("zero terminal SNR rescaling is not supported", off=("default",)),
-    "Discard penultimate sigma": A1111Key(_SAMPLER_SETTING, off=("false",)),
-    "SGM noise multiplier": A1111Key(_SAMPLER_SETTING, off=("false",)),
+    "Discard penultimate sigma": A1111Key(SAMPLER_SETTING, off=("false",)),
+    "SGM noise multiplier": A1111Key(SAMPLER_SETTING, off=("false",)),
     "Downcast alphas_cumprod": A1111Key("ldm keeps the noise schedule in full precision", off=("false",)),
     "Old prompt editing timelines": A1111Key("ldm reads [from:to:when] as A1111 1.6 and later do", off=("false",)),
-    "Schedule max sigma": A1111Key(_SAMPLER_SETTING, off=("0",)),
-    "Schedule min sigma": A1111Key(_SAMPLER_SETTING, off=("0",)),
-    "Schedule rho": A1111Key(_SAMPLER_SETTING, off=("0",)),
+    "Schedule max sigma": A1111Key(SAMPLER_SETTING, off=("0",)),
+    "Schedule min sigma": A1111Key(SAMPLER_SETTING, off=("0",)),
+    "Schedule rho": A1111Key(SAMPLER_SETTING, off=("0",)),
     # known, not honoured
-    "Denoising strength": A1111Key(_SECOND_PASS),
+    "Denoising strength": A1111Key(SECOND_PASS),
     "Lora hashes": A1111Key(_LORA),
     "TI hashes": A1111Key("textual-inversion embeddings are not loaded: their names stay words of the prompt"),
     "Hypernet": A1111Key(_HYPERNET),
@@ -439,19 +441,19 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "VAE": A1111Key(_VAE),
     "VAE hash": A1111Key(_VAE),
     "Face restoration": A1111Key("face restoration, a post-processing model, is not supported"),
-    "Variation seed": A1111Key(_VARIATION),
-    "Variation seed strength": A1111Key(_VARIATION),
-    "Seed resize from": A1111Key("seed resizing, noise drawn for another size, is not supported"),
+    "Variation seed": A1111Key(VARIATION_SEEDS),
+    "Variation seed strength": A1111Key(VARIATION_SEEDS),
+    "Seed resize from": A1111Key(SEED_RESIZE),
     "Pad conds v0": A1111Key("A1111's pre-1.6 padding of the negative prompt is not implemented"),
     "NGMS": A1111Key("NGMS, skipping the negative pass at low noise, is not supported"),
     "NGMS all steps": A1111Key("NGMS, skipping the negative pass at low noise, is not supported"),
     "Skip Early CFG": A1111Key("skipping guidance in early steps is not supported"),
-    "Sigma churn": A1111Key(_SAMPLER_SETTING, off=("0",)),
-    "Sigma tmin": A1111Key(_SAMPLER_SETTING, off=("0",)),
-    "Sigma tmax": A1111Key(_SAMPLER_SETTING, off=("0", "inf")),
-    "Sigma noise": A1111Key(_SAMPLER_SETTING, off=("1",)),
-    "Beta schedule alpha": A1111Key(_SAMPLER_SETTING),
-    "Beta schedule beta": A1111Key(_SAMPLER_SETTING),
+    "Sigma churn": A1111Key(SAMPLER_SETTING, off=("0",)),
+    "Sigma tmin": A1111Key(SAMPLER_SETTING, off=("0",)),
+    "Sigma tmax": A1111Key(SAMPLER_SETTING, off=("0", "inf")),
+    "Sigma noise": A1111Key(SAMPLER_SETTING, off=("1",)),
+    "Beta schedule alpha": A1111Key(SAMPLER_SETTING),
+    "Beta schedule beta": A1111Key(SAMPLER_SETTING),
     "UniPC variant": A1111Key("ldm has no UniPC sampler"),
     "UniPC skip type": A1111Key("ldm has no UniPC sampler"),
     "UniPC order": A1111Key("ldm has no UniPC sampler"),
@@ -461,10 +463,10 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Init image hash": A1111Key(_IMG2IMG),
     "Mask blur": A1111Key(_IMG2IMG),
     "Noise multiplier": A1111Key(_IMG2IMG),
-    "Extra noise": A1111Key(_SECOND_PASS),
-    "Refiner": A1111Key(_REFINER),
-    "Refiner switch at": A1111Key(_REFINER),
-    "Refiner switch by sampling steps": A1111Key(_REFINER),
+    "Extra noise": A1111Key(SECOND_PASS),
+    "Refiner": A1111Key(REFINER),
+    "Refiner switch at": A1111Key(REFINER),
+    "Refiner switch by sampling steps": A1111Key(REFINER),
     "FP8 weight": A1111Key("fp8 weight storage is not supported: ldm computes in bf16, fp16 or fp32"),
     "Cache FP16 weight for LoRA": A1111Key(_LORA),
     "Hashes": A1111Key("civitai's list of resource hashes: ldm finds the model by Model hash"),
