@@ -73,7 +73,7 @@ def test_a_saved_a1111_request_runs_unchanged(tmp_path, tiny_single_file):
     theirs.write_text(json.dumps(A1111_REQUEST) + "\n")
     ours.write_text(json.dumps({"prompt": "a red circle", "negative_prompt": "blurry", "steps": 2, "sampler": "dpmpp_2m",
                                 "schedule": "karras", "cfg_scale": 5, "seed": 3, "width": 64, "height": 64,
-                                "batch_count": 4, "clip_skip": 2, "rng": "cpu"}) + "\n")
+                                "batch_count": 4, "clip_skip": 2, "rng": "cpu", "match": "a1111"}) + "\n")
     made = {}
     for name, path in (("theirs", theirs), ("ours", ours)):
         result = invoke("generate", "--prompts", path, "-m", tiny_single_file, "--json", "-o", f"{tmp_path / name}/")
@@ -305,12 +305,12 @@ def _request(job):
     r = job.request
     return {"steps": r.steps, "cfg_scale": r.cfg_scale, "width": r.width, "height": r.height, "sampler": r.sampler,
             "schedule": r.schedule, "clip_skip": r.clip_skip, "negative_prompt": r.negative_prompt,
-            "rng": r.rng, "pad_conds": r.pad_conds, "batch_count": job.batch_count}
+            "rng": r.rng, "pad_conds": r.pad_conds, "match": r.match, "batch_count": job.batch_count}
 
 
 A1111_DEFAULT_REQUEST = {"steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "sampler": "euler",
                          "schedule": None, "clip_skip": 1, "negative_prompt": "", "rng": "nv", "pad_conds": False,
-                         "batch_count": 1}
+                         "match": "a1111", "batch_count": 1}
 
 
 def test_an_a1111_request_takes_a1111s_defaults_for_what_it_leaves_out(tmp_path):
@@ -325,10 +325,10 @@ def test_an_a1111_request_takes_a1111s_defaults_for_what_it_leaves_out(tmp_path)
     assert _request(cat) == _request(dog) == A1111_DEFAULT_REQUEST
     assert cat.request.seed == 7
     assert 0 <= dog.request.seed < 2**32 and dog.request.seed != hen.request.seed  # -1: each request its own
-    assert _request(cow) == {**RECOMMENDED, "rng": "cpu", "pad_conds": True, "batch_count": 1}
+    assert _request(cow) == {**RECOMMENDED, "rng": "cpu", "pad_conds": True, "match": "diffusers", "batch_count": 1}
     # Every request field has A1111's value when a request leaves it out (the prompt is required; the
     # noise source and pad conds are A1111 settings, read with the request's override_settings).
-    assert set(A1111_API_DEFAULTS) | {"prompt", "rng", "pad_conds"} == set(field_names())
+    assert set(A1111_API_DEFAULTS) | {"prompt", "rng", "pad_conds", "match"} == set(field_names())
 
 
 def test_flags_are_the_defaults_of_an_a1111_request_too(tmp_path, tiny_single_file):
@@ -362,7 +362,7 @@ def test_a_script_line_takes_the_rest_from_the_command_line_as_from_a1111s_ui(tm
     (flagged,) = read_prompt_file(str(path), command_line_job({"steps": 3, "cfg_scale": 2.0, "width": 128}))
     plain, flagged = check_job(plain, RECOMMENDED), check_job(flagged, RECOMMENDED)
     assert _request(plain) == {**RECOMMENDED, "sampler": "euler", "schedule": "karras", "rng": "nv",
-                               "pad_conds": False, "batch_count": 1}
+                               "pad_conds": False, "match": "a1111", "batch_count": 1}
     assert (flagged.request.steps, flagged.request.cfg_scale, flagged.request.width) == (3, 2.0, 128)
     (bare,) = read_prompt_file(str(path), command_line_job({}))
     assert (check_job(bare).request.steps, check_job(bare).request.cfg_scale) == (30, 7.5)  # ldm's, not A1111's 50/7

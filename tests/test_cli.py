@@ -378,9 +378,9 @@ def test_tiled_decode_from_the_command_line(tmp_path, tiny_single_file, monkeypa
     calls = []
     real = pipeline.decode_latents
 
-    def spy(model, latents, tile=None):
+    def spy(model, latents, tile=None, **kw):
         calls.append(tile)
-        return real(model, latents, tile=tile)
+        return real(model, latents, tile=tile, **kw)
 
     monkeypatch.setattr(pipeline, "decode_latents", spy)
     args = ["generate", "a cat", "-m", tiny_single_file, "-s", "5", "--dtype", "fp32", "-W", "96", "-H", "64", "--steps", "4"]
@@ -439,8 +439,8 @@ def test_info_of_an_a1111_image_shows_only_what_it_records(tmp_path):
     # No RNG: A1111's default, its GPU noise, which is what an NVIDIA GPU draws (--rng nv); said in the notes.
     # No Pad conds: A1111's default, off.
     assert recorded == {"prompt": "a cat", "negative_prompt": "", "steps": 12, "seed": 7, "width": 64, "height": 96,
-                        "rng": "nv", "pad_conds": False}, shown
-    assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG", "Schedule type"]
+                        "rng": "nv", "pad_conds": False, "match": "a1111"}, shown
+    assert shown["not_honoured"] == [] and [n["key"] for n in shown["notes"]] == ["RNG", "Match"]
 
 
 # --- interruption ---------------------------------------------------------------------------------

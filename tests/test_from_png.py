@@ -22,8 +22,8 @@ from ldmcli.metadata import INFOTEXT_KEYS, INFOTEXT_PREFIXES, parse_a1111, read_
 TINY = ["-W", "64", "-H", "64", "--steps", "2"]
 # The keys of an A1111 text that ldm reads into the request or uses to find the model.
 def other_notes(record: dict) -> list[dict]:
-    """A record's notes but the one every A1111 image gets: its sampling discretization (k-diffusion's)."""
-    return [n for n in record["notes"] if not (n["key"] == "Schedule type" and "k-diffusion" in n["why"])]
+    """A record's notes but the one every A1111 image gets: it is sampled with A1111's numerics (--match a1111)."""
+    return [n for n in record["notes"] if n["key"] != "Match"]
 
 
 READ_KEYS = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "ENSD", "Model hash",
@@ -110,8 +110,8 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     assert all(n["why"] for n in made["not_honoured"])
     why = {n["key"]: n["why"] for n in made["not_honoured"]}
     assert "hires fix" in why["Hires upscale"] and "issue 17" in why["Lora hashes"] and "not know" in why["My Extension"]
-    assert [n["key"] for n in made["notes"]] == ["RNG", "Schedule type"] and "nv" in made["notes"][0]["why"]
-    assert "k-diffusion" in made["notes"][1]["why"]  # the discretization: same composition, not the same pixels
+    assert [n["key"] for n in made["notes"]] == ["RNG", "Match"] and "nv" in made["notes"][0]["why"]
+    assert "--match a1111" in made["notes"][1]["why"] and made["match"] == "a1111"  # A1111's numerics
 
     (line,) = note_lines(result)  # one line for the job, naming each
     assert line.startswith(f"note: {png}: not honoured: ")
@@ -127,7 +127,7 @@ def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     assert {n["key"] for n in shown["not_honoured"]} == {
         "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes",
         "Token merging ratio", "My Extension", "ADetailer model", "prompt"}
-    assert [n["key"] for n in shown["notes"]] == ["RNG", "Schedule type"]
+    assert [n["key"] for n in shown["notes"]] == ["RNG", "Match"]
     text = invoke("info", png).output
     assert "not_honoured:\n  - Denoising strength: 0.4 (" in text and "  - prompt: <lora:film grain:0.8> (LoRA" in text
 

@@ -17,7 +17,7 @@ from click.core import ParameterSource
 
 from ldmcli import __version__
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
-from ldmcli.request import RNGS, ImageRequest
+from ldmcli.request import MATCHES, RNGS, ImageRequest
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -136,6 +136,10 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--ensd", type=click.IntRange(min=0, max=MAX_SEED),
               help="A1111's eta noise seed delta: after the initial noise, each image's generator restarts at seed + N. "
                    "[default: 0, none]")
+@click.option("--match", type=click.Choice(MATCHES),
+              help="Whose numbers to reproduce: diffusers' schedulers, or A1111's (k-diffusion's noise levels and "
+                   "timesteps, its DDIM/PLMS grid, truncated pixels), so that an A1111 image's seed and settings give "
+                   "its pixels. --from-png of an A1111 image: a1111. [default: diffusers]")
 @click.option("--pad-conds/--no-pad-conds", "pad_conds", default=None,
               help="A prompt and negative prompt of different lengths: pad the shorter with empty chunks and run one "
                    "U-Net batch, or run two unpadded passes (A1111's default). [default: pad]")
@@ -168,7 +172,7 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, clip_skip, rng, ensd, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
+             height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""
 

@@ -309,9 +309,9 @@ RANDOM_SEED = -1
 # (modules/processing.py): negative_prompt "", steps 50, cfg_scale 7.0, width and height 512, seed -1 (a
 # random seed, drawn for each line), n_iter and batch_size 1 (the flag -b's default, 1 image, stays);
 # the API's sampler_index "Euler", which stands in for a missing sampler_name (modules/api/models.py,
-# api.py `sampler_name or sampler_index`); scheduler None: Automatic, the model's own spacing; the
-# setting CLIP_stop_at_last_layers 1. Its settings randn_source (GPU: nv) and pad_cond_uncond (False)
-# are `_a1111_job`'s, for script lines too.
+# api.py `sampler_name or sampler_index`); scheduler None: Automatic, A1111's uniform grid for Euler; the
+# setting CLIP_stop_at_last_layers 1. Its settings randn_source (GPU: nv) and pad_cond_uncond (False),
+# and its numerics (--match a1111), are `_a1111_job`'s, for script lines too.
 A1111_API_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "steps": 50, "sampler": "Euler", "schedule": None, "cfg_scale": 7.0, "seed": RANDOM_SEED,
     "width": 512, "height": 512, "clip_skip": 1, "ensd": 0,
@@ -340,6 +340,8 @@ def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, defaul
         notes.append(note)
     if "pad_conds" not in job.given:
         job = job.setting(pad_conds=False)  # A1111's default: prompt and negative prompt unpadded
+    if "match" not in job.given:
+        job = job.setting(match="a1111")  # A1111's request: its numerics
     unset = {key: value for key, value in defaults.items() if key not in job.given}
     return (job.setting(**unset) if unset else job).noting(notes, a1111)
 

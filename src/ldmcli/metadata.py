@@ -155,7 +155,10 @@ def image_record(model, task) -> dict:
     from ldmcli.device import dtype_name
 
     request = task.job.request
-    request = replace(request, seed=task.seed, schedule=request.schedule or model.spec.schedule.timestep_spacing)
+    # No schedule: the model's own spacing, recorded by name; matching A1111, its uniform grid (DDIM/PLMS: its
+    # own grid), which no spacing names, so it stays null.
+    spacing = None if request.match == "a1111" else model.spec.schedule.timestep_spacing
+    request = replace(request, seed=task.seed, schedule=request.schedule or spacing)
     return {
         "version": __version__,
         **request.record(),
@@ -181,7 +184,7 @@ def png_text(model, record: dict) -> dict[str, str]:
 
 
 # The keys A1111 writes after the model's, in its order.
-A1111_AFTER_MODEL = ("Clip skip", "ENSD", "RNG", "Pad conds")
+A1111_AFTER_MODEL = ("Clip skip", "ENSD", "RNG", "Pad conds", "Match")
 
 
 def _a1111_fields(request) -> dict[str, object]:
@@ -196,9 +199,10 @@ def _a1111_fields(request) -> dict[str, object]:
         if f.name == "sampler":
             pairs["Sampler"] = SAMPLERS[value].display_name
         elif f.name == "schedule":
-            # Karras/Exponential have A1111's names. The model's own spacing is written "Uniform", A1111's
-            # plain timestep grid: "Automatic" would tell A1111 1.9+ the sampler's own (DPM++ 2M: Karras).
-            pairs["Schedule type"] = SCHEDULES[value].display_name or "Uniform"
+            # Karras/Exponential have A1111's names. The model's own spacing, and A1111's uniform grid (None,
+            # matching A1111), are written "Uniform", A1111's plain timestep grid: "Automatic" would tell
+            # A1111 1.9+ the sampler's own (DPM++ 2M: Karras).
+            pairs["Schedule type"] = (value and SCHEDULES[value].display_name) or "Uniform"
         elif f.name == "width":
             pairs["Size"] = f"{request.width}x{request.height}"
         elif f.name == "rng":
@@ -208,6 +212,9 @@ def _a1111_fields(request) -> dict[str, object]:
         elif f.name == "pad_conds":
             # A1111 writes it only when on; ldm always, since its own default is on (absent reads as off)
             pairs["Pad conds"] = value
+        elif f.name == "match":
+            # ldm's own key, so written only when it is not what an ldm text without it has always meant
+            pairs["Match"] = None if value == "diffusers" else value
         elif f.name == "clip_skip":
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
         elif f.metadata["a1111"]:
@@ -321,6 +328,9 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     if rng is not None:
         values["rng"], note = rng
         notes += [note] if note else []
+    if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
+        values["match"] = "a1111"
+        notes.append(Note("Match", "absent", MATCH_NOTE_A1111, honoured=True, fields=("match",)))
     read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", *keys.values()}
     notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
     if not ours:
@@ -397,8 +407,9 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Steps": A1111Key("--steps", honoured=True),
     "Sampler": A1111Key("--sampler (A1111's names; a sampler ldm does not have is an error)", honoured=True),
     "Schedule type": A1111Key("--schedule: Karras, Exponential; Automatic: the sampler's own in A1111 1.9+ "
-                              "(DPM++ 2M Karras, DPM++ 2M SDE Exponential), else, and Uniform, the model's own "
-                              "spacing; others are an error", honoured=True),
+                              "(DPM++ 2M Karras, DPM++ 2M SDE Exponential), else, and Uniform, A1111's uniform "
+                              "grid; DDIM, PLMS: A1111's own grid, whatever the type; others are an error",
+                              honoured=True),
     "CFG scale": A1111Key("--cfg-scale", honoured=True),
     "Seed": A1111Key("-s", honoured=True),
     "Size": A1111Key("-W, -H", honoured=True),
@@ -411,6 +422,8 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Model": A1111Key("the model's name: see Model hash", honoured=True),
     "Version": A1111Key(_INFO, honoured=True),
     "User": A1111Key(_INFO, honoured=True),
+    "Match": A1111Key("--match, ldm's own key (A1111 does not write it); absent: a1111 in A1111's texts, "
+                      "diffusers in ldm's", honoured=True),
     "Pad conds": A1111Key("--pad-conds; absent: --no-pad-conds, A1111's default (a prompt and negative prompt of "
                           "different lengths go through the U-Net unpadded, in two passes)", honoured=True),
     # known, honoured when off
@@ -486,23 +499,12 @@ BROWNIAN_TREE_SAMPLERS = ("dpm++ 2m sde", "dpm++ sde", "dpm++ 3m sde", "dpm++ 2m
 
 
 def sampling_notes(params: Mapping[str, str]) -> list[Note]:
-    """What differs when ldm samples an A1111 text's image, said (the keys themselves are honoured).
-
-    A1111 runs k-diffusion's discretization: initial noise times sigma_max, the network at fractional
-    timesteps, and for "Automatic"/"Uniform" its uniform grid of timesteps; ldm follows diffusers'
-    (the noise scaled by sqrt(sigma_max^2 + 1) for most samplers, its own timestep spacings). The same
-    seed then gives the same composition, not the same pixels.
-    """
+    """What differs when ldm samples an A1111 text's image, said (the keys themselves are honoured)."""
     sampler = params.get("Sampler", "")
-    notes = [Note("Schedule type", params.get("Schedule type", "Automatic"),
-                  "A1111 samples with k-diffusion's discretization (initial noise x sigma_max, fractional "
-                  "timesteps, its own uniform grid for Automatic/Uniform); ldm with diffusers': the same "
-                  "composition, not the same pixels", honoured=True, fields=("schedule",))]
     if sampler.strip().lower().removesuffix(" karras").removesuffix(" exponential") in BROWNIAN_TREE_SAMPLERS:
-        notes.append(Note("Sampler", sampler, "A1111 draws this sampler's noise from a Brownian tree (torchsde); "
-                          "ldm draws it step by step from the seed's generator: not the same image",
-                          fields=("sampler",)))
-    return notes
+        return [Note("Sampler", sampler, "A1111 draws this sampler's noise from a Brownian tree (torchsde); "
+                     "ldm draws it step by step from the seed's generator: not the same image", fields=("sampler",))]
+    return []
 
 
 def infotext_note(key: str, value: str) -> Note | None:
@@ -542,16 +544,20 @@ def _number_or_none(text: str) -> float | None:
 def a1111_schedule(name: str | None, sampler: str | None = None) -> str | None:
     """ldm's schedule for an A1111 schedule type ("Karras" -> "karras"). "Automatic" is the `sampler`'s
     own in A1111 1.9+ (DPM++ 2M: Karras; DPM++ 2M SDE: Exponential; others its uniform grid); None for
-    Uniform and the uniform grid (the model's own spacing stands in) and when there is no type (A1111
-    before 1.9, whose sampler names carry the schedule). Raises ValueError for one ldm lacks."""
+    Uniform and the uniform grid (A1111's own under --match a1111) and when there is no type (A1111
+    before 1.9, whose sampler names carry the schedule), and for DDIM and PLMS, which A1111 runs on its
+    own grid whatever the type. Raises ValueError for one ldm lacks."""
     from ldmcli.samplers import SAMPLERS, SCHEDULES, resolve_sampler_name
 
-    if name is not None and name.strip().lower() == "automatic" and sampler is not None:
+    if sampler is not None:
         try:
             resolved, implied = resolve_sampler_name(sampler)
         except ValueError:  # a sampler ldm lacks: the request's check names it
             return None
-        return None if implied is not None else SAMPLERS[resolved].a1111_automatic
+        if SAMPLERS[resolved].a1111_timestep_sampler:
+            return None  # A1111's DDIM and PLMS walk their own grid, whatever the schedule type says
+        if name is not None and name.strip().lower() == "automatic":
+            return None if implied is not None else SAMPLERS[resolved].a1111_automatic
     if name is None or name.strip().lower() in ("", "automatic", "uniform"):
         return None
     for schedule in SCHEDULES.values():
@@ -561,6 +567,8 @@ def a1111_schedule(name: str | None, sampler: str | None = None) -> str | None:
     raise ValueError(f"schedule type {name[:40]!r} is not one ldm has ({known})")
 
 
+MATCH_NOTE_A1111 = ("an A1111 image: sampled with A1111's numerics (k-diffusion's noise levels and timesteps, "
+                    "truncated pixels), --match a1111")
 RNG_NOTE_GPU = "GPU noise: on an NVIDIA GPU exactly the numbers --rng nv draws, so nv"
 
 

@@ -279,7 +279,8 @@ def generate(
     vae_tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Images for `request`, one per seed, as uint8 [N, H, W, 3] (vae_tile: see `decode_latents`)."""
-    return decode_latents(model, sample_latents(model, request, seeds, callback=callback), tile=vae_tile)
+    latents = sample_latents(model, request, seeds, callback=callback)
+    return decode_latents(model, latents, tile=vae_tile, match=request.match)
 
 
 @torch.inference_mode()
@@ -316,6 +317,7 @@ def sample_latents(
         # mantissa, too few for latents updated in small steps over many iterations.
         noise_source(seeds, latent_shape, model.device, torch.float32, request.rng, request.ensd),
         spacing=request.schedule,
+        match=request.match,
         callback=callback,
     )
     if check_finite:
@@ -346,8 +348,11 @@ def check_finite_latents(latents: torch.Tensor, seeds: Sequence[int], dtype: tor
 
 
 @torch.inference_mode()
-def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """Latents -> uint8 [N, H, W, 3], rounded the way diffusers' `numpy_to_pil` rounds.
+def decode_latents(
+    model: StableDiffusion, latents: torch.Tensor, *, tile: tuple[int, int] | None = None, match: str = "diffusers"
+) -> torch.Tensor:
+    """Latents -> uint8 [N, H, W, 3], quantized as `match` does: diffusers rounds (`numpy_to_pil`),
+    A1111 truncates (`(255. * x).astype(np.uint8)` in its processing.py).
 
     tile: (side, overlap) in latent pixels: decode in tiles of that side whose overlaps are blended
     (`vae_decode.decode_tiled`), so memory stays bounded at any image size. A decode that overflows
@@ -359,5 +364,5 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor, *, tile: tuple
     z = latents.float() / model.spec.scale_factor
     side, overlap = tile if tile is not None else (None, 0)
     images = decode_latents_safely(model.vae, z, tile=side, overlap=overlap, on_redo=model.warnings.append)
-    images = (images / 2 + 0.5).clamp(0, 1)
-    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+    images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255
+    return (images if match == "a1111" else images.round()).to(torch.uint8).cpu()

@@ -56,6 +56,10 @@ class ImageRequest:
     # A1111's "eta noise seed delta": after the initial noise, image i's generator restarts at
     # seed + i + ensd for the samplers' later (ancestral) noise. 0: no restart.
     ensd: int = _param(0, a1111="ENSD")
+    # Whose numerics to reproduce: "diffusers" (its schedulers' noise levels, rounded pixels) or "a1111"
+    # (k-diffusion's noise levels as A1111 runs them: initial noise x sigma_max, fractional timesteps, its
+    # uniform grid, its DDIM/PLMS grid; truncated pixels), so that an A1111 image's settings give its pixels.
+    match: str = _param("diffusers", a1111="Match")
 
     @property
     def guided(self) -> bool:
@@ -74,7 +78,7 @@ class ImageRequest:
         Everything that would fail or misbehave after the model loads is refused here: non-finite
         numbers, text that is not valid Unicode, sizes and step counts beyond `limits`.
         """
-        from ldmcli.samplers import SCHEDULES, resolve_sampler_name
+        from ldmcli.samplers import SAMPLERS, SCHEDULES, resolve_sampler_name
 
         for name in ("prompt", "negative_prompt"):
             check_text(getattr(self, name), name)
@@ -95,10 +99,15 @@ class ImageRequest:
             raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         sampler, name_schedule = resolve_sampler_name(self.sampler)
         schedule = self.schedule or name_schedule
         if schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r} (valid: {', '.join(SCHEDULES)})")
+        if schedule is not None and self.match == "a1111" and SAMPLERS[sampler].a1111_timestep_sampler:
+            raise ValueError(f"{SAMPLERS[sampler].display_name} matching A1111 walks A1111's own timestep grid: it "
+                             f"takes no schedule (got {schedule!r})")
         return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale))
 
     def record(self) -> dict[str, Any]:
@@ -117,6 +126,9 @@ class ImageRequest:
 
 # The noise generators (`ImageRequest.rng`).
 RNGS = ("cpu", "nv")
+# Whose numerics a request reproduces (`ImageRequest.match`): diffusers' schedulers (`schedule.py`) or
+# A1111's (`schedule_a1111.py`), and their pixel rounding (`pipeline.decode_latents`).
+MATCHES = ("diffusers", "a1111")
 
 
 def field_names() -> tuple[str, ...]:

@@ -419,7 +419,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
         return True
     latents = latents[[i for i, ok in enumerate(finite) if ok]]
     try:
-        parts = [(kept, _decode(model, latents, tile, report))]
+        parts = [(kept, _decode(model, latents, tile, request.match, report))]
     except NonFiniteError:
         if len(kept) == 1:
             raise
@@ -427,7 +427,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
         parts = []
         for task, latent in zip(kept, latents):
             try:
-                parts.append(([task], _decode(model, latent[None], tile, report)))
+                parts.append(([task], _decode(model, latent[None], tile, request.match, report)))
             except NonFiniteError as exc:
                 _report_failed([task], exc, report)
     seconds = (time.perf_counter() - started) / len(batch)
@@ -437,11 +437,11 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     return sum(len(tasks) for tasks, _ in parts) < len(batch)
 
 
-def _decode(model, latents, tile, report: Report):
+def _decode(model, latents, tile, match: str, report: Report):
     from ldmcli import pipeline
 
     try:
-        return pipeline.decode_latents(model, latents, tile=tile)
+        return pipeline.decode_latents(model, latents, tile=tile, match=match)
     finally:  # also when the decode failed: the warning is part of the story
         for warning in model.warnings:  # e.g. a VAE decode that overflowed and was redone in fp32
             report.say(f"warning: {warning}")

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .schedule import Convention, DiffusionSchedule, make_sigmas
+from .request import MATCHES
+from .schedule_a1111 import a1111_sigmas
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -246,6 +248,8 @@ class SamplerInfo:
     # The schedule A1111 1.9+ means by "Automatic" for this sampler (its sampler options' "scheduler");
     # None: its uniform grid, which ldm has not (the model's own spacing stands in).
     a1111_automatic: str | None = None
+    # A1111 runs it as a CompVis timestep sampler on its own grid (DDIM, PLMS), not through k-diffusion.
+    a1111_timestep_sampler: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,9 +263,9 @@ class ScheduleInfo:
 
 
 def _info(name, display, fn, convention, cls, description, second_order=False, a1111_automatic=None,  # noqa: ANN001
-          **kwargs) -> SamplerInfo:
+          a1111_timestep_sampler=False, **kwargs) -> SamplerInfo:
     return SamplerInfo(name, display, fn, convention, cls, MappingProxyType(kwargs), description, second_order,
-                       a1111_automatic)
+                       a1111_automatic, a1111_timestep_sampler)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -272,7 +276,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
               "ancestral Euler: fresh noise every step (stochastic, does not converge with steps)"),
         _info("heun", "Heun", heun, "discrete", "HeunDiscreteScheduler",
               "Heun's 2nd-order ODE solver, two network calls per step", second_order=True),
-        _info("ddim", "DDIM", ddim, "ddim", "DDIMScheduler", "DDIM, Song et al. 2020 (eta=0: deterministic)"),
+        _info("ddim", "DDIM", ddim, "ddim", "DDIMScheduler", "DDIM, Song et al. 2020 (eta=0: deterministic)",
+              a1111_timestep_sampler=True),
         _info("dpmpp_2m", "DPM++ 2M", dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
               "DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep, one call per step",
               a1111_automatic="karras", algorithm_type="dpmsolver++", solver_order=2),
@@ -282,7 +287,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         _info("lms", "LMS", lms, "discrete", "LMSDiscreteScheduler", "linear multistep, order 4"),
         _info("plms", "PLMS", plms, "ddim", "PNDMScheduler",
               "pseudo linear multistep (PNDM, Liu et al. 2022), SD's original default",
-              skip_prk_steps=True),
+              a1111_timestep_sampler=True, skip_prk_steps=True),
     )
 }
 
@@ -369,6 +374,7 @@ def sample(
     noise: Noise,
     *,
     spacing: str | None = None,
+    match: str = "diffusers",
     callback: Callback | None = None,
     **options: Any,
 ) -> Tensor:
@@ -380,7 +386,10 @@ def sample(
         network timestep diffusers would use at that sigma, or None.
     noise: draws standard normal noise of the latent shape (first the initial latent, then
         per-step noise for stochastic samplers, as diffusers draws them from ``generator=``).
-    spacing: one of schedule.SPACINGS; None means the schedule's own ``timestep_spacing``.
+    spacing: one of schedule.SPACINGS; None means the schedule's own ``timestep_spacing`` (with
+        match "a1111": A1111's uniform grid).
+    match: "diffusers" (the above) or "a1111": the noise levels, initial noise and network timesteps
+        A1111 uses (`schedule_a1111.a1111_sigmas`), the samplers' steps being the same.
     options: extra sampler arguments (e.g. ``eta`` for ddim).
     Returns the final latent in diffusers' (VP) space: divide by the VAE scale factor and decode.
 
@@ -396,7 +405,12 @@ def sample(
     if implied is not None and spacing is not None and spacing != implied:
         raise ValueError(f"sampler {sampler!r} implies spacing {implied!r}, but spacing={spacing!r}")
     info = SAMPLERS[name]
-    plan = make_sigmas(schedule, spacing or implied, steps, convention=info.convention)
+    if match == "a1111":
+        plan = a1111_sigmas(schedule, spacing or implied, steps, timestep_sampler=info.a1111_timestep_sampler)
+    elif match == "diffusers":
+        plan = make_sigmas(schedule, spacing or implied, steps, convention=info.convention)
+    else:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
 
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         return denoiser(x, sigma, t=plan.timestep_for(sigma))
