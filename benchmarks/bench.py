@@ -7,6 +7,9 @@
 Pieces (each tool's numbers come from the same process and the same weights, runs interleaved so
 that noise from other load hits both; medians of --runs runs after one warm-up):
   text   CLIP text encoder, batch 2 (one prompt + negative)
+  prompt a request's text conditioning, prompt + negative, parse to context: a 1-chunk prompt against a
+         weighted 3-chunk one (A1111 syntax, ~200 tokens), ldm bf16 and fp32; diffusers' encode_prompt of
+         the 1-chunk prompt (it has no long prompts) for scale
   unet   one U-Net step at 512x512 (latents 64x64), batch 2 (CFG), 77 tokens
   vae    VAE decode of one 512x512 image
   image  one 512x512 image, 20 steps DPM++ 2M, CFG 7.5: diffusers' StableDiffusionPipeline and ldm's
@@ -193,6 +196,55 @@ def piece_components(results: Results, folder: Path, runs: int, which: set[str],
                 fns[name] = (lambda m=m, zi=zi: m.vae.decode(zi))
         report(results, "VAE decode 512²", timed(fns, runs), best, default, VAE_TFLOP)
         _errors(results, "VAE decode (pixels in [-1, 1])", fns, best)
+
+
+SHORT_PROMPT = "a lighthouse on a cliff at dusk, (oil painting:1.2), dramatic sky"
+LONG_PROMPT = ", ".join(
+    ["a (lighthouse:1.3) on a rocky cliff at dusk", "[crashing waves] below", "((dramatic storm clouds))",
+     "oil painting in the style of the old masters", "warm light from the lantern room", "seagulls",
+     "a small fishing boat in the distance", "wet rocks glistening", "BREAK highly detailed",
+     "intricate brush strokes", "(volumetric light:1.1)", "muted colour palette", "golden hour",
+     "a winding path up the cliff", "wildflowers in the grass", "an old stone cottage", "smoke from the chimney",
+     "(masterpiece:1.2)", "best quality", "sharp focus", "rule of thirds", "cinematic composition",
+     "soft rim light", "long shadows", "a flock of birds", "mist over the sea", "distant mountains",
+     "BREAK a red sailing ship on the horizon", "(foam on the waves:0.8)", "reflections on the water",
+     "a lone figure on the path", "a dog beside the figure", "[lens flare]", "film grain", "subtle vignette",
+     "moss on the stones", "a weathered wooden fence", "an iron railing", "the first stars", "a crescent moon"])
+
+
+def piece_prompt(results: Results, folder: Path, runs: int) -> None:
+    """Text conditioning of a request (prompt + negative), as `pipeline.sample_latents` builds it."""
+    from ldmcli import text_conditioning
+    from ldmcli.request import ImageRequest
+
+    models = load_both(folder, ldm_dtypes=("bf16", "fp32"), diffusers_dtypes=("fp32",))
+    ldm_any = next(m for name, m in models.items() if name.startswith("ldm"))
+    fns = {}
+    for label, prompt in (("1 chunk", SHORT_PROMPT), ("3 chunks", LONG_PROMPT)):
+        request = ImageRequest(prompt=prompt, negative_prompt="blurry, low quality", steps=20)
+        for name, m in models.items():
+            if name.startswith("diffusers"):
+                if label == "1 chunk":
+                    fns[f"{name} encode_prompt, {label}"] = (
+                        lambda m=m, r=request: m.encode_prompt(r.prompt, "cpu", 1, True, r.negative_prompt))
+                continue
+
+            def encode(m=m, r=request):
+                m.text_cache.clear()  # each round encodes anew, as a new job does
+                return text_conditioning.request_conditioning(m, r)
+
+            fns[f"{name}, {label}"] = encode
+    times = timed(fns, runs)
+    tokens = {label: text_conditioning.request_conditioning(ldm_any, ImageRequest(prompt=p))[0][0][1].context.shape[1]
+              for label, p in (("1 chunk", SHORT_PROMPT), ("3 chunks", LONG_PROMPT))}
+    assert tokens["3 chunks"] == 3 * 77, tokens  # the long prompt is what its label says
+    report(results, f"prompt conditioning ({tokens['1 chunk']} / {tokens['3 chunks']} context tokens)", times,
+           "diffusers fp32 encode_prompt, 1 chunk", "diffusers fp32 encode_prompt, 1 chunk")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for d in ("bf16", "fp32"):
+        one, three = med[f"ldm {d}, 1 chunk"], med[f"ldm {d}, 3 chunks"]
+        results.note(f"ldm {d}: a 3-chunk prompt adds {1000 * (three - one):.0f} ms to its 1-chunk time "
+                     f"({1000 * one:.0f} ms), {three / one:.1f}x")
 
 
 # How the profiler names each kind of op, for the profile piece.
@@ -487,9 +539,11 @@ def main() -> None:
     pieces = set(args.pieces.split(","))
     results = Results()
     results.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_load()} at start")
-    folder = diffusers_folder(args.workdir) if pieces & {"text", "unet", "vae", "image", "load"} else None
+    folder = diffusers_folder(args.workdir) if pieces & {"text", "prompt", "unet", "vae", "image", "load"} else None
     if pieces & {"text", "unet", "vae"}:
         piece_components(results, folder, args.runs, pieces, args.with_ldm_fp32)
+    if "prompt" in pieces:
+        piece_prompt(results, folder, args.runs)
     if "image" in pieces:
         piece_image(results, folder, args.image_runs)
     if "load" in pieces:
