@@ -149,7 +149,10 @@ def _unpickle(path: Path) -> object:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words a global of an allowed-listable module "Unsupported global: GLOBAL x", one of a blocked
+        # module ("os", "posix", "subprocess", ...) "unsupported GLOBAL x whose module ... is blocked"
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc)) or re.search(
+            r"unsupported GLOBAL (\S+) whose module", str(exc))
         if refused:
             raise CheckpointError(
                 f"{path}: refused to unpickle: it needs more than tensors (it wants {refused.group(1)}); "

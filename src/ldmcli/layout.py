@@ -36,6 +36,7 @@ from ldmcli.unsupported import (
     check_supported_folder,
     check_supported_single_file,
     refuse_unknown_format,
+    refuse_vae_alone,
 )
 
 # Single-file prefix -> (network, key format of that network).
@@ -123,6 +124,8 @@ def read_components(path: Path, *, meta: bool = False, dtype: torch.dtype | None
     if path.is_dir():
         if is_present(path / "model_index.json", CheckpointError) or (path / "unet").is_dir():
             return read_diffusers_folder(path, meta=meta, dtype=dtype)
+        if is_vae_folder(path):
+            refuse_vae_alone(path)
         raise CheckpointError(f"{path}: a folder without a model (no model_index.json or unet/)")
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder")
@@ -134,6 +137,13 @@ def read_components(path: Path, *, meta: bool = False, dtype: torch.dtype | None
     if meta and path.suffix == ".safetensors":
         _read_probes(path, state_dict)
     return split_single_file(state_dict, path, metadata)
+
+
+def is_vae_folder(folder: Path) -> bool:
+    """Whether a folder is a diffusers VAE alone: a config.json of class AutoencoderKL (`vae/` of a
+    pipeline, madebyollin/sdxl-vae-fp16-fix, stabilityai/sd-vae-ft-mse)."""
+    config = folder / "config.json"
+    return is_present(config, CheckpointError) and read_json(config).get("_class_name") == "AutoencoderKL"
 
 
 def _read_probes(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -179,7 +189,7 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
         if name in parts:
             # SDXL pools bigG through its text_projection; SD2 never uses the projection.
             rename = _text_encoder_map(formats[name], keep_projection=name == "text_encoder_2")
-            text[name] = _named(path, name.replace("_", " "), rename, parts[name])
+            text[name] = checked_rename(path, name.replace("_", " "), rename, parts[name])
     for name, tensors in {**parts, **text}.items():
         # U-Net and VAE keys are the file's without its prefix; the text encoders' are renamed.
         check_weights(path, tensors, prefixes[name] if name in ("unet", "vae") else f"{name.replace('_', ' ')} tensor ")
@@ -234,18 +244,18 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
         sources[name] = str(source)
         config = sub / "config.json"
         if name in ("unet", "vae") or is_present(config, CheckpointError):  # theirs say how keys are renamed
-            configs[name] = _check_structure(config, read_json(config))
+            configs[name] = check_structure(config, read_json(config))
 
     # The rename tables are generated from the structure the folder's configs describe.
-    unet_config = _named(folder / "unet", "config", unet_config_from_diffusers, configs["unet"])
-    vae_config = _named(folder / "vae", "config", vae_config_from_diffusers, configs["vae"])
+    unet_config = checked_rename(folder / "unet", "config", unet_config_from_diffusers, configs["unet"])
+    vae_config = checked_rename(folder / "vae", "config", vae_config_from_diffusers, configs["vae"])
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     tokenizer_dir, tokenizer_2_dir = folder / "tokenizer", folder / "tokenizer_2"
     renamed = {
-        "unet": _named(folder / "unet", "U-Net", lambda sd: unet_diffusers_to_ldm(sd, unet_config), networks["unet"]),
-        "vae": _named(folder / "vae", "VAE", lambda sd: vae_diffusers_to_ldm(sd, vae_config), networks["vae"]),
+        "unet": checked_rename(folder / "unet", "U-Net", lambda sd: unet_diffusers_to_ldm(sd, unet_config), networks["unet"]),
+        "vae": checked_rename(folder / "vae", "VAE", lambda sd: vae_diffusers_to_ldm(sd, vae_config), networks["vae"]),
         **{
-            name: _named(folder / name, "text encoder", clip_hf_to_canonical, networks[name])
+            name: checked_rename(folder / name, "text encoder", clip_hf_to_canonical, networks[name])
             for name in ("text_encoder", "text_encoder_2")
             if name in networks
         },
@@ -276,7 +286,7 @@ STRUCTURE_KEYS = {"block_out_channels": False, "down_block_types": False, "up_bl
                   "reverse_transformer_layers_per_block": True}
 
 
-def _check_structure(where: Path, config: dict) -> dict:
+def check_structure(where: Path, config: dict) -> dict:
     """`config` (a U-Net or VAE config.json), unless it states more than MAX_CONFIG_STRUCTURE of something,
     or its levels are not lists: block_out_channels one positive width a level, the block types one
     name a level (`[]` and `"abc"` failed deep in the key maps with "list index out of range" and "not
@@ -346,8 +356,8 @@ def check_weights(where: Path, tensors: dict[str, torch.Tensor], prefix: str = "
             raise CheckpointError(f"{where}: {prefix}{key} has shape {shape} ({kind}), which no layer's weight has")
 
 
-def _named(where: Path, what: str, rename, tensors: dict) -> dict:
-    """Apply a key map, turning its complaint into a CheckpointError naming the file.
+def checked_rename(where: Path, what: str, rename, tensors):
+    """Apply a key map (or a config or shape rule), turning its complaint into a CheckpointError naming the file.
 
     Key maps raise KeyError/ValueError for keys or configs they do not cover; a config or tensor of the
     wrong type or rank makes them fail with TypeError, IndexError, OverflowError (int(inf)) or (torch's

@@ -137,3 +137,85 @@ def demo_model() -> Path | None:
         if (folder / DEMO_MODEL).is_file():
             return folder / DEMO_MODEL
     return None
+
+
+# --- the files people add to a checkpoint: LoRAs, embeddings, VAEs ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtraKind:
+    """A kind of file added to a checkpoint, and where ldm looks for one by name."""
+
+    label: str  # for messages: "LoRA"
+    flag: str  # the command-line flag naming its folder
+    env: str  # the environment variable naming its folder (the flag's default)
+    subfolders: tuple[str, ...]  # its folder's names beside the model folders (ldm's, A1111's, ComfyUI's)
+    suffixes: tuple[str, ...]
+    folders: bool = False  # a diffusers folder (config.json) is one too (a VAE)
+
+
+EXTRA_KINDS: dict[str, ExtraKind] = {
+    "lora": ExtraKind("LoRA", "--lora-dir", "LDM_LORA_DIR", ("loras", "Lora", "lora"), (".safetensors", ".pt", ".ckpt", ".bin")),
+    "embedding": ExtraKind("embedding", "--embeddings-dir", "LDM_EMBEDDINGS_DIR", ("embeddings",), (".safetensors", ".pt", ".bin")),
+    "vae": ExtraKind("VAE", "--vae-dir", "LDM_VAE_DIR", ("vae", "VAE"), (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+                     folders=True),
+}
+
+
+def extra_dirs(kind: str, explicit: Path | None = None) -> list[Path]:
+    """Where files of `kind` are looked up by name, in order: `explicit` (its flag), else its
+    environment variable; then its subfolders beside the model folders (weights/loras, $LDM_MODELS_DIR/loras)."""
+    info = EXTRA_KINDS[kind]
+    first = explicit if explicit is not None else (Path(os.environ[info.env]) if os.environ.get(info.env) else None)
+    dirs = [first] if first is not None else []
+    dirs += [folder / sub for _, folder in search_dirs() for sub in info.subfolders]
+    unique, seen = [], set()
+    for folder in dirs:
+        key = folder.resolve()
+        if key not in seen and folder.is_dir():
+            seen.add(key)
+            unique.append(folder)
+    return unique
+
+
+def list_extras(kind: str, explicit: Path | None = None) -> list[Path]:
+    """Every file (or, for a VAE, diffusers folder) of `kind` in its folders, first folder first."""
+    info = EXTRA_KINDS[kind]
+    found = []
+    for folder in extra_dirs(kind, explicit):
+        for entry in sorted(folder.iterdir()):
+            if entry.is_file() and entry.suffix.lower() in info.suffixes:
+                found.append(entry)
+            elif info.folders and entry.is_dir() and (entry / "config.json").is_file():
+                found.append(entry)
+    return found
+
+
+def extra_name(path: Path) -> str:
+    """The name A1111 gives such a file, and that prompts and records use: its stem (a folder's name)."""
+    return path.name if path.is_dir() else path.stem
+
+
+def resolve_extra(kind: str, name: str, explicit: Path | None = None) -> Path:
+    """A path as given if it exists, else the file of that name (its stem, or its name with suffix) in
+    `kind`'s folders: the exact name first, else the one name that matches ignoring case. Raises
+    ModelNotFoundError naming where it looked."""
+    info = EXTRA_KINDS[kind]
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            check_regular_file(path, CheckpointError)
+        return path
+    candidates = list_extras(kind, explicit)
+    for wanted in (name, name.casefold()):
+        hits = [p for p in candidates if wanted in ({extra_name(p), p.name} if wanted == name else
+                                                    {extra_name(p).casefold(), p.name.casefold()})]
+        if len(hits) == 1 or (hits and wanted == name):
+            return hits[0]
+        if len(hits) > 1:
+            raise ModelNotFoundError(f"{info.label} {name!r}: more than one matches ignoring case "
+                                     f"({', '.join(str(p) for p in hits[:4])}): give its exact name or path")
+    where = ", ".join(str(d) for d in extra_dirs(kind, explicit)) or (
+        f"no {info.label} folder exists ({info.flag}, ${info.env}, or "
+        f"{'/'.join(info.subfolders[:1])}/ beside the models)")
+    raise ModelNotFoundError(f"{info.label} {name!r} not found: not a path, and not in {where}")

@@ -15,6 +15,14 @@ with its default "Original" emphasis (`modules/sd_emphasis.py`); the syntax is `
 5. The chunks' outputs are concatenated along the token axis (77 x chunks tokens: the U-Net's
    cross-attention takes any length). SDXL's pooled vector is the first chunk's.
 
+Textual-inversion embeddings (`embeddings.py`) enter at step 2, as in A1111's `tokenize_line`: where a
+piece's ids spell an embedding's name, its N vectors take N token places (placeholder ids whose token
+embeddings the encoder replaces: `models.clip.Vectors`), weighted like the piece. An embedding does not
+straddle chunks: one that does not fit in what is left of the chunk starts the next. The comma wrap moves
+the placeholders of an embedding after the comma, but not its vectors, which stay in the chunk they
+were placed in, over its padding (A1111 does not move its `fixes`); the wrapped placeholders are then
+plain id-0 tokens.
+
 Several texts encoded together (the texts of one prompt's editing schedule) go chunk by chunk as one
 batch, the shorter ones filled with empty chunks, and the mean in step 4 is the batch's, as in A1111.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,40 +39,61 @@ from torch import Tensor
 from ldmcli.prompt_syntax import BREAK, parse_attention
 from ldmcli.tokenizer import PromptTokenizer
 
+if TYPE_CHECKING:
+    from ldmcli.embeddings import Embedding, EncoderEmbeddings
+    from ldmcli.models.clip import Vectors
+
 # Tokens a chunk holds between its BOS and EOS: CLIP's 77 positions less those two.
 CHUNK_TOKENS = 75
 # How far back from a full chunk's end a comma may be for the words after it to move to the next
 # chunk (A1111's "Prompt word wrap length limit", default 20; 0 turns it off).
 COMMA_BACKTRACK = 20
+# The id a chunk holds where an embedding's vectors go (A1111's: its EmbeddingsWithFixes replaces their rows).
+PLACEHOLDER_ID = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Placed:
+    """An embedding's vectors [N, width] for this chunk's encoder, from the chunk's token `offset` on."""
+
+    offset: int
+    embedding: Embedding
+    vectors: Tensor
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Up to CHUNK_TOKENS token ids of a prompt (no BOS/EOS) and the weight of each."""
+    """Up to CHUNK_TOKENS token ids of a prompt (no BOS/EOS), the weight of each, and the embeddings
+    whose vectors replace some of them."""
 
     tokens: tuple[int, ...] = ()
     weights: tuple[float, ...] = ()
+    embeddings: tuple[Placed, ...] = ()
 
 
-def chunk_prompt(prompt: str, tokenizer: PromptTokenizer) -> list[Chunk]:
-    """The prompt's chunks, by A1111's rules (steps 1 and 2 of the module docstring); at least one."""
+def chunk_prompt(prompt: str, tokenizer: PromptTokenizer, embeddings: EncoderEmbeddings | None = None) -> list[Chunk]:
+    """The prompt's chunks, by A1111's rules (steps 1 and 2 of the module docstring); at least one.
+    `embeddings`: the textual-inversion embeddings the prompt may call, as this tokenizer's encoder sees them."""
     comma = tokenizer.comma_id
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    placed: list[Placed] = []
     last_comma = -1  # index in `tokens` of the current chunk's last comma
 
     def close() -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append(Chunk(tuple(tokens), tuple(weights)))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, placed, last_comma
+        chunks.append(Chunk(tuple(tokens), tuple(weights), tuple(placed)))
+        tokens, weights, placed, last_comma = [], [], [], -1
 
     for text, weight in parse_attention(prompt):
         if text is BREAK:
             close()
             continue
-        for token in tokenizer.tokenize(text):
-            if token == comma:
+        items = tokenizer.tokenize(text) if embeddings is None else embeddings.tokenize(text)
+        position = 0
+        while position < len(items):
+            if items[position] == comma:
                 last_comma = len(tokens)
             elif len(tokens) == CHUNK_TOKENS and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1  # the comma stays; what follows it starts the next chunk
@@ -73,8 +103,20 @@ def chunk_prompt(prompt: str, tokenizer: PromptTokenizer) -> list[Chunk]:
                 tokens, weights = moved_tokens, moved_weights
             if len(tokens) == CHUNK_TOKENS:
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            found = None if embeddings is None else embeddings.match(items, position)
+            if found is None:
+                tokens.append(items[position])
+                weights.append(weight)
+                position += 1
+                continue
+            embedding, length = found
+            vectors = embeddings.vectors(embedding)
+            if len(tokens) + len(vectors) > CHUNK_TOKENS:
+                close()
+            placed.append(Placed(len(tokens), embedding, vectors))
+            tokens += [PLACEHOLDER_ID] * len(vectors)
+            weights += [weight] * len(vectors)
+            position += length
     if tokens or not chunks:
         close()
     return chunks
@@ -103,8 +145,9 @@ def emphasize(z: Tensor, weights: Tensor, counts: Tensor | None = None) -> Tenso
     return (weighted * (original_mean / batch_mean(weighted))).to(z.dtype)
 
 
-Encoder = Callable[[Tensor], tuple[Tensor, Tensor | None]]
-"""ids [B, 77] -> (token states [B, 77, C], pooled [B, P] or None): one text encoder at its layer."""
+Encoder = Callable[[Tensor, "Vectors | None"], tuple[Tensor, Tensor | None]]
+"""(ids [B, 77], embeddings' vectors placed over them or None) -> (token states [B, 77, C], pooled [B, P]
+or None): one text encoder at its layer."""
 
 
 def encode_chunks(
@@ -129,7 +172,9 @@ def encode_chunks(
         batch = [chunks[index] if index < len(chunks) else Chunk() for chunks in texts_chunks]
         ids = torch.tensor([tokenizer.frame(chunk.tokens) for chunk in batch], dtype=torch.long, device=device)
         weights = torch.tensor([framed_weights(chunk, ids.shape[1]) for chunk in batch], device=device)
-        states, chunk_pooled = encoder(ids)
+        # each chunk's embeddings, at their places in the framed ids (after BOS)
+        vectors = [[(p.offset + 1, p.vectors) for p in chunk.embeddings] for chunk in batch]
+        states, chunk_pooled = encoder(ids, vectors if any(vectors) else None)
         parts.append(emphasize(states, weights, multiplicity))
         if index == 0:
             pooled = chunk_pooled

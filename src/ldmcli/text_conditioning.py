@@ -10,6 +10,10 @@ On top of that, prompts are read as A1111 reads them (`prompt_encoding.py`: weig
 tokens, BREAK) and may change during sampling (`prompt_syntax.prompt_schedule`: `[from:to:when]`,
 `[a|b]`). Clip skip counts as A1111 does: 1 is the model's own layer, N conditions on the layer N - 1
 blocks earlier (diffusers' `clip_skip=N-1`). On SDXL both encoders move back, as diffusers does.
+
+Textual-inversion embeddings come from `model.embeddings` (an `embeddings.EmbeddingLibrary`, or None):
+a prompt calls them by name (`prompt_encoding`); on SDXL clip_l's vectors go to the first encoder and
+clip_g's to the second. The text cache is keyed by text only: a model keeps one library for its run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ldmcli.prompt_encoding import chunk_prompt, encode_chunks
 from ldmcli.prompt_syntax import extra_network_tags, prompt_schedule
 
 if TYPE_CHECKING:
+    from ldmcli.embeddings import Embedding, EncoderEmbeddings
     from ldmcli.pipeline import StableDiffusion
     from ldmcli.request import ImageRequest
 
@@ -89,33 +94,53 @@ def encode_texts(model: StableDiffusion, texts: tuple[str, ...], clip_skip: int 
 def _encode_distinct(model: StableDiffusion, texts: list[str], counts: list[int], skip: int) -> TextConditioning:
     """`texts` through the text encoder(s), `skip` blocks before the family's own layer."""
     if model.text_encoder_2 is None:
-        chunks = [chunk_prompt(text, model.tokenizer) for text in texts]
+        chunks = [chunk_prompt(text, model.tokenizer, _embeddings(model, 0)) for text in texts]
         encoder = model.text_encoder
         layers = model.spec.clip_skip + skip  # SD2 single files already skip the tower's last block
 
-        def states(ids):
-            return encoder(ids, skip_last_layers=layers).hidden_states, None
+        def states(ids, vectors):
+            return encoder(ids, skip_last_layers=layers, vectors=vectors).hidden_states, None
 
         context, _ = encode_chunks(states, model.tokenizer, chunks, device=model.device, counts=counts)
         return TextConditioning(context)
     assert model.tokenizer_2 is not None and model.text_encoder_2 is not None
     first_encoder, second_encoder = model.text_encoder, model.text_encoder_2
-    chunks_1 = [chunk_prompt(text, model.tokenizer) for text in texts]
-    chunks_2 = [chunk_prompt(text, model.tokenizer_2) for text in texts]
+    chunks_1 = [chunk_prompt(text, model.tokenizer, _embeddings(model, 0)) for text in texts]
+    chunks_2 = [chunk_prompt(text, model.tokenizer_2, _embeddings(model, 1)) for text in texts]
     # The two tokenizers split alike unless a tokenizer.json makes "!" special in one: equal counts.
     count = max(len(chunks) for chunks in (*chunks_1, *chunks_2))
 
-    def first(ids):
-        return first_encoder(ids, skip_last_layers=skip).penultimate, None
+    def first(ids, vectors):
+        return first_encoder(ids, skip_last_layers=skip, vectors=vectors).penultimate, None
 
-    def second(ids):
-        out = second_encoder(ids, skip_last_layers=skip)
+    def second(ids, vectors):
+        out = second_encoder(ids, skip_last_layers=skip, vectors=vectors)
         return out.penultimate, out.pooled
 
     context_1, _ = encode_chunks(first, model.tokenizer, chunks_1, device=model.device, chunk_count=count, counts=counts)
     context_2, pooled = encode_chunks(second, model.tokenizer_2, chunks_2, device=model.device, chunk_count=count,
                                       counts=counts)
     return TextConditioning(torch.cat([context_1, context_2], dim=-1), pooled)
+
+
+def _embeddings(model: StableDiffusion, index: int) -> EncoderEmbeddings | None:
+    """The model's embeddings as text encoder `index` (0: the first) sees them, if it has any."""
+    library = getattr(model, "embeddings", None)
+    if library is None:
+        return None
+    return library.for_encoder(index, model.tokenizer if index == 0 else model.tokenizer_2)
+
+
+def used_embeddings(model: StableDiffusion, request: ImageRequest) -> list[Embedding]:
+    """The embeddings an image of `request` calls (prompt and negative prompt, every text of their
+    schedules), in order of first use: what A1111 lists as "TI hashes". Reads the files it has not read
+    yet, so a file that cannot serve fails here, before sampling; needs only the tokenizers."""
+    found: dict[int, Embedding] = {}
+    for texts, _ in conditioning_keys(request):
+        for text in texts:
+            for chunk in chunk_prompt(text, model.tokenizer, _embeddings(model, 0)):
+                found.update((id(p.embedding), p.embedding) for p in chunk.embeddings)
+    return list(found.values())
 
 
 def encode_text(model: StableDiffusion, prompts: Sequence[str], clip_skip: int = 1) -> TextConditioning:

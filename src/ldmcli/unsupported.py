@@ -7,6 +7,8 @@ list of what is refused, and why, is in one place:
 - diffusers folders of other pipeline classes (`check_supported_folder`);
 - single files of other architectures (SD3, Flux, unCLIP, Playground v2.5, zero-terminal-SNR), LoRAs,
   a VAE alone, files without a U-Net, SDXL refiners (`check_supported_single_file`, from key names);
+- given as `--vae`: what is not a VAE file (a whole checkpoint, a LoRA, a pipeline folder) and VAEs of
+  other architectures (SD3/Flux: 16 latent channels, no quant_conv) (`check_supported_vae`, ...);
 - U-Nets that are not text-to-image: inpainting and other channel counts, vector conditioning beside
   one text encoder (`check_text_to_image_unet`, `check_single_encoder_unet`, from the U-Net's config).
 
@@ -62,8 +64,8 @@ def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
             raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint; this version runs {SUPPORTED}")
     if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
         raise UnsupportedModelError(f"{path}: a LoRA, not a full model: pass a Stable Diffusion checkpoint as -m")
-    if keys and all(k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in keys):
-        raise UnsupportedModelError(f"{path}: a VAE alone, not a full model: pass a Stable Diffusion checkpoint as -m")
+    if is_vae_alone(keys):
+        refuse_vae_alone(path)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UnsupportedModelError(f"{path}: no U-Net (no keys under 'model.diffusion_model.'): not a Stable Diffusion checkpoint")
     key_set = set(keys)
@@ -86,3 +88,72 @@ def check_single_encoder_unet(where: Path, unet: UNetConfig) -> None:
             f"{where}: a U-Net with vector conditioning (label_emb) but one text encoder "
             f"(an SDXL refiner or SD 2.x unCLIP?); this version runs {SUPPORTED}"
         )
+
+
+# --- a VAE on its own (`--vae`, `vae_file.py`) ----------------------------------------------------------
+
+# The top-level modules of an AutoencoderKL, in LDM and diffusers names alike.
+VAE_ROOTS = frozenset({"encoder", "decoder", "quant_conv", "post_quant_conv"})
+# Training leftovers that released VAE files carry beside the weights, used by no decoder: the loss
+# modules (`loss.*`: LPIPS, discriminator, logvar) and the EMA bookkeeping (`model_ema.decay`,
+# `model_ema.num_updates`, or a whole EMA copy). A1111 drops the same before loading a VAE
+# (`sd_vae.load_vae_dict`: `k[0:4] != "loss"` and `vae_ignore_keys`).
+VAE_TRAINING_LEFTOVERS = ("loss.", "model_ema.")
+VAE_PREFIX = "first_stage_model."
+# Keys of networks other than the VAE: a whole checkpoint, not a VAE file.
+_OTHER_NETWORKS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.")
+
+
+def is_vae_alone(keys: Iterable[str]) -> bool:
+    """Whether a single file's keys are those of one VAE and nothing more (training leftovers aside):
+    bare LDM or diffusers names (`encoder.`, `decoder.`, `quant_conv`, `post_quant_conv`), or all under
+    `first_stage_model.` (a VAE cut out of a checkpoint)."""
+    weights = [k for k in keys if not k.startswith(VAE_TRAINING_LEFTOVERS)]
+    weights = [k.removeprefix(VAE_PREFIX) for k in weights] if all(k.startswith(VAE_PREFIX) for k in weights) else weights
+    return bool(weights) and all(k.split(".")[0] in VAE_ROOTS for k in weights)
+
+
+def refuse_vae_alone(path: Path) -> NoReturn:
+    """A VAE file or folder given where a whole model belongs (-m)."""
+    raise UnsupportedModelError(f"{path}: a VAE alone, not a full model: give it as --vae, beside a Stable Diffusion "
+                                "checkpoint as -m")
+
+
+def check_supported_vae(keys: Iterable[str], path: Path) -> None:
+    """Refuse, by its key names, a single file given as --vae that is not a VAE file.
+
+    A whole checkpoint is refused rather than its VAE taken out: A1111 refuses it too (it loads a VAE
+    file strictly into first_stage_model), ComfyUI finds no VAE in it, and a checkpoint given as --vae
+    by mistake would otherwise swap a VAE silently. (diffusers' from_single_file and kohya's scripts do
+    take the first_stage_model part.)
+    """
+    keys = list(keys)
+    for marker, name in _UNSUPPORTED_MARKERS:
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):
+            raise UnsupportedModelError(f"{path}: looks like a {name} checkpoint, not a VAE file")
+    if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
+        raise UnsupportedModelError(f"{path}: a LoRA, not a VAE file")
+    if any(k.startswith(_OTHER_NETWORKS) for k in keys):
+        raise UnsupportedModelError(
+            f"{path}: a whole Stable Diffusion checkpoint, not a VAE file: give it as -m, and as --vae a VAE file "
+            "(ldm does not take the VAE out of a checkpoint, as A1111 does not)"
+        )
+
+
+def refuse_pipeline_folder_as_vae(folder: Path) -> NoReturn:
+    raise UnsupportedModelError(f"{folder}: a whole diffusers pipeline folder, not a VAE: give its VAE folder, "
+                                f"{folder / 'vae'}, as --vae")
+
+
+def check_supported_vae_class(folder: Path, cls: object) -> None:
+    """Refuse a diffusers VAE folder of another class (AutoencoderTiny, AutoencoderKLWan, ...)."""
+    if cls not in (None, "AutoencoderKL"):
+        raise UnsupportedModelError(f"{folder}: a {cls} folder; --vae takes the AutoencoderKL VAEs of {SUPPORTED}")
+
+
+def refuse_vae_without_quant_convs(path: Path, latent_channels: int | None) -> NoReturn:
+    """A VAE without quant_conv/post_quant_conv: SD3's and Flux's (16 latent channels) are built so."""
+    channels = f"{latent_channels} latent channels, " if latent_channels else ""
+    guess = " (an SD3 or Flux VAE?)" if latent_channels == 16 else ""
+    raise UnsupportedModelError(f"{path}: a VAE with {channels}no quant_conv/post_quant_conv{guess}; this version runs "
+                                f"the 4-channel VAEs of {SUPPORTED}")

@@ -63,6 +63,12 @@ class CLIPTextOutput(NamedTuple):
     pooled: torch.Tensor
 
 
+Vectors = Sequence[Sequence[tuple[int, torch.Tensor]]]
+"""Per batch row, (position, vectors [n, width]) pairs: token embeddings that replace the table's rows of
+ids at positions position .. position + n - 1 (cut at the row's end), before the position embeddings are
+added; how textual-inversion embeddings enter (A1111's `EmbeddingsWithFixes`)."""
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """Sigmoid approximation of GELU used by OpenAI CLIP (Hendrycks & Gimpel 2016, sec. 2)."""
     return x * torch.sigmoid(1.702 * x)
@@ -74,9 +80,16 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, vectors: Vectors | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids)
+        if vectors is not None and any(vectors):
+            tokens = tokens.clone()
+            for row, placed in enumerate(vectors):
+                for position, rows in placed:
+                    count = max(0, min(tokens.shape[1] - position, rows.shape[0]))
+                    tokens[row, position:position + count] = rows[:count].to(tokens)
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPAttention(nn.Module):
@@ -157,7 +170,8 @@ class CLIPTextModel(nn.Module):
             else None
         )
 
-    def forward(self, input_ids: torch.Tensor, *, skip_last_layers: int = 0) -> CLIPTextOutput:
+    def forward(self, input_ids: torch.Tensor, *, skip_last_layers: int = 0, vectors: Vectors | None = None) -> CLIPTextOutput:
+        """`vectors`: token embeddings placed over some ids' (see `Vectors`); the ids still say where EOS is."""
         n = self.config.layers
         if not 0 <= skip_last_layers < n:
             raise ValueError(f"skip_last_layers must be in [0, {n}), got {skip_last_layers}")
@@ -166,7 +180,7 @@ class CLIPTextModel(nn.Module):
                 f"{input_ids.shape[1]} tokens exceed the {self.config.max_positions} positions"
             )
         tm = self.text_model
-        x = tm.embeddings(input_ids)
+        x = tm.embeddings(input_ids, vectors)
         states = [x]  # states[i] = output after i blocks
         # All blocks always run, even when skipping: the pooled output needs the last one, and
         # one block is cheap next to the U-Net.
