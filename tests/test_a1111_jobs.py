@@ -217,13 +217,13 @@ def test_script_line_errors_name_file_and_line(tmp_path, tiny_single_file, no_lo
 def test_extra_network_tags_are_noted_once_per_job(tmp_path, tiny_single_file):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a dog <hypernet:ink:1>", "negative_prompt": "<lyco:bad:0.5> blurry"}\n')
-    result = invoke("generate", "a cat <lora:film grain:0.8>", "a cow", "--prompts", path, "-m", tiny_single_file,
+    result = invoke("generate", "a cat <wildcard:film grain:0.8>", "a cow", "--prompts", path, "-m", tiny_single_file,
                     *TINY, "-s", "1", "-b", "2", "--json", "-o", f"{tmp_path / 'o'}/")
     assert result.exit_code == 0, result.output
     cat1, cat2, cow, _, dog, _ = records(result)
     assert cat1["not_honoured"] == cat2["not_honoured"] == [
-        {"key": "prompt", "value": "<lora:film grain:0.8>", "why": "LoRA is not applied yet (issue 17); the tag is "
-                                                                    "removed from the prompt"}]
+        {"key": "prompt", "value": "<wildcard:film grain:0.8>", "why": "an extra network ldm does not have; the tag "
+                                                                       "is removed from the prompt"}]
     assert cow["not_honoured"] == cow["notes"] == []
     # In the prompt a tag is not honoured (removed, not applied); in the negative prompt it stays words of
     # the text, as in A1111, which reads extra networks from the prompt only: said as a remark, not as removed.
@@ -234,9 +234,16 @@ def test_extra_network_tags_are_noted_once_per_job(tmp_path, tiny_single_file):
                                       "from the prompt only")
     lines = note_lines(result)  # one per job with tags, not per image
     assert len(lines) == 2
-    assert lines[0].startswith("note: command line: not honoured: prompt: <lora:film grain:0.8> (LoRA")
+    assert lines[0].startswith("note: command line: not honoured: prompt: <wildcard:film grain:0.8> (an extra")
     assert lines[1].startswith(f"note: {path}:1: not honoured: prompt: <hypernet:ink:1> (hypernetworks")
     assert "negative_prompt: <lyco:bad:0.5> (kept as words of the negative prompt, as in A1111" in lines[1]
+
+
+def test_a_lora_tag_that_names_no_file_is_an_error_before_loading(tmp_path, tiny_single_file, no_loading):
+    result = invoke("generate", "a cat <lora:film grain:0.8>", "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("ldm: error: LoRA 'film grain' not found: not a path, and ")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # --- fuzz: any line is jobs or one clear error ---------------------------------------------------------

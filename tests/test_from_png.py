@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
@@ -84,7 +85,20 @@ EVERYTHING = (", Denoising strength: 0.4, Clip skip: 2, Hires upscale: 2, Hires 
 TAGGED = "a red circle <lora:film grain:0.8>, <hypernet:ink>"
 
 
+def tiny_lora(path: Path) -> Path:
+    """A diffusers-format LoRA for one attention projection of the tiny SD1 U-Net."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{key}.lora_A.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_B.weight": torch.randn(32, 4, generator=g)}, path)
+    return path
+
+
 def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_file, models_env):
+    tiny_lora(Path(models_env["LDM_MODELS_DIR"]) / "loras" / "film grain.safetensors")
     h = model_hash(tiny_single_file)
     text = a1111_text(h, extra=EVERYTHING, prompt=TAGGED)
     png = a1111_png(tmp_path / "a1111.png", text)
@@ -98,18 +112,18 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     not_honoured = {(n["key"], n["value"]) for n in made["not_honoured"]}
     assert not_honoured == {
         ("Denoising strength", "0.4"), ("Hires upscale", "2"), ("Hires steps", "10"), ("Hires upscaler", "Latent"),
-        ("Lora hashes", "film grain: 0123abcd"), ("TI hashes", "easyneg: 1234abcd"),
         ("Token merging ratio", "0.5"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
-        ("prompt", "<lora:film grain:0.8>"), ("prompt", "<hypernet:ink>"),
+        ("prompt", "<hypernet:ink>"),
     }
     # Every key of the text: read, left at a value that means "off" (Emphasis Original, Eta 1), honoured
     # as ldm does it anyway (Pad conds), informational (Version), or named.
     keys = set(parse_a1111(text)) - {"Prompt", "Negative prompt"}
     named = {key for key, _ in not_honoured}
-    assert keys - named == READ_KEYS - {"RNG"} | {"Emphasis", "Eta", "Pad conds", "Version"}
+    assert keys - named == READ_KEYS - {"RNG"} | {"Emphasis", "Eta", "Pad conds", "Version", "Lora hashes", "TI hashes"}
     assert all(n["why"] for n in made["not_honoured"])
     why = {n["key"]: n["why"] for n in made["not_honoured"]}
-    assert "hires fix" in why["Hires upscale"] and "issue 17" in why["Lora hashes"] and "not know" in why["My Extension"]
+    assert "hires fix" in why["Hires upscale"] and "not know" in why["My Extension"]
+    assert made["loras"][0]["name"] == "film grain" and made["loras"][0]["te_weight"] == 0.8  # the tag's LoRA, merged
     assert [n["key"] for n in made["notes"]] == ["RNG", "Match"] and "nv" in made["notes"][0]["why"]
     assert "--match a1111" in made["notes"][1]["why"] and made["match"] == "a1111"  # A1111's numerics
 
@@ -125,11 +139,11 @@ def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     png = a1111_png(tmp_path / "a.png", a1111_text(model_hash(tiny_single_file), extra=EVERYTHING, prompt=TAGGED))
     shown = json.loads(invoke("info", png, "--json").output)
     assert {n["key"] for n in shown["not_honoured"]} == {
-        "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes",
+        "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
         "Token merging ratio", "My Extension", "ADetailer model", "prompt"}
     assert [n["key"] for n in shown["notes"]] == ["RNG", "Match"]
     text = invoke("info", png).output
-    assert "not_honoured:\n  - Denoising strength: 0.4 (" in text and "  - prompt: <lora:film grain:0.8> (LoRA" in text
+    assert "not_honoured:\n  - Denoising strength: 0.4 (" in text and "  - prompt: <hypernet:ink> (hypernet" in text
 
 
 def test_the_table_knows_a1111s_keys():

@@ -47,14 +47,15 @@ def _strategy(name: str):
     }[name]
 
 
-# Matching A1111, DDIM and PLMS take no schedule: they walk A1111's own grid.
+# Matching A1111, DDIM and PLMS take no schedule: they walk A1111's own grid; LCM walks its own (at most 50 steps).
 requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_names()}).filter(
-    lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")))
+    lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")) and r.sampler != "lcm")
 
 # A loaded model as the record writer sees it.
 MODEL = SimpleNamespace(
     name="tiny", path=Path("tiny.safetensors"), hash="0123456789", dtype=torch.float32,
     spec=SimpleNamespace(family="sd1", prediction_type="epsilon", schedule=SimpleNamespace(timestep_spacing="leading")),
+    loras=(), embeddings=None, vae_file=None,  # nothing added to the checkpoint
 )
 
 

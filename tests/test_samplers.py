@@ -46,6 +46,7 @@ _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 _DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler": ("EulerDiscreteScheduler", {}),  # Euler
+    "lcm": ("LCMScheduler", {}),  # LCM
     "euler/linspace": ("EulerDiscreteScheduler", _LINSPACE),
     "euler/trailing": ("EulerDiscreteScheduler", _TRAILING),
     "euler/karras": ("EulerDiscreteScheduler", {**_KARRAS, **_LINSPACE}),  # Euler Karras

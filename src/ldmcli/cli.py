@@ -148,6 +148,17 @@ def _fill_closed_standard_streams() -> None:
               help="Images per U-Net batch (speed/memory only: images do not change).")
 @click.option("--sampler", type=SamplerName(), help=f"Sampler; A1111 names accepted. See `ldm samplers`. [default: {ImageRequest().sampler}]")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Sigma schedule. [default: the model's timestep spacing]")
+@click.option("--lora", "loras", multiple=True, metavar="NAME[:W]",
+              help="Merge a LoRA into every job, as the tag <lora:NAME:W> at the prompt's end (repeatable; "
+                   "NAME:te=W1:unet=W2 weights the text encoder and U-Net apart). Prompts may carry tags themselves.")
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LDM_LORA_DIR",
+              help="Folder of LoRAs named in prompts, looked in first; then loras/ beside the models. [env: LDM_LORA_DIR]")
+@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LDM_EMBEDDINGS_DIR",
+              help="Folder of textual-inversion embeddings a prompt names (A1111: the file's name; ComfyUI: "
+                   "embedding:NAME); then embeddings/ beside the models. [env: LDM_EMBEDDINGS_DIR]")
+@click.option("--vae", help="A VAE file or diffusers VAE folder (or its name) to decode with instead of the checkpoint's.")
+@click.option("--vae-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LDM_VAE_DIR",
+              help="Folder of VAEs looked in first by --vae NAME; then vae/ beside the models. [env: LDM_VAE_DIR]")
 @click.option("--prediction", type=click.Choice(["eps", "v"]),
               help="What the U-Net predicts, when a single file cannot say (SD 2.x 768 models are v). [default: detected]")
 @click.option("--device", type=click.Choice(DEVICES), envvar="LDM_DEVICE", default="auto", show_default=True, help="[env: LDM_DEVICE]")
@@ -172,7 +183,8 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
+             height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule, loras, lora_dir,
+             embeddings_dir, vae, vae_dir, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""
 
@@ -235,6 +247,21 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             if "seed" not in template.given:  # one random seed for the run's jobs that set none, recorded like any
                 seed = random_seed()  # other (an A1111 request line without a seed has -1: its own, as in A1111)
                 jobs = [job if "seed" in job.given else job.setting(seed=seed) for job in jobs]
+        if loras:
+            from ldmcli.lora_uses import check_lora_spec, with_lora_tags
+
+            for spec in loras:
+                check_lora_spec(spec)
+            jobs = [job.setting(prompt=with_lora_tags(job.request.prompt, loras)) for job in jobs]
+        vae_path = None
+        if vae is not None:
+            from ldmcli.models_dir import resolve_extra
+
+            vae_path = resolve_extra("vae", vae, vae_dir)
+        elif from_png is not None and (recorded.get("vae_name") or recorded.get("vae_hash")):
+            from ldmcli.models_dir import find_recorded_extra
+
+            vae_path = find_recorded_extra("vae", recorded.get("vae_name"), recorded.get("vae_hash"), vae_dir)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -247,6 +274,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             device=device, dtype=run_dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
             compile=compile_, tile_vae=tile_vae, threads=threads, max_pixels=max_pixels,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
+            vae=vae_path, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
         )
         defaults = recommended_defaults(model_file, prediction_type)
         if any("clip_skip" in job.a1111 and job.request.clip_skip != 1 for job in jobs):

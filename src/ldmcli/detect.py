@@ -51,6 +51,9 @@ class ModelSpec:
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt conditions on zeros, not on ""
     vae_fp16_unsafe: bool = False  # SDXL's VAE overflows in fp16: decode in fp32 instead
     turbo: bool = False  # an adversarially distilled 1-4 step model (SD-Turbo, SDXL-Turbo)
+    # A latent consistency model (4-8 steps with the lcm sampler): LCM-distilled (`embedded_guidance`), or an
+    # ordinary U-Net with LCM-LoRA merged in, known by its name or its folder's LCMScheduler config.
+    lcm: bool = False
     recommended: dict = field(default_factory=dict)  # generation defaults the model calls for (Turbo, demo)
     # How the prediction type was decided, and any guess the user should hear about (provenance,
     # not part of the model: excluded from ==).
@@ -61,6 +64,11 @@ class ModelSpec:
     def prediction_type(self) -> str:
         """"epsilon" or "v_prediction"."""
         return self.schedule.prediction_type
+
+    @property
+    def embedded_guidance(self) -> bool:
+        """An LCM-distilled U-Net: guidance is its input (`timestep_cond`, w = CFG - 1), never CFG's two passes."""
+        return self.unet.time_cond_proj_dim is not None
 
     @property
     def max_clip_skip(self) -> int:
@@ -130,6 +138,17 @@ FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 # timestep_spacing "trailing" (Lin et al. 2023), no classifier-free guidance, 512 x 512.
 TURBO_RECOMMENDED = {"steps": 1, "cfg_scale": 1.0, "sampler": "euler_a", "width": 512, "height": 512}
 
+# Latent consistency models (Luo et al. 2023) sample with LCMScheduler in 4 steps (the default of diffusers'
+# LatentConsistencyModelPipeline and of its LCM-LoRA guides). An ordinary U-Net with LCM-LoRA merged in runs
+# without CFG (guidance_scale 1 in diffusers' LCM-LoRA docs; A1111/SD.Next: CFG 1-2). An LCM-distilled U-Net
+# (time_cond_proj_dim) takes guidance as an input, w = guidance_scale - 1, at LatentConsistencyModelPipeline's
+# default guidance_scale 8.5 (trained on w in [3, 13], diffusers' LCM docs).
+LCM_RECOMMENDED = {"steps": 4, "cfg_scale": 1.0, "sampler": "lcm"}
+LCM_DISTILLED_RECOMMENDED = {"steps": 4, "cfg_scale": 8.5, "sampler": "lcm"}
+# A name says LCM when "lcm" stands as a word or after a digit: "AbsoluteReality_LCM", "dreamshaper_8LCM",
+# "lcm-sdxl", "LCM_Dreamshaper_v7".
+_LCM_NAME = re.compile(r"(?<![a-z])lcm(?![a-z])")
+
 # ComfyUI's SD2 rule (comfy/supported_models.py, SD20.model_type): v-prediction when the std of
 # this bias exceeds 0.09. Real 768-v and 512-base weights differ there; nothing else in the file does.
 V_PRED_STD_THRESHOLD = 0.09
@@ -164,6 +183,7 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
 
     turbo = _says_turbo(components)
     notes: list[str] = []
+    lcm = _lcm(components, unet, notes)
     schedule, schedule_source = _schedule(components, family, turbo, notes)
     predicted, prediction_source = _prediction(components, family, turbo, prediction, notes)
     schedule = dataclasses.replace(schedule, prediction_type=predicted)
@@ -176,7 +196,7 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     scale_factor = _positive(components, "vae/config.json scaling_factor", scaling)
     return ModelSpec(
         family=family.name,
-        display_name=family.display + (" Turbo" if turbo else ""),
+        display_name=family.display + (" Turbo" if turbo else "") + (" LCM" if lcm else ""),
         unet=unet,
         vae=_from_shapes(components, "VAE", vae_config_from_shapes, components.vae),
         text_encoder=text,
@@ -193,17 +213,21 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
         zero_empty_negative=family is SDXL and bool(components.pipeline_index.get("force_zeros_for_empty_prompt", True)),
         vae_fp16_unsafe=family.vae_fp16_unsafe and bool(_vae_setting(components, "force_upcast", True)),
         turbo=turbo,
-        recommended=_recommended(components, turbo),
+        lcm=lcm,
+        recommended=_recommended(components, turbo, lcm, unet.time_cond_proj_dim is not None),
         notes=tuple(notes),
     )
 
 
-def _recommended(components: Components, turbo: bool) -> dict:
-    """Generation defaults the model calls for: Turbo's, then any `ldm.default_*` header (the demo model)."""
+def _recommended(components: Components, turbo: bool, lcm: bool = False, distilled: bool = False) -> dict:
+    """Generation defaults the model calls for: Turbo's or LCM's, then any `ldm.default_*` header (the demo model)."""
     from ldmcli.request import recommended_in_metadata
 
+    family = TURBO_RECOMMENDED if turbo else {}
+    if lcm:
+        family = LCM_DISTILLED_RECOMMENDED if distilled else LCM_RECOMMENDED
     try:
-        return {**(TURBO_RECOMMENDED if turbo else {}), **recommended_in_metadata(components.metadata)}
+        return {**family, **recommended_in_metadata(components.metadata)}
     except ValueError as exc:
         raise CheckpointError(f"{components.path}: header recommends {exc}") from exc
 
@@ -305,6 +329,37 @@ def _says_turbo(components: Components) -> bool:
     if path.parent.name == "snapshots":
         texts.append(path.parent.parent.name)
     return any("turbo" in t.lower() for t in texts)
+
+
+def _lcm(components: Components, unet: UNetConfig, notes: list[str]) -> bool:
+    """Whether this is a latent consistency model, with a note saying how it is known and how to run it.
+
+    An LCM-distilled U-Net has the guidance-embedding projection (`time_embedding.cond_proj`,
+    diffusers' time_cond_proj_dim). A model with LCM-LoRA merged in is an ordinary U-Net: only its folder's
+    scheduler (LCMScheduler) or its name tells, as for Turbo. The LCM sampler assumes LCMScheduler's
+    defaults (50 original steps, timestep scaling 10); a config that changes them is refused."""
+    config = components.scheduler_config or {}
+    by_config = config.get("_class_name") == "LCMScheduler"
+    if by_config:
+        for key, default in (("original_inference_steps", 50), ("timestep_scaling", 10.0)):
+            if config.get(key, default) != default:
+                raise UnsupportedModelError(f"{components.path}: scheduler/scheduler_config.json: LCMScheduler with "
+                                            f"{key}={config[key]!r}; the lcm sampler runs {key}={default}")
+    if unet.time_cond_proj_dim is not None:
+        notes.append(
+            f"LCM-distilled U-Net (guidance embedding, time_cond_proj_dim={unet.time_cond_proj_dim}): guidance is "
+            "the network's input (w = CFG scale - 1), with no negative-prompt pass; use the lcm sampler, 4-8 steps"
+        )
+        return True
+    meta = components.metadata
+    names = [components.path.name, meta.get("modelspec.title", "")]
+    if components.path.parent.name == "snapshots":
+        names.append(components.path.parent.parent.name)
+    by_name = any(_LCM_NAME.search(n.lower()) for n in names)
+    if by_config or by_name:
+        how = "its scheduler config (LCMScheduler)" if by_config else "its name"
+        notes.append(f"LCM model (from {how}): use the lcm sampler, 4-8 steps, CFG scale 1-2")
+    return by_config or by_name
 
 
 def _schedule(components: Components, family: Family, turbo: bool, notes: list[str]) -> tuple[DiffusionSchedule, str]:
@@ -440,7 +495,7 @@ def _shapes(tensors: dict) -> dict[str, tuple[int, ...]]:
 _RULE_RANKS = {
     unet_config_from_shapes: (
         (re.compile(r"input_blocks\.0\.0\.weight|out\.2\.weight|input_blocks\.\d+\.0\.out_layers\.3\.weight"), 4),
-        (re.compile(r".*\.attn2\.to_k\.weight|label_emb\.0\.0\.weight"), 2),
+        (re.compile(r".*\.attn2\.to_k\.weight|label_emb\.0\.0\.weight|time_embedding\.cond_proj\.weight"), 2),
     ),
     vae_config_from_shapes: (
         (re.compile(r"(en|de)coder\.conv_(in|out)\.weight|encoder\.down\.\d+\.block\.0\.conv1\.weight|(post_)?quant_conv\.weight"), 4),

@@ -26,9 +26,22 @@ def _cache_file() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of the whole file, cached."""
+    return _cached_digest(path, "", 0)
+
+
+def safetensors_data_sha256(path: Path) -> str:
+    """The SHA-256 of a .safetensors file's tensor data, its header left out: kohya-ss's "addnet" hash,
+    which A1111 records for LoRAs (so that editing the metadata does not change it). Cached."""
+    with open(Path(path), "rb") as f:
+        header_bytes = int.from_bytes(f.read(8), "little")
+    return _cached_digest(path, "data|", 8 + header_bytes)
+
+
+def _cached_digest(path: Path, kind: str, offset: int) -> str:
     path = Path(path).resolve()
     stat = path.stat()
-    file_key = f"{path}|"
+    file_key = f"{kind}{path}|"
     key = f"{file_key}{stat.st_size}|{stat.st_mtime_ns}"
     cache_path = _cache_file()
     cache = _read_cache(cache_path)
@@ -36,6 +49,7 @@ def file_sha256(path: Path) -> str:
         return cache[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(offset)
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     # The file changed (or is new): its older entries can never be hit again.
@@ -76,6 +90,19 @@ def model_hash(path: Path) -> str | None:
     """A1111's short hash of a single-file model; None for a diffusers folder (A1111 has no such hash)."""
     path = Path(path)
     return file_sha256(path)[:10] if path.is_file() else None
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short LoRA hash (`Lora hashes`): 12 hex digits of the data hash of a .safetensors file
+    (`safetensors_data_sha256`), of the whole file's SHA-256 for other formats (its `network.py`)."""
+    path = Path(path)
+    digest = safetensors_data_sha256(path) if path.suffix.lower() == ".safetensors" else file_sha256(path)
+    return digest[:12]
+
+
+def vae_hash(path: Path) -> str:
+    """A1111's `VAE hash`: 10 hex digits of the VAE file's SHA-256 (its `sd_vae.get_loaded_vae_hash`)."""
+    return file_sha256(path)[:10]
 
 
 # A1111's first model hash (until late 2022; still in many images' `Model hash`): SHA-256 of 64 KiB

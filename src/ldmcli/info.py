@@ -40,6 +40,9 @@ def describe_model(name: str) -> dict:
     described["text_encoder_config"] = _fields(spec.text_encoder)
     if spec.text_encoder_2 is not None:
         described["text_encoder_2_config"] = _fields(spec.text_encoder_2)
+    if spec.lcm:  # a latent consistency model: how it takes guidance decides how it is run
+        described["lcm"] = (f"LCM-distilled: guidance embedded in the U-Net (time_cond_proj_dim {spec.unet.time_cond_proj_dim})"
+                            if spec.embedded_guidance else "LCM (LoRA merged): an ordinary U-Net run with the lcm sampler")
     if spec.recommended:
         described["recommended"] = spec.recommended
     if spec.notes:

@@ -198,6 +198,19 @@ def _read_text(path: str, name: str) -> str:
         raise LdmError(f"{name}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
 
 
+def _lora_specs(value: Any, where: str) -> list[str]:
+    """A line's "lora": one "NAME[:W]" or a list of them (`lora_uses.check_lora_spec`), as --lora takes them."""
+    from ldmcli.lora_uses import check_lora_spec
+
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, list) or not all(isinstance(spec, str) for spec in specs):
+        raise LdmError(f'{where}: "lora" must be a string "NAME[:W]" or a list of them')
+    try:
+        return [check_lora_spec(spec) for spec in specs]
+    except LdmError as exc:
+        raise LdmError(f"{where}: {exc}") from None
+
+
 def _json_job(line: str, template: Job, where: str) -> Job:
     try:
         obj = json.loads(line)
@@ -207,13 +220,14 @@ def _json_job(line: str, template: Job, where: str) -> Job:
         raise LdmError(f"{where}: not usable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
-    ours = (*field_names(), *JOB_KEYS)
+    ours = (*field_names(), *JOB_KEYS, "lora")
     unknown = sorted(set(obj) - set(ours) - A1111_REQUEST_KEYS)
     if unknown:
         raise LdmError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(ours)}; "
                        f"and the keys of A1111's txt2img request: sampler_name, scheduler, n_iter, batch_size, "
                        f"override_settings, ...)")
     payload = {key: obj.pop(key) for key in list(obj) if key in A1111_REQUEST_KEYS}
+    loras = _lora_specs(obj.pop("lora", []), where)
     try:
         check_values(obj, where, extra=JOB_KEYS)
     except ValueError as exc:
@@ -221,6 +235,10 @@ def _json_job(line: str, template: Job, where: str) -> Job:
     if not isinstance(obj.get("prompt"), str):
         raise LdmError(f"{where}: \"prompt\" (a string) is required")
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
+    if loras:
+        from ldmcli.lora_uses import with_lora_tags
+
+        obj["prompt"] = with_lora_tags(obj["prompt"], loras)
     job = replace(template.setting(**obj), **job_values)
     if payload:
         job = _a1111_job(job, payload, where, said=obj.keys() | job_values.keys(), defaults=A1111_API_DEFAULTS)
@@ -537,14 +555,16 @@ def check_job(job: Job, recommended: Mapping[str, Any] | None = None, *, max_pix
 
 
 def prompt_tag_notes(request: ImageRequest) -> list[Note]:
-    """A note for each extra-network tag (`<lora:name:0.8>`, `<hypernet:...>`, any `<kind:...>`): in the
-    prompt, not honoured (the text conditioning removes it before encoding, as A1111 does, and ldm
-    applies no extra network yet); in the negative prompt, a remark that it stays words of the text, as
-    in A1111, which reads extra networks from the prompt only."""
+    """A note for each extra-network tag ldm does not apply (`<hypernet:...>`, any `<kind:...>` but a LoRA's,
+    which `lora_uses` merges): in the prompt, not honoured (the text conditioning removes it before
+    encoding, as A1111 does); in the negative prompt, a remark that it stays words of the text, as in
+    A1111, which reads extra networks from the prompt only."""
+    from ldmcli.lora_uses import LORA_TAG_KINDS
     from ldmcli.prompt_syntax import extra_network_tags
 
     _, tags = extra_network_tags(request.prompt)
-    notes = [Note("prompt", _tag_text(tag), EXTRA_NETWORKS.get(tag.kind.lower(), OTHER_EXTRA_NETWORK)) for tag in tags]
+    notes = [Note("prompt", _tag_text(tag), EXTRA_NETWORKS.get(tag.kind.lower(), OTHER_EXTRA_NETWORK))
+             for tag in tags if tag.kind.lower() not in LORA_TAG_KINDS]
     _, tags = extra_network_tags(request.negative_prompt)
     return notes + [Note("negative_prompt", _tag_text(tag), NEGATIVE_PROMPT_TAG, honoured=True) for tag in tags]
 
@@ -553,10 +573,7 @@ NEGATIVE_PROMPT_TAG = ("kept as words of the negative prompt, as in A1111, which
                        "only: nothing is applied or removed")
 
 # Why each kind of A1111 extra network in the prompt is not applied (the tag is removed either way).
-_LORA_WHY = "LoRA is not applied yet (issue 17); the tag is removed from the prompt"
 EXTRA_NETWORKS = {
-    "lora": _LORA_WHY,
-    "lyco": _LORA_WHY,
     "hypernet": "hypernetworks are not supported; the tag is removed from the prompt",
 }
 OTHER_EXTRA_NETWORK = "an extra network ldm does not have; the tag is removed from the prompt"

@@ -166,7 +166,43 @@ def image_record(model, task) -> dict:
                   "family": model.spec.family, "prediction_type": model.spec.prediction_type,
                   # the compute dtype: the same seed gives other pixels in bf16 than in fp32
                   "dtype": dtype_name(model.dtype)},
+        **additions_record(model, task.job.request),
     }
+
+
+def additions_record(model, request) -> dict:
+    """What the user added to the checkpoint for this image, as the record holds it: the LoRAs merged
+    (`lora_uses`: the prompt's tags), the embeddings its texts call, the VAE file; each with the name
+    and hash A1111 gives it (`hashing`). Empty parts are left out."""
+    from ldmcli.hashing import lora_hash, vae_hash
+    from ldmcli.text_conditioning import used_embeddings
+
+    record: dict = {}
+    if model.loras:
+        record["loras"] = [{"name": use.name, "path": str(use.path), "hash": lora_hash(use.path),
+                            "te_weight": use.te_weight, "unet_weight": use.unet_weight} for use in model.loras]
+    embeddings = used_embeddings(model, request) if model.embeddings is not None else []
+    if embeddings:
+        record["embeddings"] = [{"name": e.infotext_name, "path": str(e.path), "hash": e.short_hash}
+                                for e in embeddings]
+    if model.vae_file is not None:
+        source = Path(model.vae_file.source)
+        record["vae"] = {"name": source.name, "path": str(Path(model.vae_file.path).resolve()),
+                         "hash": vae_hash(source)}
+    return record
+
+
+def _additions_a1111(record: Mapping) -> tuple[dict[str, str], dict[str, str]]:
+    """The additions' A1111 keys: (those written after the model's, those written before the version)."""
+    vae = record.get("vae")
+    after_model = {"VAE hash": vae["hash"], "VAE": vae["name"]} if vae else {}
+    last = {}
+    if record.get("loras"):  # one entry a name, as A1111 lists the networks it loaded
+        hashes = {lora["name"]: lora["hash"] for lora in record["loras"]}
+        last["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items())
+    if record.get("embeddings"):
+        last["TI hashes"] = ", ".join(f"{e['name']}: {e['hash']}" for e in record["embeddings"])
+    return after_model, last
 
 
 def png_text(model, record: dict) -> dict[str, str]:
@@ -178,7 +214,9 @@ def png_text(model, record: dict) -> dict[str, str]:
     pairs = _a1111_fields(request)
     # A1111's order (`create_infotext`): the sampling keys, the model, then the settings, the version last.
     settings = {key: pairs.pop(key) for key in A1111_AFTER_MODEL if key in pairs}
-    fields = {**pairs, "Model hash": model.hash, "Model": model.name, **settings, "Version": f"ldm {__version__}"}
+    after_model, last = _additions_a1111(record)
+    fields = {**pairs, "Model hash": model.hash, "Model": model.name, **after_model, **settings, **last,
+              "Version": f"ldm {__version__}"}
     return {A1111_KEY: a1111_text(request.prompt, request.negative_prompt, fields),
             LDM_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True)}
 
@@ -271,6 +309,11 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
             raise ValueError(f"not a JSON object but {json_type(record)}")
         values = {name: record[name] for name in field_names() if name in record}
         model = _model_record(record.get("model", {}))
+        vae = record.get("vae")
+        if vae is not None:
+            if not (isinstance(vae, dict) and all(isinstance(vae.get(k), (str, type(None))) for k in ("name", "hash"))):
+                raise ValueError('"vae" must be an object with a "name" and a "hash" (strings)')
+            model.update(vae_name=vae.get("name"), vae_hash=vae.get("hash"))
         return PngParameters(ImageRequest.from_mapping(values, where), frozenset(values), model)
     except (ValueError, TypeError) as exc:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
@@ -331,12 +374,16 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
         values["match"] = "a1111"
         notes.append(Note("Match", "absent", MATCH_NOTE_A1111, honoured=True, fields=("match",)))
-    read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", *keys.values()}
+    read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", "VAE", "VAE hash",
+            "Lora hashes", "TI hashes", *keys.values()}
     notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
     if not ours:
         notes += sampling_notes(params)
+    model = {"name": params.get("Model"), "hash": params.get("Model hash")}
+    if "VAE" in params or "VAE hash" in params:
+        model.update(vae_name=params.get("VAE"), vae_hash=params.get("VAE hash"))
     return PngParameters(
-        ImageRequest(**values), frozenset(values), {"name": params.get("Model"), "hash": params.get("Model hash")},
+        ImageRequest(**values), frozenset(values), model,
         notes=tuple(notes), a1111=frozenset() if ours else frozenset({"clip_skip"} & values.keys()),
         made_by="ldm (A1111 text only)" if ours else "A1111-compatible tool",
     )
@@ -390,9 +437,7 @@ _HIRES = "hires fix, a second upscaled pass, is not supported yet"
 # Reasons shared with jobs.py's table of A1111's request keys.
 SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
 _IMG2IMG = "img2img and inpainting are not supported: ldm makes text-to-image only"
-_LORA = "LoRA is not applied yet: issue 17"
 _HYPERNET = "hypernetworks are not supported"
-_VAE = "ldm decodes with the model's own VAE; a separate VAE file is not loaded"
 VARIATION_SEEDS = "variation seeds, noise blended from a second seed, are not supported"
 SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
 REFINER = "the SDXL refiner is not supported"
@@ -446,13 +491,16 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Schedule rho": A1111Key(SAMPLER_SETTING, off=("0",)),
     # known, not honoured
     "Denoising strength": A1111Key(SECOND_PASS),
-    "Lora hashes": A1111Key(_LORA),
-    "TI hashes": A1111Key("textual-inversion embeddings are not loaded: their names stay words of the prompt"),
+    "Lora hashes": A1111Key("the prompt's <lora:...> tags name the LoRAs, found by name in the LoRA folders "
+                            "(--lora-dir, loras/)", honoured=True),
+    "TI hashes": A1111Key("the prompt names the embeddings, found by name in the embeddings folders "
+                          "(--embeddings-dir, embeddings/)", honoured=True),
     "Hypernet": A1111Key(_HYPERNET),
     "Hypernet hash": A1111Key(_HYPERNET),
     "Hypernet strength": A1111Key(_HYPERNET),
-    "VAE": A1111Key(_VAE),
-    "VAE hash": A1111Key(_VAE),
+    "VAE": A1111Key("the VAE file: found by VAE hash, else by name, in the VAE folders (--vae-dir, vae/); "
+                    "neither: an error unless --vae is given", honoured=True),
+    "VAE hash": A1111Key("finds the VAE file: see VAE", honoured=True),
     "Face restoration": A1111Key("face restoration, a post-processing model, is not supported"),
     "Variation seed": A1111Key(VARIATION_SEEDS),
     "Variation seed strength": A1111Key(VARIATION_SEEDS),
@@ -481,7 +529,7 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Refiner switch at": A1111Key(REFINER),
     "Refiner switch by sampling steps": A1111Key(REFINER),
     "FP8 weight": A1111Key("fp8 weight storage is not supported: ldm computes in bf16, fp16 or fp32"),
-    "Cache FP16 weight for LoRA": A1111Key(_LORA),
+    "Cache FP16 weight for LoRA": A1111Key("A1111's memory setting for LoRA weights: nothing to do", honoured=True),
     "Hashes": A1111Key("civitai's list of resource hashes: ldm finds the model by Model hash"),
 }
 # Keys by their first word(s): A1111's hires-fix family, and the most common extensions.

@@ -215,7 +215,30 @@ def resolve_extra(kind: str, name: str, explicit: Path | None = None) -> Path:
         if len(hits) > 1:
             raise ModelNotFoundError(f"{info.label} {name!r}: more than one matches ignoring case "
                                      f"({', '.join(str(p) for p in hits[:4])}): give its exact name or path")
-    where = ", ".join(str(d) for d in extra_dirs(kind, explicit)) or (
-        f"no {info.label} folder exists ({info.flag}, ${info.env}, or "
-        f"{'/'.join(info.subfolders[:1])}/ beside the models)")
-    raise ModelNotFoundError(f"{info.label} {name!r} not found: not a path, and not in {where}")
+    dirs = extra_dirs(kind, explicit)
+    where = (f"not in {', '.join(str(d) for d in dirs)}" if dirs else
+             f"no {info.label} folder exists ({info.flag}, ${info.env}, or {info.subfolders[0]}/ beside the models)")
+    raise ModelNotFoundError(f"{info.label} {name!r} not found: not a path, and {where}")
+
+
+def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, explicit: Path | None = None) -> Path:
+    """The file of `kind` an image records (--from-png): the one with its hash (A1111's short hash of that
+    kind, `hashing`), else the one of its name; ModelNotFoundError naming both and where ldm looked."""
+    from ldmcli.hashing import lora_hash, vae_hash
+
+    hasher = {"lora": lora_hash, "vae": vae_hash}[kind]
+    candidates = list_extras(kind, explicit)
+    stem = Path(name.strip()).stem.casefold() if name and name.strip() else None  # A1111 records "x.safetensors"
+    named = [p for p in candidates if stem is not None and extra_name(p).casefold() == stem]
+    wanted = (recorded_hash or "").strip().lower()
+    if wanted:  # the named ones are hashed first: the usual case hashes one file
+        for path in [*named, *(p for p in candidates if p not in named)]:
+            if path.is_file() and hasher(path) == wanted:
+                return path
+    if named:
+        return named[0]
+    info = EXTRA_KINDS[kind]
+    dirs = extra_dirs(kind, explicit)
+    where = f"not in {', '.join(str(d) for d in dirs)}" if dirs else f"no {info.label} folder exists ({info.flag}, ${info.env})"
+    raise ModelNotFoundError(f"the image was made with {info.label} {name!r} (hash {recorded_hash or 'not recorded'}): "
+                             f"{where}; put it there, or give --{kind} to use another")

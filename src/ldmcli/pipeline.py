@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ from ldmcli.models.vae import AutoencoderKL
 from ldmcli.request import ImageRequest
 from ldmcli.text_conditioning import TextConditioning
 from ldmcli.tokenizer import PromptTokenizer
+
+if TYPE_CHECKING:
+    from ldmcli.embeddings import EmbeddingLibrary
+    from ldmcli.lora_uses import LoraUse
+    from ldmcli.vae_file import VaeFile
 
 
 @dataclass
@@ -50,6 +56,12 @@ class StableDiffusion:
     # (texts, clip skip) -> their text conditioning, for texts encoded before the text encoders were
     # released (`text_conditioning.encode_up_front`); `encode_texts` looks here first.
     text_cache: dict[tuple[tuple[str, ...], int], TextConditioning] = field(default_factory=dict)
+    # What the user added to the checkpoint: textual-inversion embeddings a prompt may name, a VAE file
+    # in place of the checkpoint's own, the LoRAs merged into the weights (`load`).
+    embeddings: EmbeddingLibrary | None = None
+    vae_file: VaeFile | None = None
+    loras: tuple[LoraUse, ...] = ()
+    notes: list[str] = field(default_factory=list)  # what loading has to say (a VAE of another family, ...)
 
     @property
     def name(self) -> str:
@@ -62,17 +74,38 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prediction: str | None = None,
+    vae: Path | None = None,
+    loras: Sequence[LoraUse] = (),
+    embedding_dirs: Sequence[Path] = (),
 ) -> StableDiffusion:
     """Read, detect and load a single file or diffusers folder.
 
     prediction: "epsilon"/"eps" or "v_prediction"/"v" overrides what the checkpoint says or what
     detection guesses (`spec.prediction_source` says which happened; `spec.notes` explains guesses).
+    vae: a VAE file or folder used instead of the checkpoint's own (`vae_file`).
+    loras: merged into the weights before they are built (`lora.apply_loras`): all are read and checked
+        against the model first, so a LoRA that does not fit fails the load, never half-merged.
+    embedding_dirs: folders of textual-inversion embeddings that prompts may name (`embeddings`).
     """
+    from ldmcli.embeddings import EmbeddingLibrary, widths_of
+    from ldmcli.lora import apply_loras, read_lora
+    from ldmcli.vae_file import read_vae, replace_vae
+
     # Cast while reading, so the process never holds the file's dtype and the compute dtype at once.
     # Not to fp16: SDXL's VAE must then stay fp32, and fp32 -> fp16 -> fp32 would lose its precision.
     read_dtype = dtype if torch.device(device).type == "cpu" and dtype != torch.float16 else None
     components = read_components(Path(path), dtype=read_dtype)
-    return load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
+    notes, vae_file = [], None
+    if vae is not None:
+        vae_file = read_vae(Path(vae), dtype=read_dtype)
+        notes += replace_vae(components, vae_file)
+    if loras:
+        apply_loras(components, [(read_lora(use.path), use.te_weight, use.unet_weight) for use in loras])
+    model = load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
+    model.vae_file, model.loras, model.notes = vae_file, tuple(loras), notes
+    if embedding_dirs:
+        model.embeddings = EmbeddingLibrary.from_dir(*embedding_dirs, widths=widths_of(model.spec))
+    return model
 
 
 def load_components(
@@ -218,10 +251,19 @@ def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: 
     if request.pad_conds and any(text.context.shape[1] != tokens for _, text in entries):
         empty = encode_texts(model, ("",), request.clip_skip)
 
+    # An LCM-distilled U-Net takes the guidance scale as an input (its `timestep_cond`) and is never run
+    # under classifier-free guidance: no unconditional pass (diffusers' LatentConsistencyModelPipeline).
+    embedded = {}
+    if model.spec.embedded_guidance:
+        from ldmcli.lcm import embedded_guidance
+
+        embedded = embedded_guidance(request.cfg_scale, batch, model.spec.unet.time_cond_proj_dim)
+        uncond = None
+
     def schedule(entries):
         return ConditioningSchedule([
-            (end, unet_conditioning(model, text if empty is None else text.padded(tokens, empty), batch,
-                                    request.height, request.width))
+            (end, {**unet_conditioning(model, text if empty is None else text.padded(tokens, empty), batch,
+                                       request.height, request.width), **embedded})
             for end, text in entries
         ])
 

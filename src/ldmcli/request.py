@@ -105,6 +105,9 @@ class ImageRequest:
         schedule = self.schedule or name_schedule
         if schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r} (valid: {', '.join(SCHEDULES)})")
+        if sampler == "lcm" and (self.match == "a1111" or schedule is not None or self.steps > LCM_MAX_STEPS):
+            raise ValueError("the lcm sampler walks LCM's own grid of at most 50 steps, as diffusers' LCMScheduler: "
+                             "no --schedule, steps 1 to 50, and A1111's LCM numerics (--match a1111) are not implemented")
         if schedule is not None and self.match == "a1111" and SAMPLERS[sampler].a1111_timestep_sampler:
             raise ValueError(f"{SAMPLERS[sampler].display_name} matching A1111 walks A1111's own timestep grid: it "
                              f"takes no schedule (got {schedule!r})")
@@ -129,6 +132,8 @@ RNGS = ("cpu", "nv")
 # Whose numerics a request reproduces (`ImageRequest.match`): diffusers' schedulers (`schedule.py`) or
 # A1111's (`schedule_a1111.py`), and their pixel rounding (`pipeline.decode_latents`).
 MATCHES = ("diffusers", "a1111")
+# The lcm sampler's steps are a subset of LCM's 50 original inference steps (`lcm.lcm_timesteps`).
+LCM_MAX_STEPS = 50
 
 
 def field_names() -> tuple[str, ...]:

@@ -35,6 +35,9 @@ class RunOptions:
     tile_vae: str = "auto"  # on | off | auto: tiled VAE decode above AUTO_TILE_PIXELS
     threads: int | None = None  # CPU intra-op threads (None: PyTorch's default, one per core)
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest width x height accepted (limits.py)
+    vae: Path | None = None  # a VAE file or folder used instead of the checkpoint's own
+    lora_dir: Path | None = None  # where LoRAs named in prompts are looked up first (--lora-dir)
+    embeddings_dir: Path | None = None  # where embeddings named in prompts are looked up first
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -174,7 +177,7 @@ def vae_tile(mode: str, width: int, height: int, factor: int) -> tuple[int, int]
 def prepare(
     jobs: list[Job], options: RunOptions, defaults: dict | None = None, share: ProcessShare | None = None
 ) -> tuple[list[ImageTask], list[ImageTask]]:
-    """Everything checkable without the model: every job's values, every output path.
+    """Everything checkable without the model: every job's values and LoRA files, every output path.
 
     Returns (all tasks, this process's tasks still to do). Only this process's output paths are
     checked: other processes of a shared run may already be writing theirs.
@@ -182,6 +185,8 @@ def prepare(
     share = share or ProcessShare()
     checked = [check_job(job, defaults, max_pixels=options.max_pixels) for job in jobs]
     _check_clip_skip(checked, options, defaults)
+    for job in checked:
+        lora_set(job, options)  # a LoRA name that finds no file, or weights that do not read: exit 2 now
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
@@ -216,10 +221,16 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
             report.say(f"remaking {len(remade)} incomplete image(s) (empty or cut short), e.g. {remade[0].path}")
         _remove_leftovers(tasks, report)
         report.started = time.perf_counter()
-        if todo:
-            model = _load(options, report, share.device(options.device))
-            _encode_up_front(model, todo)
-            _make_all(model, todo, options, report)
+        device = share.device(options.device) if todo else None
+        for loras, group in _by_lora_set(todo, options):
+            # Each set of LoRAs is merged into freshly read weights, never subtracted from merged ones:
+            # exact, and the jobs of one set run together so that each set is merged once.
+            model = _load(options, report, device, loras)
+            _encode_up_front(model, group)
+            stop = _make_all(model, group, options, report)
+            del model
+            if stop:
+                break
         if options.grid and share.wait_for_everyone() and share.rank == 0:
             _write_grid(tasks, report)
     except KeyboardInterrupt as exc:
@@ -305,16 +316,36 @@ def _environment_number(name: str, default: int, minimum: int = 0) -> int:
     return int(digits)
 
 
-def _load(options: RunOptions, report: Report, device: str):
+def lora_set(job: Job, options: RunOptions):
+    """The LoRAs `job` merges (`lora_uses.resolve_loras` of its prompt's tags), found in the LoRA folders."""
+    from ldmcli.lora_uses import resolve_loras
+
+    return resolve_loras(job.request.prompt, options.lora_dir)
+
+
+def _by_lora_set(todo: list[ImageTask], options: RunOptions):
+    """The tasks grouped by the set of LoRAs their job merges, in order of each set's first task."""
+    sets: dict[int, tuple] = {}  # job index -> its set, found once a job
+    groups: dict = {}
+    for task in todo:
+        if task.job_index not in sets:
+            sets[task.job_index] = lora_set(task.job, options)
+        groups.setdefault(sets[task.job_index], []).append(task)
+    return groups.items()
+
+
+def _load(options: RunOptions, report: Report, device: str, loras=()):
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
+    from ldmcli.models_dir import extra_dirs
 
     from ldmcli.device import choose_dtype, configure_threads
 
     threads = configure_threads(options.threads) if device == "cpu" else None
     dtype, why = choose_dtype(device, options.dtype)
     started = time.perf_counter()
-    model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction)
+    model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction, vae=options.vae,
+                          loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir))
     model.vae.drop_encoder()  # text-to-image only decodes
     done = pipeline.optimize(model, compile=options.compile)
     model.hash = model_hash(options.model)
@@ -323,7 +354,9 @@ def _load(options: RunOptions, report: Report, device: str):
     report.say(f"loaded {model.name}: {spec.display_name}, {spec.prediction_type} prediction "
                f"({spec.prediction_source or 'family default'}), in {time.perf_counter() - started:.1f} s")
     report.say(f"running {why} on {where}" + (f"; {', '.join(done)}" if done else ""))
-    for note in spec.notes:
+    for lora in loras:
+        report.say(f"merged LoRA {lora.name} ({lora.path}), text encoder x{lora.te_weight:g}, U-Net x{lora.unet_weight:g}")
+    for note in [*spec.notes, *model.notes]:
         report.say(f"note: {note}")
     return model
 
@@ -351,7 +384,8 @@ def _encode_up_front(model, todo: list[ImageTask]) -> None:
         text_conditioning.encode_up_front(model, requests)
 
 
-def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report) -> None:
+def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report) -> bool:
+    """Make `todo`'s images; whether to stop the run (--fail-fast after a failure)."""
     from tqdm import tqdm
 
     with tqdm(total=len(todo), desc="images", unit="img", disable=not report.progress, position=0) as bar:
@@ -365,8 +399,9 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
                 _report_failed(batch, exc, report)
                 failed = True
             if failed and options.fail_fast:
-                return
+                return True
             bar.update(len(batch))
+    return False
 
 
 def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:

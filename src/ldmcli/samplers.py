@@ -334,6 +334,14 @@ A1111_ALIASES: dict[str, tuple[str, str | None]] = {
     "k_dpmpp_2m_sde_ka": ("dpmpp_2m_sde", "karras"),
 }
 
+# LCM (lcm.py): LCMScheduler's multistep consistency sampling on its own timestep grid (convention "lcm");
+# A1111's "LCM", alias k_lcm (modules/sd_samplers_lcm.py).
+from .lcm import lcm as _lcm  # noqa: E402
+
+SAMPLERS["lcm"] = _info("lcm", "LCM", _lcm, "lcm", "LCMScheduler",
+                        "latent consistency (Luo et al. 2023): LCM-LoRA and LCM models, 4-8 steps at CFG 1-2")
+A1111_ALIASES["k_lcm"] = ("lcm", None)
+
 
 def _aliases() -> dict[str, tuple[str, str | None]]:
     table: dict[str, tuple[str, str | None]] = {"euler_ancestral": ("euler_a", None)}

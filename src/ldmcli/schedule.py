@@ -25,7 +25,7 @@ from torch import Tensor
 SPACINGS = ("leading", "linspace", "trailing", "karras", "exponential")
 """Sampling-time spacings: diffusers' three ``timestep_spacing`` values plus two sigma-space ones."""
 
-Convention = Literal["discrete", "ddim", "dpm"]
+Convention = Literal["discrete", "ddim", "dpm", "lcm"]
 """Which diffusers scheduler family's conventions to reproduce (see :func:`make_sigmas`)."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -223,7 +223,12 @@ def make_sigmas(
     "karras" and "exponential" always span the full training range and end at 0 (k-diffusion);
     their timesteps come from log-sigma interpolation (rounded by "dpm", truncated by "dpm" for
     exponential since diffusers casts to int64 there).
+      "lcm"      -- LCMScheduler: its own skipping grid, no spacing (`lcm.lcm_sigmas`).
     """
+    if convention == "lcm":
+        from .lcm import lcm_sigmas
+
+        return lcm_sigmas(schedule, spacing, steps)
     spacing = spacing or schedule.timestep_spacing
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")

@@ -125,7 +125,7 @@ def _encode_distinct(model: StableDiffusion, texts: list[str], counts: list[int]
 
 def _embeddings(model: StableDiffusion, index: int) -> EncoderEmbeddings | None:
     """The model's embeddings as text encoder `index` (0: the first) sees them, if it has any."""
-    library = getattr(model, "embeddings", None)
+    library = model.embeddings
     if library is None:
         return None
     return library.for_encoder(index, model.tokenizer if index == 0 else model.tokenizer_2)

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo)"
 
-# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo; an LCM model's folder,
+# SimianLuo/LCM_Dreamshaper_v7's, names the SD 1.x pipeline it is run by: LatentConsistencyModelPipeline).
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
 
 # Key markers of architectures we recognise but cannot run, checked in order.
 _UNSUPPORTED_MARKERS = (

@@ -61,6 +61,8 @@ def _prefix_pairs(config: UNetConfig) -> list[_Pair]:
     ]
     if config.adm_in_channels is not None:  # SDXL vector conditioning
         pairs += [("add_embedding.linear_1", "label_emb.0.0", LEAF), ("add_embedding.linear_2", "label_emb.0.2", LEAF)]
+    if config.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding's projection, same name
+        pairs.append(("time_embedding.cond_proj", "time_embedding.cond_proj", LEAF))
 
     for level in range(levels):
         for i in range(nrb):
@@ -179,6 +181,8 @@ def unet_config_to_diffusers(config: UNetConfig, *, addition_time_embed_dim: int
     }
     if c.output_transformer_depth is not None:
         out["reverse_transformer_layers_per_block"] = [[d if d else 1 for d in ds] for ds in up_depths]
+    if c.time_cond_proj_dim is not None:
+        out["time_cond_proj_dim"] = c.time_cond_proj_dim
     if c.adm_in_channels is not None:
         out.update(
             addition_embed_type="text_time",
@@ -211,7 +215,6 @@ _DIFFUSERS_FIXED = {
     "resnet_out_scale_factor": 1.0,
     "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default",
-    "time_cond_proj_dim": None,
     "time_embedding_dim": None,
     "time_embedding_type": "positional",
     "timestep_post_act": None,
@@ -286,4 +289,13 @@ def unet_config_from_diffusers(dconfig: Mapping[str, Any]) -> UNetConfig:
         use_linear_projection=bool(dconfig.get("use_linear_projection", False)),
         upcast_attention=bool(dconfig.get("upcast_attention") or False),
         adm_in_channels=adm,
+        time_cond_proj_dim=_optional_width(dconfig.get("time_cond_proj_dim"), "time_cond_proj_dim"),
     )
+
+
+def _optional_width(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} {value!r} is not a positive whole number")
+    return value

@@ -6,6 +6,8 @@ Module and list positions mirror CompVis/Stability `openaimodel.UNetModel`, so t
 `load_state_dict(sd, strict=True, assign=True)`:
 
     time_embed.{0,2}                         timestep MLP
+    time_embedding.cond_proj                 (LCM-distilled) guidance embedding -> timestep features,
+                                             diffusers' name, kept by LCM single files as it is
     label_emb.0.{0,2}                        (SDXL) vector-conditioning MLP, `adm_in_channels`
     input_blocks.0.0                         conv_in
     input_blocks.N.{0: ResBlock | Downsample(op), 1: SpatialTransformer}
@@ -65,6 +67,9 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD1: 1x1 conv proj_in/proj_out; SD2/SDXL: nn.Linear
     upcast_attention: bool = False  # SD2.1: q.k^T softmax in fp32 (fp16 overflows otherwise)
     adm_in_channels: int | None = None  # SDXL: width of the vector conditioning `y` (2816 base)
+    # LCM-distilled U-Nets: width of the guidance-scale embedding `timestep_cond` added, projected, to the
+    # sinusoidal timestep features (diffusers' time_cond_proj_dim; 256 in LCM_Dreamshaper_v7 and lcm-sdxl).
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -366,6 +371,10 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
             )
+        if c.time_cond_proj_dim is not None:
+            # diffusers' TimestepEmbedding.cond_proj (no bias); the LDM single files of LCM models keep
+            # it under this diffusers name (`model.diffusion_model.time_embedding.cond_proj.weight`).
+            self.time_embedding = nn.ModuleDict({"cond_proj": nn.Linear(c.time_cond_proj_dim, mc, bias=False)})
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
         skip_chans = [mc]  # channels of each input block's output, consumed by the output blocks
@@ -403,18 +412,27 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(_norm(mc), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
 
     def forward(
-        self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
+        self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """x: [B, C, H, W] latents; timesteps: [B] (float ok); context: [B, T, context_dim];
-        y: [B, adm_in_channels] (SDXL only). Returns [B, out_channels, H, W]."""
+        y: [B, adm_in_channels] (SDXL only); timestep_cond: [B, time_cond_proj_dim], the guidance
+        embedding of an LCM-distilled U-Net (`lcm.guidance_embedding`; required by such a U-Net, which was
+        never trained without it). Returns [B, out_channels, H, W]."""
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("y must be given exactly when the model has adm_in_channels (SDXL)")
+        if (timestep_cond is None) != (self.config.time_cond_proj_dim is None):
+            raise ValueError("timestep_cond (the guidance embedding) must be given exactly when the model has "
+                             "time_cond_proj_dim (an LCM-distilled U-Net)")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         w_dtype = self.time_embed[0].weight.dtype
         # Inputs in the network's dtype: a sampler may keep its state in fp32 around a bf16/fp16 U-Net.
         x, context = x.to(w_dtype), context.to(w_dtype)
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(w_dtype))
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(w_dtype)
+        if timestep_cond is not None:
+            t_emb = t_emb + self.time_embedding["cond_proj"](timestep_cond.to(w_dtype))
+        emb = self.time_embed(t_emb)
         if y is not None:
             emb = emb + self.label_emb(y.to(w_dtype))
 
@@ -519,6 +537,8 @@ def unet_config_from_shapes(
     proj_in = next((v for k, v in shapes.items() if k.endswith("proj_in.weight")), None)
     linear = proj_in is not None and len(_shape(proj_in)) == 2
     adm = _shape(shapes["label_emb.0.0.weight"])[1] if "label_emb.0.0.weight" in shapes else None
+    cond_proj = shapes.get("time_embedding.cond_proj.weight")
+    time_cond_proj_dim = _shape(cond_proj)[1] if cond_proj is not None else None
 
     mirrored = tuple(d for d in reversed(depths) for _ in range(num_res_blocks + 1))
     return UNetConfig(
@@ -535,4 +555,5 @@ def unet_config_from_shapes(
         head_dim=head_dim,
         use_linear_projection=linear,
         adm_in_channels=adm,
+        time_cond_proj_dim=time_cond_proj_dim,
     )
