@@ -34,6 +34,8 @@ from ldmcli.errors import LdmError
 from ldmcli.files import read_stream
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_IMAGES_PER_RUN, MAX_NAME_BYTES, MAX_PROMPT_FILE_BYTES, MAX_SEED
 from ldmcli.metadata import (
+    BROWNIAN_TREE_NOTE,
+    BROWNIAN_TREE_SAMPLERS,
     INFOTEXT_PREFIXES,
     REFINER,
     SAMPLER_SETTING,
@@ -348,6 +350,9 @@ def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, defaul
         if ours in said and payload.get(theirs) is not None:
             raise LdmError(f'{where}: "{ours}" and "{theirs}" both given: they say the same thing, give one')
     values, batch_count, notes, a1111 = _read_a1111_request(payload, where, said)
+    sampler = str(values.get("sampler", ""))
+    if sampler.strip().lower().removesuffix(" karras").removesuffix(" exponential") in BROWNIAN_TREE_SAMPLERS:
+        notes.append(Note("sampler_name", sampler, BROWNIAN_TREE_NOTE, fields=("sampler",)))
     job = job.setting(**values)  # its `given`: the flags', the line's (a sampler name's schedule too)
     if batch_count is not None:
         job = replace(job, batch_count=batch_count)

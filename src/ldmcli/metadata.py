@@ -549,10 +549,28 @@ BROWNIAN_TREE_SAMPLERS = ("dpm++ 2m sde", "dpm++ sde", "dpm++ 3m sde", "dpm++ 2m
 def sampling_notes(params: Mapping[str, str]) -> list[Note]:
     """What differs when ldm samples an A1111 text's image, said (the keys themselves are honoured)."""
     sampler = params.get("Sampler", "")
+    notes = []
     if sampler.strip().lower().removesuffix(" karras").removesuffix(" exponential") in BROWNIAN_TREE_SAMPLERS:
-        return [Note("Sampler", sampler, "A1111 draws this sampler's noise from a Brownian tree (torchsde); "
-                     "ldm draws it step by step from the seed's generator: not the same image", fields=("sampler",))]
-    return []
+        notes.append(Note("Sampler", sampler, BROWNIAN_TREE_NOTE, fields=("sampler",)))
+    version = a1111_version(params.get("Version", ""))
+    if version is not None and version < (1, 8):
+        notes.append(Note("Version", params["Version"], "A1111 before 1.8 sampled fp16 models with alphas_cumprod "
+                          "rounded to fp16 (its 'Downcast alphas_cumprod' setting since), which ldm does not: "
+                          "other noise levels, another image", fields=("match",)))
+    if version is not None and version < (1, 6) and sampler.strip().lower() in ("ddim", "plms"):
+        notes.append(Note("Version", params["Version"], "A1111 before 1.6 ran DDIM and PLMS through CompVis's "
+                          "samplers, on another grid than --match a1111's (A1111 1.6 and later)", fields=("match",)))
+    return notes
+
+
+BROWNIAN_TREE_NOTE = ("A1111 draws this sampler's noise from a Brownian tree (torchsde); ldm draws it step by step "
+                      "from the seed's generator: not the same image")
+
+
+def a1111_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of an A1111 `Version` ("v1.7.0", "v1.10.1-RC", "1.6.0"); None for another tool's or none."""
+    found = re.fullmatch(r"\s*v?(\d+)\.(\d+)(?:[.\-+ ].*)?", text)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def infotext_note(key: str, value: str) -> Note | None:

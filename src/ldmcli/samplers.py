@@ -204,13 +204,15 @@ def _adams_bashforth(ds: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
+         corrector_on_one_step: bool = False) -> Tensor:
     """Pseudo linear multistep, PNDM (Liu et al. 2022) with skip_prk_steps as SD configures it.
 
     PNDM's transfer function is the DDIM step, i.e. Euler in sigma space with d = eps. The first
     step is a pseudo improved-Euler (Heun) step whose corrector evaluation is NOT kept in the
     history; afterwards eps is extrapolated with Adams-Bashforth coefficients of order <= 4, which
-    assume equal steps (as PNDM does on its uniform timestep grid).
+    assume equal steps (as PNDM does on its uniform timestep grid). A walk of one step has no corrector
+    in diffusers' PNDM; A1111's PLMS runs it anyway (`corrector_on_one_step`).
     """
     ds: list[Tensor] = []
     for i in range(len(sigmas) - 1):
@@ -219,7 +221,7 @@ def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Cal
         if callback is not None:
             callback(i, denoised)
         ds = (ds + [_to_d(x, sigma, denoised)])[-4:]
-        if i == 0 and len(sigmas) > 2:
+        if i == 0 and (len(sigmas) > 2 or corrector_on_one_step):
             x_2 = x + ds[0] * (sigma_next - sigma)
             d = (_to_d(x_2, sigma_next, model(x_2, sigma_next)) + ds[0]) / 2
         else:
@@ -415,6 +417,8 @@ def sample(
     info = SAMPLERS[name]
     if match == "a1111":
         plan = a1111_sigmas(schedule, spacing or implied, steps, timestep_sampler=info.a1111_timestep_sampler)
+        if name == "plms":
+            options = {**options, "corrector_on_one_step": True}
     elif match == "diffusers":
         plan = make_sigmas(schedule, spacing or implied, steps, convention=info.convention)
     else:

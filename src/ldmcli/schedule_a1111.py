@@ -103,7 +103,9 @@ def a1111_sigmas(schedule: DiffusionSchedule, spacing: str | None, steps: int, *
         # sd_samplers_timesteps.get_timesteps: every T // steps-th timestep from 0, plus 1, at most T - 1
         grid = (torch.arange(0, T, T // steps) + 1).clamp(0, T - 1).flip(0)
         sigmas = kd.sigmas[grid]
-        return Sigmas(sigmas=sigmas, timesteps=grid[:-1].float(),
+        # Every grid timestep, the last too: PLMS's first step evaluates the network there when the walk is
+        # one step long (A1111 always runs that corrector).
+        return Sigmas(sigmas=sigmas, timesteps=grid.float(),
                       init_noise_sigma=((sigmas[0] ** 2 + 1) ** 0.5).item())  # unit noise in the VP latent
     if spacing in (None, "linspace"):
         sigmas = kd.t_to_sigma(torch.linspace(T - 1, 0, steps))  # k-diffusion's get_sigmas
