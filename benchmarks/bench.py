@@ -20,6 +20,9 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          (before/after comparisons of loading changes).
   tiles  peak RSS of a VAE decode at 512, 1024, 2048 px, untiled and tiled (512 px tiles, 128 px
          blended overlaps), each in its own process, and max/mean |difference| tiled vs untiled
+  lora   applying a rank-128 LoRA (kohya layout, every attention and feed-forward linear of the U-Net and
+         text encoder, fp16) to the 2.1 GB fp16 file: process start to first step and peak RSS with and
+         without `--lora`, the difference being the merge's cost
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
   profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
          (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
@@ -419,6 +422,62 @@ def piece_load(results: Results, workdir: Path, runs: int, src: str | None, step
                         f"{r:.2f} GiB; {w:.1f} s", "", "")
 
 
+def write_sd15_lora(path: Path, rank: int = 128) -> Path:
+    """A kohya-layout LoRA of `rank` for SD 1.5 (written once): every linear layer of the U-Net's
+    transformer blocks (diffusers' module names, as kohya writes SD 1.x) and of the text encoder, fp16."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+
+    def add(prefix: str, out_features: int, in_features: int) -> None:
+        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(rank, in_features, generator=g) * 0.01).half()
+        tensors[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, rank, generator=g) * 0.01).half()
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank // 2)).half()
+
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".transformer_blocks." in name:
+            add("lora_unet_" + name.replace(".", "_"), module.out_features, module.in_features)
+    for layer in range(12):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            add(f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}", 768, 768)
+        add(f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1", 3072, 768)
+        add(f"lora_te_text_model_encoder_layers_{layer}_mlp_fc2", 768, 3072)
+    save_file(tensors, path)
+    return path
+
+
+def piece_lora(results: Results, workdir: Path, runs: int) -> None:
+    from sd15_file import write_sd15_file
+
+    model = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    lora = write_sd15_lora(workdir / "loras" / "rank128.safetensors")
+    size = lora.stat().st_size / 1024**2
+    out = workdir / "out"
+    base = ["generate", "a cat", "-m", str(model), "--steps", "1", "-s", "1", "-o", str(out) + "/", "--overwrite", "-q",
+            "--lora-dir", str(lora.parent)]
+    measured = {}
+    for label, extra in (("without LoRA", []), ("with the rank-128 LoRA", ["--lora", "rank128:0.8"])):
+        first, rss = [], []
+        for _ in range(runs + 1):  # the first run also warms the page cache
+            _, r, err = run_child(CHILD_LDM, base + extra)
+            first.append(json.loads(next(line for line in err.splitlines() if line.startswith("{")))["first_step"])
+            rss.append(r)
+        measured[label] = (statistics.median(first[1:]), statistics.median(rss[1:]))
+        results.add(f"`ldm generate` from the 2.1 GB fp16 file, LoRA {size:.0f} MB", f"ldm {label}: start to first step; peak RSS",
+                    f"{measured[label][0]:.2f} s ({', '.join(f'{v:.2f}' for v in first[1:])}); {measured[label][1]:.2f} GiB", "", "")
+    (t0, r0), (t1, r1) = measured.values()
+    results.note(f"applying the {size:.0f} MB rank-128 LoRA: +{t1 - t0:.2f} s to the first step, "
+                 f"+{(r1 - r0) * 1024:.0f} MB peak RSS")
+
+
 CHILD_DECODE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[4])
@@ -550,6 +609,8 @@ def main() -> None:
         piece_load(results, args.workdir, 3, args.src, args.load_steps, folder)
     if "tiles" in pieces:
         piece_tiles(results, args.workdir)
+    if "lora" in pieces:
+        piece_lora(results, args.workdir, args.runs)
     if "compile" in pieces:
         piece_compile(results, args.workdir)
     if "profile" in pieces:
