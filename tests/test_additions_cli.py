@@ -107,9 +107,12 @@ def test_alternating_lora_sets_in_a_jsonl_equal_separate_runs_and_merge_each_set
              '{"prompt": "a pig <lora:b:0.5>", "name": "5"}']
     (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
     args = ["-m", tiny_single_file, *TINY, "--lora-dir", tmp_path / "loras"]
-    together = invoke("generate", "--prompts", tmp_path / "all.jsonl", *args, "-o", f"{tmp_path / 'together'}/{{name}}.png",
-                      env=env)
+    together = invoke("generate", "--prompts", tmp_path / "all.jsonl", *args, "--json",
+                      "-o", f"{tmp_path / 'together'}/{{name}}.png", env=env)
     assert together.exit_code == 0, together.output
+    merged = {r["prompt"]: [Path(lora["path"]).name for lora in r.get("loras", [])] for r in records(together)}
+    assert merged == {"a cat <lora:a:0.9>": ["a.safetensors"], "a dog <lora:b:0.5>": ["b.safetensors"],
+                      "a cow <lora:a:0.9>": ["a.safetensors"], "a hen": [], "a pig <lora:b:0.5>": ["b.safetensors"]}
     assert together.stderr.count("merged LoRA a") == 1 and together.stderr.count("merged LoRA b") == 1
     assert together.stderr.count("loaded tiny-sd1") == 3  # one load a set: {a}, {b}, {}
     for line in lines:

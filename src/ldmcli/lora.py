@@ -55,11 +55,7 @@ import torch
 
 from ldmcli.checkpoint import read_safetensors_metadata, read_state_dict
 from ldmcli.errors import CheckpointError, LdmError, name_keys
-
-
-class LoraError(LdmError):
-    """A LoRA/LyCORIS file that cannot be used: unreadable, keys of unknown kinds, factors that do not
-    fit together, layers this model does not have (another family's LoRA), or a bad weight. Exit 2."""
+from ldmcli.lora_uses import LoraError, tag_weights  # noqa: F401  (A1111's tag weights; re-exported)
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
@@ -697,33 +693,3 @@ def _family_guess(lora: LoraFile) -> str | None:
 
 
 # --- A1111's tag ----------------------------------------------------------------------------------------
-
-
-def tag_weights(args: Sequence[str]) -> tuple[float, float]:
-    """(text-encoder weight, U-Net weight) of `<lora:NAME:args...>` as A1111 reads them: positional
-    `W` sets both, a second positional sets the U-Net's; `te=W1`, `unet=W2` override. A1111's `dyn=`
-    (DyLoRA rank) and block weights are refused, not ignored."""
-    positional, named = [], {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if eq:
-            named[key.strip()] = value
-        else:
-            positional.append(arg)
-    unknown = sorted(set(named) - {"te", "unet"})
-    if unknown or len(positional) > 2:
-        what = f"{unknown[0]}=" if unknown else f"a third argument {positional[2]!r}"
-        raise LoraError(f"<lora:...:{':'.join(args)}>: {what} is not supported (weights: W, W_te:W_unet, te=W, unet=W)")
-    te = _weight(named.get("te", positional[0] if positional else "1"), args)
-    unet = _weight(named["unet"], args) if "unet" in named else _weight(positional[1], args) if len(positional) > 1 else te
-    return te, unet
-
-
-def _weight(text: str, args: Sequence[str]) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise LoraError(f"<lora:...:{':'.join(args)}>: {text!r} is not a weight (a finite number)")
-    return value

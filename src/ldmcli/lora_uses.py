@@ -5,19 +5,26 @@ extension's, is the same thing, as in A1111 1.5+), in order; ``--lora`` and a JS
 add such tags to the prompt (`with_lora_tags`), so the prompt is their one home and an A1111 text of the
 image names them as A1111 does. Tags in the negative prompt are words, as in A1111. Names are found
 by `models_dir.resolve_extra` (``--lora-dir``, ``$LDM_LORA_DIR``, ``loras/`` beside the models) before any
-model is loaded; the merge itself is `lora.apply_loras`.
+model is loaded; the merge itself is `lora.apply_loras`. No torch here: prompts are read before
+anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmcli.lora import LoraError, tag_weights
+from ldmcli.errors import LdmError
 from ldmcli.prompt_syntax import extra_network_tags
 
 LORA_TAG_KINDS = ("lora", "lyco")
+
+
+class LoraError(LdmError):
+    """A LoRA/LyCORIS file that cannot be used: unreadable, keys of unknown kinds, factors that do not
+    fit together, layers this model does not have (another family's LoRA), or a bad weight. Exit 2."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ def check_lora_spec(spec: str) -> str:
 
 
 def resolve_loras(prompt: str, lora_dir: Path | None = None) -> LoraSet:
-    """The LoRAs `prompt` names, each found as a file and its weights read (A1111's rules: `lora.tag_weights`).
+    """The LoRAs `prompt` names, each found as a file and its weights read (A1111's rules: `tag_weights`).
 
     The same file named twice is merged twice, as A1111 applies each tag. Raises LoraError for weights
     it cannot read and ModelNotFoundError for a name it cannot find.
@@ -72,3 +79,33 @@ def resolve_loras(prompt: str, lora_dir: Path | None = None) -> LoraSet:
         te, unet = tag_weights(args)
         uses.append(LoraUse(name, resolve_extra("lora", name, lora_dir).resolve(), te, unet))
     return tuple(uses)
+
+
+def tag_weights(args: Sequence[str]) -> tuple[float, float]:
+    """(text-encoder weight, U-Net weight) of `<lora:NAME:args...>` as A1111 reads them: positional
+    `W` sets both, a second positional sets the U-Net's; `te=W1`, `unet=W2` override. A1111's `dyn=`
+    (DyLoRA rank) and block weights are refused, not ignored."""
+    positional, named = [], {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq:
+            named[key.strip()] = value
+        else:
+            positional.append(arg)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown or len(positional) > 2:
+        what = f"{unknown[0]}=" if unknown else f"a third argument {positional[2]!r}"
+        raise LoraError(f"<lora:...:{':'.join(args)}>: {what} is not supported (weights: W, W_te:W_unet, te=W, unet=W)")
+    te = _weight(named.get("te", positional[0] if positional else "1"), args)
+    unet = _weight(named["unet"], args) if "unet" in named else _weight(positional[1], args) if len(positional) > 1 else te
+    return te, unet
+
+
+def _weight(text: str, args: Sequence[str]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise LoraError(f"<lora:...:{':'.join(args)}>: {text!r} is not a weight (a finite number)")
+    return value

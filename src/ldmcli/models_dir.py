@@ -207,14 +207,15 @@ def resolve_extra(kind: str, name: str, explicit: Path | None = None) -> Path:
             check_regular_file(path, CheckpointError)
         return path
     candidates = list_extras(kind, explicit)
-    for wanted in (name, name.casefold()):
-        hits = [p for p in candidates if wanted in ({extra_name(p), p.name} if wanted == name else
-                                                    {extra_name(p).casefold(), p.name.casefold()})]
-        if len(hits) == 1 or (hits and wanted == name):
-            return hits[0]
-        if len(hits) > 1:
-            raise ModelNotFoundError(f"{info.label} {name!r}: more than one matches ignoring case "
-                                     f"({', '.join(str(p) for p in hits[:4])}): give its exact name or path")
+    exact = [p for p in candidates if name in (extra_name(p), p.name)]
+    if exact:
+        return exact[0]  # the first folder's, as models are found
+    folded = [p for p in candidates if name.casefold() in (extra_name(p).casefold(), p.name.casefold())]
+    if len(folded) == 1:
+        return folded[0]
+    if folded:
+        raise ModelNotFoundError(f"{info.label} {name!r}: more than one matches ignoring case "
+                                 f"({', '.join(str(p) for p in folded[:4])}): give its exact name or path")
     dirs = extra_dirs(kind, explicit)
     where = (f"not in {', '.join(str(d) for d in dirs)}" if dirs else
              f"no {info.label} folder exists ({info.flag}, ${info.env}, or {info.subfolders[0]}/ beside the models)")
