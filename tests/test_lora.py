@@ -578,20 +578,58 @@ def test_pickled_lora_reads_like_safetensors(sd1, tmp_path):
     assert all(torch.equal(ca.unet[k], cb.unet[k]) for k in ca.unet)
 
 
-def test_merge_keeps_the_dtype_adds_in_float32_and_keeps_the_original(sd1, tmp_path):
-    """fp16 weights: the change is added to the weight upcast to fp32, then rounded once."""
+@pytest.mark.parametrize("block_rows", [None, 1, 3])
+def test_merge_adds_in_float32_rounds_once_and_writes_in_place(block_rows, sd1, tmp_path, monkeypatch):
+    """fp16 weights: the change is added to the weight upcast to fp32, then rounded once, written into
+    the weight itself (no second copy of it), a block of rows at a time (here also 1 and 3 rows per
+    block: 3 leaves a ragged last block of the 32 rows)."""
+    import ldmcli.lora
+
     folder, base = sd1
     layers = _layers(base.unet, r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q$")
     written = kohya_file(tmp_path / "q.safetensors", {"lora_unet_": layers}, seed=12, alphas=(2.0,))
     components = read_components(folder, dtype=torch.float16)
     key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
-    kept = dict(components.unet)  # what a caller keeps to merge another set of LoRAs later
-    before = kept[key].clone()
+    weight = components.unet[key]
+    if block_rows is not None:
+        monkeypatch.setattr(ldmcli.lora, "MERGE_BLOCK_BYTES", 4 * weight.shape[1] * block_rows)
+    before = weight.clone()
     apply_loras(components, [(read_lora(tmp_path / "q.safetensors"), 1.0, 0.5)])
     factors, alpha = written["lora_unet_"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     want = (before.float() + 0.5 * lora_change(factors, alpha, before.shape)).half()
-    assert components.unet[key].dtype == torch.float16 and torch.equal(components.unet[key], want)
-    assert torch.equal(kept[key], before)  # the original tensor was replaced, never written to
+    assert components.unet[key] is weight and weight.dtype == torch.float16 and torch.equal(weight, want)
+
+
+def test_merge_never_writes_through_to_another_key(sd1, tmp_path):
+    """Two keys in one storage (as a pickle may store tied weights): merging into one copies it first,
+    the other keeps its values; a fused q/k/v split into non-overlapping views is written in place."""
+    folder, base = sd1
+    layers = _layers(base.unet, r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q$")
+    kohya_file(tmp_path / "q.safetensors", {"lora_unet_": layers}, seed=13)
+    components = read_components(folder)
+    q, k = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", "input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    components.unet[k] = components.unet[q]  # the same tensor under two keys
+    before = components.unet[k].clone()
+    apply_loras(components, [(read_lora(tmp_path / "q.safetensors"), 1.0, 1.0)])
+    assert torch.equal(components.unet[k], before) and not torch.equal(components.unet[q], before)
+
+    components = read_components(folder)
+    fused = torch.cat([components.unet[q], components.unet[k]])  # q and k as views of one tensor
+    components.unet[q], components.unet[k] = fused[: len(fused) // 2], fused[len(fused) // 2:]
+    before = fused.clone()
+    apply_loras(components, [(read_lora(tmp_path / "q.safetensors"), 1.0, 1.0)])
+    assert components.unet[q].data_ptr() == fused.data_ptr() and not torch.equal(fused[: len(fused) // 2], before[: len(fused) // 2])
+    assert torch.equal(components.unet[k], before[len(fused) // 2:])
+
+
+def test_safetensors_factors_are_read_when_merged(sd1, tmp_path):
+    """A .safetensors LoRA is read without its factors (only their shapes, and the alphas' values):
+    the merge reads each layer's from the file, so the whole file is never in memory at once."""
+    folder, base = sd1
+    kohya_file(tmp_path / "k.safetensors", {"lora_unet_": _layers(base.unet, r"attn2")}, seed=14, alphas=(3.0,))
+    lora = read_lora(tmp_path / "k.safetensors")
+    assert lora.lazy and lora.adapters and all(t.is_meta for a in lora.adapters for t in a.tensors.values())
+    assert {a.alpha for a in lora.adapters} == {3.0}
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -62,26 +62,42 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str,
     to own the memory) peaks at twice the weights. Reading into one tensor at a time peaks at the
     weights plus the largest tensor; the file's pages stay in the page cache for the next run.
     """
-    with _open_safetensors(path) as f:  # validates the header and the file's length first
-        keys = list(f.keys())
-    with open(path, "rb") as stream:
+    with SafetensorsReader(path) as reader:
+        return {key: reader.read(key, dtype) for key in reader.keys}
+
+
+class SafetensorsReader:
+    """The tensors of one safetensors file, read on demand by plain file reads (`_read_safetensors`
+    says why not by memory map); a context manager that keeps the file open between reads."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with _open_safetensors(self.path) as f:  # validates the header and the file's length first
+            self.keys = list(f.keys())
+        self._stream = open(self.path, "rb")
         # The format: an unsigned 64-bit little-endian header length N, N bytes of JSON header
         # ({name: {"dtype", "shape", "data_offsets": [begin, end]}} relative to the data), the data.
-        header_len = int.from_bytes(stream.read(8), "little")
-        header = loads_json(stream.read(header_len))
-        data_start = 8 + header_len
-        tensors = {}
-        for key in keys:
-            entry = header[key]
-            file_dtype = _loadable_dtype(path, key, entry["dtype"])
-            begin, end = entry["data_offsets"]
-            buffer = bytearray(end - begin)
-            stream.seek(data_start + begin)
-            if stream.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"{path}: truncated while reading {key}")
-            tensor = torch.frombuffer(buffer, dtype=file_dtype) if buffer else torch.empty(0, dtype=file_dtype)
-            tensors[key] = _cast(tensor.reshape(entry["shape"]), dtype)
-        return tensors
+        header_len = int.from_bytes(self._stream.read(8), "little")
+        self._header = loads_json(self._stream.read(header_len))
+        self._data_start = 8 + header_len
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stream.close()
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `key`, its own memory, floating point cast to `dtype` if given."""
+        entry = self._header[key]
+        file_dtype = _loadable_dtype(self.path, key, entry["dtype"])
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        self._stream.seek(self._data_start + begin)
+        if self._stream.readinto(buffer) != len(buffer):
+            raise CheckpointError(f"{self.path}: truncated while reading {key}")
+        tensor = torch.frombuffer(buffer, dtype=file_dtype) if buffer else torch.empty(0, dtype=file_dtype)
+        return _cast(tensor.reshape(entry["shape"]), dtype)
 
 
 def _read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 - `choose_dtype(device, requested)`: bf16 on CPUs with bf16 dot-product units (AMX, AVX512-BF16),
   fp32 on other CPUs; bf16 on CUDA GPUs with native bf16 (Ampere+), fp16 on older ones; fp16 on MPS.
 - `configure_threads(n)`: intra-op threads, at most `max_threads()`.
+- `return_freed_memory()`: give the process's freed heap pages back to the OS (glibc).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from ldmcli.limits import MAX_THREADS_PER_CPU
 
-__all__ = ["DTYPES", "MAX_THREADS_PER_CPU", "choose_dtype", "configure_threads", "cpu_bf16_units", "max_threads"]
+__all__ = ["DTYPES", "MAX_THREADS_PER_CPU", "choose_dtype", "configure_threads", "cpu_bf16_units", "max_threads",
+           "return_freed_memory"]
 
 
 def cpu_bf16_units() -> str | None:
@@ -96,3 +98,23 @@ def configure_threads(threads: int | None = None) -> int:
             raise ValueError(f"threads must be 1 to {max_threads()} ({MAX_THREADS_PER_CPU} per CPU), got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB) in the heap for reuse, so a
+    transient allocation of many such tensors (a LoRA's factors while they are merged) would stay in
+    the RSS through sampling and add to the run's peak; trimming returns those pages at once.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)

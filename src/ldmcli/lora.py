@@ -7,8 +7,9 @@ names it plus the factors that make its weight change, and the file's safetensor
 finds every layer's tensor among the canonical `Components` names, checks that every change fits
 (all LoRAs first, so a LoRA for another family is refused before anything changes), then adds
 each change in float32 to the weight upcast to float32 and stores it back in the weight's dtype,
-as a new tensor in the Components dict: no tensor is ever written to, so a caller that kept a
-shallow copy of the dicts still has the original weights to merge another set of LoRAs exactly.
+in place, a block of rows at a time, so merging holds no second copy of any weight (the goal: peak
+memory grows by no more than the LoRA file). Components are the caller's own fresh copy of the
+weights; another set of LoRAs is merged into freshly read weights (`run.py`), never subtracted.
 
 Key layouts (the part before the role is the module, the role says which factor):
 
@@ -48,12 +49,13 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ldmcli.checkpoint import read_safetensors_metadata, read_state_dict
+from ldmcli.checkpoint import SafetensorsReader, read_safetensors_metadata, read_state_dict
 from ldmcli.errors import CheckpointError, LdmError, name_keys
 from ldmcli.lora_uses import LoraError, tag_weights  # noqa: F401  (A1111's tag weights; re-exported)
 
@@ -157,12 +159,13 @@ class Adapter:
     name: str  # the module as the file names it, network prefix removed (underscored for kohya keys)
     kohya: bool  # kohya-style name (dots written as underscores)
     kind: str  # "lora" | "loha" | "lokr" | "full"
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # role -> factor; shape-only (meta) while the file is `lazy`
     alpha: float | None
     label: str  # the file's spelling of the module, for messages
     scale: float = 1.0  # alpha / rank as the kind defines it; the user's weight comes on top
     shape: tuple[int, ...] = ()  # shape of the weight change (before fitting it to the layer)
     bias_shape: tuple[int, ...] | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # role -> the file's key
 
 
 @dataclass
@@ -170,6 +173,9 @@ class LoraFile:
     path: Path
     adapters: list[Adapter]
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header (kohya's ss_* keys)
+    # Factors not read yet: the adapters hold shape-only tensors and `apply_loras` reads each layer's
+    # factors from `path` when it merges that layer, so the file is never in memory whole.
+    lazy: bool = False
 
     @property
     def name(self) -> str:
@@ -222,9 +228,13 @@ def read_lora(path: Path | str) -> LoraFile:
         raise LoraError(f"{path}: no such LoRA file")
     if path.suffix.lower() not in LORA_SUFFIXES:
         raise LoraError(f"{path}: not a LoRA file (ldm reads {', '.join(LORA_SUFFIXES)})")
+    lazy = path.suffix == ".safetensors"
     try:
-        metadata = read_safetensors_metadata(path) if path.suffix.lower() == ".safetensors" else {}
-        tensors = read_state_dict(path)
+        metadata = read_safetensors_metadata(path) if lazy else {}
+        tensors = read_state_dict(path, meta=lazy)
+        if lazy:  # scalars (alphas) now, for their values; factors when merged
+            with SafetensorsReader(path) as reader:
+                tensors.update({key: reader.read(key) for key, t in tensors.items() if t.numel() <= 1})
     except CheckpointError as exc:
         # torch >= 2.6 names what a pickle wanted on a later line than checkpoint.py reads
         wanted = re.search(r"unsupported GLOBAL (\S+)", str(exc.__cause__ or ""))
@@ -232,7 +242,9 @@ def read_lora(path: Path | str) -> LoraFile:
             raise LoraError(f"{path}: refused to unpickle: it needs more than tensors (it wants {wanted.group(1)}); "
                             "convert it to .safetensors with a tool you trust") from exc
         raise LoraError(str(exc)) from exc
-    return parse_lora(tensors, path, metadata)
+    lora = parse_lora(tensors, path, metadata)
+    lora.lazy = lazy
+    return lora
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> LoraFile:
@@ -323,9 +335,10 @@ def _adapter(path: Path, network: str, name: str, kohya: bool, roles: dict, peft
     if missing:
         have = ", ".join(sorted(k for _, _, k in roles.values()))
         raise LoraError(f"{path}: {label}: a {kind} layer without its {' or '.join(missing[0])} factor (has {have})")
-    tensors = {}
+    tensors, keys = {}, {}
     alpha = None
     for role, (_, tensor, key) in roles.items():
+        keys[role] = key
         if role == "alpha":
             if tensor.numel() != 1 or tensor.is_complex():
                 raise LoraError(f"{path}: {key} has shape {list(tensor.shape)}; an alpha is one number")
@@ -341,7 +354,8 @@ def _adapter(path: Path, network: str, name: str, kohya: bool, roles: dict, peft
             tensors[role] = tensor
     if kind == "lokr" and "t2" in tensors and not ("w2a" in tensors and "w2b" in tensors):
         raise LoraError(f"{path}: {label}: lokr_t2 without lokr_w2_a and lokr_w2_b")
-    adapter = Adapter(network=network, name=name, kohya=kohya, kind=kind, tensors=tensors, alpha=alpha, label=label)
+    adapter = Adapter(network=network, name=name, kohya=kohya, kind=kind, tensors=tensors, alpha=alpha, label=label,
+                      keys=keys)
     adapter.scale = _scale(adapter, peft_config)
     _check_factors(path, adapter)
     return adapter
@@ -577,11 +591,11 @@ def apply_loras(components, loras: Sequence[tuple[LoraFile, float, float]], *, s
     weight, U-Net weight). Every layer of every file is found and checked first; any layer that
     matches nothing, or whose change does not fit its weight, raises one LoraError and nothing is
     changed. Then, per weight, the changes of all files are added in float32 (weight upcast) and
-    the sum stored back in the weight's dtype, as a new tensor (the original is not written to).
+    the sum stored back in the weight's dtype, in place (`_merge`).
     A weight of 0 changes nothing (its layers are still checked). `spec`: the model's ModelSpec if
     already detected (its U-Net structure names diffusers-style U-Net layers; detected otherwise)."""
     targets = _Targets(components, spec)
-    plan: dict[tuple[str, str], list[tuple[Adapter, float, str]]] = {}
+    plan: dict[tuple[str, str], list[tuple[LoraFile, Adapter, float, str]]] = {}
     reports = []
     for lora, te_weight, unet_weight in loras:
         for weight in (te_weight, unet_weight):
@@ -596,38 +610,95 @@ def apply_loras(components, loras: Sequence[tuple[LoraFile, float, float]], *, s
             if multiplier == 0:
                 continue
             if adapter.shape:
-                plan.setdefault((adapter.network, module + ".weight"), []).append((adapter, multiplier, "weight"))
+                plan.setdefault((adapter.network, module + ".weight"), []).append((lora, adapter, multiplier, "weight"))
             if adapter.bias_shape is not None:
-                plan.setdefault((adapter.network, module + ".bias"), []).append((adapter, multiplier, "bias"))
+                plan.setdefault((adapter.network, module + ".bias"), []).append((lora, adapter, multiplier, "bias"))
         reports.append(AppliedLora(lora.path, lora.format, float(te_weight), float(unet_weight), layers))
     networks = components.networks
-    # One float32 buffer, as large as the largest weight, holds each weight while its changes are added
-    # (fresh allocations, page-faulted in one by one, cost more than the arithmetic).
-    largest = max((networks[n][k].numel() for n, k in plan), default=0)
-    scratch = torch.empty(largest, dtype=torch.float32)
-    with torch.no_grad():
+    overlapping = {network: _shared_storage(networks[network]) for network in {n for n, _ in plan}}
+    largest = max((networks[n][k][0].numel() if networks[n][k].dim() else 1 for n, k in plan), default=1)
+    scratch = torch.empty(max(largest, MERGE_BLOCK_BYTES // 4), dtype=torch.float32)  # at least one row
+    with ExitStack() as stack, torch.no_grad():
+        readers = {id(lora): stack.enter_context(_reader(lora)) for lora, *_ in loras if lora.lazy}
         for (network, key), changes in plan.items():
             tensors = networks[network]
-            original = tensors[key]
-            merged = scratch[: original.numel()].view(original.shape).copy_(original)
-            for adapter, multiplier, part in changes:
-                _add_change(merged, adapter, part, multiplier * adapter.scale)
-            # a new tensor: the original is never written to, so a caller holding it can merge again
-            tensors[key] = merged.to(original.dtype, copy=True)
+            if key in overlapping[network] or not tensors[key].is_contiguous():
+                tensors[key] = tensors[key].clone()  # never write through to another key's storage
+            _merge(tensors[key], [(_factors(adapter, readers.get(id(lora))), adapter.kind, part, multiplier * adapter.scale)
+                                  for lora, adapter, multiplier, part in changes], scratch)
     return reports
 
 
-def _add_change(merged: torch.Tensor, adapter: Adapter, part: str, scale: float) -> None:
-    """merged += scale * the adapter's change (float32). A plain LoRA's is one fused addmm on the
-    weight seen as [out, in * kh * kw], the layout of up @ down with conv kernels flattened."""
-    t = adapter.tensors
-    if part == "weight" and adapter.kind == "lora" and "mid" not in t:
-        up, down = t["up"], t["down"]
-        merged.view(merged.shape[0], -1).addmm_(up.reshape(up.shape[0], -1).float(),
-                                                down.reshape(down.shape[0], -1).float(), alpha=scale)
-        return
-    weight, bias = _delta(adapter.kind, t)
-    merged.add_((weight if part == "weight" else bias).reshape(merged.shape), alpha=scale)
+@contextmanager
+def _reader(lora: LoraFile):
+    try:
+        with SafetensorsReader(lora.path) as reader:
+            yield reader
+    except CheckpointError as exc:  # changed since it was read
+        raise LoraError(str(exc)) from exc
+
+
+def _factors(adapter: Adapter, reader: SafetensorsReader | None) -> dict[str, torch.Tensor]:
+    """The adapter's factors, read from its file if the file was read lazily."""
+    if reader is None:
+        return adapter.tensors
+    try:
+        factors = {role: reader.read(adapter.keys[role]) for role in adapter.tensors}
+    except CheckpointError as exc:
+        raise LoraError(str(exc)) from exc
+    if any(factors[role].shape != t.shape for role, t in adapter.tensors.items()):
+        raise LoraError(f"{reader.path}: changed while being merged ({adapter.label})")
+    return factors
+
+
+# Rows of a weight upcast to float32 at once while changes are added: small enough that merging
+# adds ~nothing to peak memory, large enough that each addmm is a real matrix product.
+MERGE_BLOCK_BYTES = 4 * 1024**2
+
+
+def _merge(weight: torch.Tensor, changes: list[tuple[dict[str, torch.Tensor], str, str, float]],
+           scratch: torch.Tensor) -> None:
+    """weight += sum of scale * change, summed in float32 on the weight upcast to float32 and
+    rounded to the weight's dtype once, written in place a block of rows at a time through
+    `scratch` (float32, MERGE_BLOCK_BYTES). `changes`: per change its factors (role -> tensor), kind,
+    part ("weight"/"bias") and scale. A plain LoRA's change is one addmm per block (up[rows] @ down,
+    conv kernels flattened); other kinds' change is made whole, then added block by block."""
+    rows = weight.view(weight.shape[0], -1)
+    adds = []  # per change: block, first row, last row -> block += scale * the change's rows
+    for t, kind, part, scale in changes:
+        if part == "weight" and kind == "lora" and "mid" not in t:
+            up = t["up"].reshape(t["up"].shape[0], -1).float()
+            down = t["down"].reshape(t["down"].shape[0], -1).float()
+            adds.append(lambda block, a, b, up=up, down=down, scale=scale: block.addmm_(up[a:b], down, alpha=scale))
+        else:
+            weight_change, bias_change = _delta(kind, t)
+            whole = (weight_change if part == "weight" else bias_change).reshape(rows.shape)
+            adds.append(lambda block, a, b, whole=whole, scale=scale: block.add_(whole[a:b], alpha=scale))
+    step = max(1, scratch.numel() // rows.shape[1])
+    for a in range(0, rows.shape[0], step):
+        b = min(a + step, rows.shape[0])
+        block = scratch[: (b - a) * rows.shape[1]].view(b - a, rows.shape[1]).copy_(rows[a:b])
+        for add in adds:
+            add(block, a, b)
+        rows[a:b] = block  # rounded to the weight's dtype once
+
+
+def _shared_storage(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The keys whose tensor shares its storage with another key's: a pickle may store two keys in one
+    storage, and a fused q/k/v split on reading leaves views of one tensor. Such a tensor is written in
+    place only if its bytes overlap no other's (the split views do not); otherwise it is copied first."""
+    by_storage: dict[int, list[str]] = {}
+    for key, tensor in tensors.items():
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(key)
+    shared = set()
+    for keys in by_storage.values():
+        reach, reaching = -1, None  # the furthest end of the spans so far, and whose it is
+        for begin, end, key in sorted((tensors[k].data_ptr(), tensors[k].data_ptr() + tensors[k].nbytes, k) for k in keys):
+            if begin < reach:
+                shared.update((key, reaching))
+            if end > reach:
+                reach, reaching = end, key
+    return shared
 
 
 def _check_fits(lora: LoraFile, components, targets: _Targets) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ldmcli.detect import ModelSpec, detect_spec
-from ldmcli.device import dtype_name
+from ldmcli.device import dtype_name, return_freed_memory
 from ldmcli.errors import CheckpointError, NonFiniteError, name_keys
 from ldmcli.layout import Components, read_components
 from ldmcli.models.clip import CLIPTextModel
@@ -101,6 +101,7 @@ def load(
         notes += replace_vae(components, vae_file)
     if loras:
         apply_loras(components, [(read_lora(use.path), use.te_weight, use.unet_weight) for use in loras])
+        return_freed_memory()  # the factors read while merging, before sampling needs the room
     model = load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
     model.vae_file, model.loras, model.notes = vae_file, tuple(loras), notes
     if embedding_dirs:
