@@ -23,6 +23,10 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
   lora   applying a rank-128 LoRA (kohya layout, every attention and feed-forward linear of the U-Net and
          text encoder, fp16) to the 2.1 GB fp16 file: process start to first step and peak RSS with and
          without `--lora`, the difference being the merge's cost
+  lcm    a whole 512² image from the 2.1 GB fp16 file, process start to PNG: 4 LCM steps at CFG 1 with an
+         LCM-LoRA-shaped LoRA (rank 64 on every linear and convolution of the U-Net, kohya layout, as
+         latent-consistency/lcm-lora-sdv1-5 has them; random weights, so only the time means anything)
+         against 20 DPM++ 2M steps at CFG 7.5 without it
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
   profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
          (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
@@ -422,9 +426,11 @@ def piece_load(results: Results, workdir: Path, runs: int, src: str | None, step
                         f"{r:.2f} GiB; {w:.1f} s", "", "")
 
 
-def write_sd15_lora(path: Path, rank: int = 128) -> Path:
+def write_sd15_lora(path: Path, rank: int = 128, lcm: bool = False) -> Path:
     """A kohya-layout LoRA of `rank` for SD 1.5 (written once): every linear layer of the U-Net's
-    transformer blocks (diffusers' module names, as kohya writes SD 1.x) and of the text encoder, fp16."""
+    transformer blocks (diffusers' module names, as kohya writes SD 1.x) and of the text encoder, fp16.
+    lcm: LCM-LoRA's layers instead: every linear and convolution of the U-Net but conv_in/conv_out
+    (3x3 convolutions as LoCon pairs, down [r, in, 3, 3] and up [out, r, 1, 1]), no text encoder."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
@@ -437,11 +443,20 @@ def write_sd15_lora(path: Path, rank: int = 128) -> Path:
     g = torch.Generator().manual_seed(0)
     tensors = {}
 
-    def add(prefix: str, out_features: int, in_features: int) -> None:
-        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(rank, in_features, generator=g) * 0.01).half()
-        tensors[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, rank, generator=g) * 0.01).half()
+    def add(prefix: str, out_features: int, in_features: int, kernel: tuple[int, ...] = ()) -> None:
+        down = torch.randn(rank, in_features, *kernel, generator=g) * 0.01
+        up = torch.randn(out_features, rank, *(1 for _ in kernel), generator=g) * 0.01
+        tensors[f"{prefix}.lora_down.weight"], tensors[f"{prefix}.lora_up.weight"] = down.half(), up.half()
         tensors[f"{prefix}.alpha"] = torch.tensor(float(rank // 2)).half()
 
+    if lcm:
+        for name, module in unet.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                add("lora_unet_" + name.replace(".", "_"), module.out_features, module.in_features)
+            elif isinstance(module, torch.nn.Conv2d) and name not in ("conv_in", "conv_out"):
+                add("lora_unet_" + name.replace(".", "_"), module.out_channels, module.in_channels, module.kernel_size)
+        save_file(tensors, path)
+        return path
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear) and ".transformer_blocks." in name:
             add("lora_unet_" + name.replace(".", "_"), module.out_features, module.in_features)
@@ -476,6 +491,35 @@ def piece_lora(results: Results, workdir: Path, runs: int) -> None:
     (t0, r0), (t1, r1) = measured.values()
     results.note(f"applying the {size:.0f} MB rank-128 LoRA: +{t1 - t0:.2f} s to the first step, "
                  f"+{(r1 - r0) * 1024:.0f} MB peak RSS")
+
+
+def piece_lcm(results: Results, workdir: Path, runs: int) -> None:
+    from sd15_file import write_sd15_file
+
+    model = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    lora = write_sd15_lora(workdir / "loras" / "lcm-rank64.safetensors", rank=64, lcm=True)
+    size = lora.stat().st_size / 1024**2
+    out = workdir / "out"
+    base = ["generate", "a cat", "-m", str(model), "-s", "1", "-o", str(out) + "/", "--overwrite", "-q",
+            "--width", "512", "--height", "512"]
+    cases = {
+        "20 steps DPM++ 2M, CFG 7.5": ["--steps", "20", "--sampler", "dpmpp_2m", "--cfg-scale", "7.5"],
+        f"LCM-LoRA ({size:.0f} MB, merged), 4 steps LCM, CFG 1": [
+            "--steps", "4", "--sampler", "lcm", "--cfg-scale", "1", "--lora-dir", str(lora.parent), "--lora", lora.stem],
+    }
+    walls: dict[str, list[float]] = {label: [] for label in cases}
+    for i in range(runs + 1):  # interleaved; the first round also warms the page cache
+        for label, extra in cases.items():
+            wall, _, _ = run_child(CHILD_LDM, base + extra)
+            if i:
+                walls[label].append(wall)
+    medians = {label: statistics.median(w) for label, w in walls.items()}
+    for label, w in walls.items():
+        results.add("`ldm generate`, one 512² image from the 2.1 GB fp16 file, process start to PNG", f"ldm {label}",
+                    f"{medians[label]:.1f} ({', '.join(f'{v:.1f}' for v in w)})", "", "")
+    (slow, fast) = medians.values()
+    results.note(f"LCM-LoRA, 4 steps: a whole image in {fast / slow:.2f}x the time of 20 DPM++ 2M steps "
+                 f"({slow / fast:.1f}x faster)")
 
 
 CHILD_DECODE = r"""
@@ -611,6 +655,8 @@ def main() -> None:
         piece_tiles(results, args.workdir)
     if "lora" in pieces:
         piece_lora(results, args.workdir, args.runs)
+    if "lcm" in pieces:
+        piece_lcm(results, args.workdir, args.image_runs)
     if "compile" in pieces:
         piece_compile(results, args.workdir)
     if "profile" in pieces:
