@@ -192,3 +192,63 @@ def test_another_familys_lora_is_a_one_line_error_and_nothing_is_made(tmp_path, 
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1].startswith("ldm: error: ")
     assert not (tmp_path / "o.png").exists()
+
+
+def _a1111_only(png: Path, out: Path) -> Path:
+    """`png` with its A1111 text alone, as A1111 would have saved it (no ldm record)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", Image.open(png).text["parameters"])
+    Image.open(png).save(out, pnginfo=info)
+    return out
+
+
+@pytest.mark.parametrize("record", ["a1111", "ldm"])
+def test_from_png_finds_loras_by_hash_else_by_name_else_says_which(record, tmp_path, tiny_single_file, env):
+    """The LoRA an image records is found by its hash under another name, even with another file of
+    its name present; without a file of that hash the one of its name is used, with a warning; with
+    neither, a one-line error naming it (exit 2), nothing made."""
+    loras = tmp_path / "models" / "loras"
+    film = lora_file(loras / "film.safetensors", 1)
+    made = invoke("generate", "a cat", "-m", tiny_single_file, *TINY, "--lora", "film:0.7", "-o", tmp_path / "made.png",
+                  env=env)
+    assert made.exit_code == 0, made.output
+    png = _a1111_only(tmp_path / "made.png", tmp_path / "a1111.png") if record == "a1111" else tmp_path / "made.png"
+    film.rename(loras / "renamed.safetensors")
+    decoy = lora_file(loras / "film.safetensors", 9)  # same name, other weights
+    again = invoke("generate", "--from-png", png, "-m", tiny_single_file, "--dtype", "fp32", "--json",
+                   "-o", tmp_path / "again.png", env=env)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "made.png"))
+    assert [Path(u["path"]).name for u in records(again)[0]["loras"]] == ["renamed.safetensors"]
+    assert "warning" not in again.stderr
+
+    (loras / "renamed.safetensors").unlink()
+    by_name = invoke("generate", "--from-png", png, "-m", tiny_single_file, "--dtype", "fp32", "-o", tmp_path / "n.png",
+                     env=env)
+    assert by_name.exit_code == 0, by_name.output
+    assert f"no file ldm can find has that hash: using {decoy}, of the same name" in by_name.stderr
+    assert not np.array_equal(pixels(tmp_path / "n.png"), pixels(tmp_path / "made.png"))
+
+    decoy.unlink()
+    missing = invoke("generate", "--from-png", png, "-m", tiny_single_file, "-o", tmp_path / "x.png", env=env)
+    assert missing.exit_code == 2 and "the image was made with LoRA 'film'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("value, read", [
+    ("film: 0123456789ab", {"film": "0123456789ab"}),
+    ("film: 0123456789AB, my lora: abcdef012345", {"film": "0123456789ab", "my lora": "abcdef012345"}),
+    ("film", {}), ("film: not-hex, ok: 12ab", {"ok": "12ab"}), (": 12ab", {}), ("", {}),
+])
+def test_lora_hashes_are_read_as_a1111_writes_them(value, read):
+    from ldmcli.lora_uses import read_hashes
+
+    assert read_hashes(value) == read
+
+
+def test_lora_names_lose_colons_and_commas_in_lora_hashes_as_in_a1111():
+    from ldmcli.lora_uses import hashes_name
+
+    assert hashes_name("a:b,c d") == "abc d"

@@ -259,9 +259,10 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
 
             vae_path = resolve_extra("vae", vae, vae_dir)
         elif from_png is not None and (recorded.get("vae_name") or recorded.get("vae_hash")):
-            from ldmcli.models_dir import find_recorded_extra
-
-            vae_path = find_recorded_extra("vae", recorded.get("vae_name"), recorded.get("vae_hash"), vae_dir)
+            vae_path = _recorded_extra(from_png, "vae", recorded.get("vae_name"), recorded.get("vae_hash"), vae_dir, quiet)
+        lora_files = {}
+        if from_png is not None and recorded.get("lora_hashes"):
+            lora_files = _loras_for_png(from_png, jobs[0].request.prompt, recorded["lora_hashes"], lora_dir, quiet)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -274,7 +275,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             device=device, dtype=run_dtype, batch_size=batch_size, prediction=prediction_type, overwrite=overwrite, skip_existing=skip_existing,
             compile=compile_, tile_vae=tile_vae, threads=threads, max_pixels=max_pixels,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
-            vae=vae_path, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+            vae=vae_path, lora_dir=lora_dir, lora_files=lora_files, embeddings_dir=embeddings_dir,
         )
         defaults = recommended_defaults(model_file, prediction_type)
         if any("clip_skip" in job.a1111 and job.request.clip_skip != 1 for job in jobs):
@@ -303,6 +304,32 @@ def _prompt_file_note(text: str) -> str:
 
     return (f'note: the prompt "{printable(text, 120)}" is the name of a file: it is used as the prompt\'s text, '
             f"not read; --prompts {printable(shlex.quote(text), 120)} reads prompts from the file")
+
+
+def _recorded_extra(png: Path, kind: str, name: str | None, recorded_hash: str | None, folder: Path | None,
+                    quiet: bool) -> Path:
+    """The LoRA or VAE file `png` records, found by hash, else by name (warned: the image may differ)."""
+    from ldmcli.models_dir import EXTRA_KINDS, find_recorded_extra
+
+    found = find_recorded_extra(kind, name, recorded_hash, folder)
+    if found.by == "name" and recorded_hash and not quiet:
+        _tell(f"ldm: warning: {png} was made with {EXTRA_KINDS[kind].label} {name} of hash {recorded_hash}; no file "
+              f"ldm can find has that hash: using {found.path}, of the same name: the image may differ")
+    return found.path
+
+
+def _loras_for_png(png: Path, prompt: str, hashes: dict[str, str], folder: Path | None, quiet: bool) -> dict[str, Path]:
+    """The files of the LoRAs `png`'s prompt names whose hashes it records (A1111's "Lora hashes", ldm's
+    record): tag name -> file, each found by its hash, else by its name (`_recorded_extra`). Tags
+    without a recorded hash are found by name when the run loads them, as any prompt's are."""
+    from ldmcli.lora_uses import hashes_name, lora_tags
+
+    files = {}
+    for name, _ in lora_tags(prompt):
+        recorded_hash = hashes.get(hashes_name(name))
+        if recorded_hash and name not in files:
+            files[name] = _recorded_extra(png, "lora", name, recorded_hash, folder, quiet)
+    return files
 
 
 def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: str | None, quiet: bool) -> Path:

@@ -12,7 +12,7 @@ anything heavy is imported.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,23 @@ LoraSet = tuple[LoraUse, ...]
 """The LoRAs a job merges into the model, in the order its prompt names them; () for none."""
 
 
+def hashes_name(name: str) -> str:
+    """A LoRA's name as A1111 writes it in "Lora hashes" (and reads it back): without ':' and ','."""
+    return name.replace(":", "").replace(",", "")
+
+
+def read_hashes(value: str) -> dict[str, str]:
+    """A1111's "Lora hashes" value, ``name: hash, name: hash``, as {name: hash}; entries that are not
+    ``name: hex digits`` are left out (their LoRAs are then found by name alone)."""
+    found = {}
+    for entry in value.split(","):
+        name, colon, digest = entry.rpartition(":")
+        digest = digest.strip().lower()
+        if colon and name.strip() and digest and all(c in "0123456789abcdef" for c in digest):
+            found[name.strip()] = digest
+    return found
+
+
 def lora_tags(prompt: str) -> list[tuple[str, tuple[str, ...]]]:
     """(name, arguments) of each LoRA tag of `prompt`, in order."""
     _, tags = extra_network_tags(prompt)
@@ -66,8 +83,9 @@ def check_lora_spec(spec: str) -> str:
     return spec
 
 
-def resolve_loras(prompt: str, lora_dir: Path | None = None) -> LoraSet:
+def resolve_loras(prompt: str, lora_dir: Path | None = None, found: Mapping[str, Path] | None = None) -> LoraSet:
     """The LoRAs `prompt` names, each found as a file and its weights read (A1111's rules: `tag_weights`).
+    `found`: tag names whose files are known already (--from-png's, found by hash).
 
     The same file named twice is merged twice, as A1111 applies each tag. Raises LoraError for weights
     it cannot read and ModelNotFoundError for a name it cannot find.
@@ -77,7 +95,8 @@ def resolve_loras(prompt: str, lora_dir: Path | None = None) -> LoraSet:
     uses = []
     for name, args in lora_tags(prompt):
         te, unet = tag_weights(args)
-        uses.append(LoraUse(name, resolve_extra("lora", name, lora_dir).resolve(), te, unet))
+        path = (found or {}).get(name) or resolve_extra("lora", name, lora_dir)
+        uses.append(LoraUse(name, Path(path).resolve(), te, unet))
     return tuple(uses)
 
 

@@ -194,11 +194,13 @@ def additions_record(model, request) -> dict:
 
 def _additions_a1111(record: Mapping) -> tuple[dict[str, str], dict[str, str]]:
     """The additions' A1111 keys: (those written after the model's, those written before the version)."""
+    from ldmcli.lora_uses import hashes_name
+
     vae = record.get("vae")
     after_model = {"VAE hash": vae["hash"], "VAE": vae["name"]} if vae else {}
     last = {}
     if record.get("loras"):  # one entry a name, as A1111 lists the networks it loaded
-        hashes = {lora["name"]: lora["hash"] for lora in record["loras"]}
+        hashes = {hashes_name(lora["name"]): lora["hash"] for lora in record["loras"]}
         last["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items())
     if record.get("embeddings"):
         last["TI hashes"] = ", ".join(f"{e['name']}: {e['hash']}" for e in record["embeddings"])
@@ -314,6 +316,14 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
             if not (isinstance(vae, dict) and all(isinstance(vae.get(k), (str, type(None))) for k in ("name", "hash"))):
                 raise ValueError('"vae" must be an object with a "name" and a "hash" (strings)')
             model.update(vae_name=vae.get("name"), vae_hash=vae.get("hash"))
+        loras = record.get("loras")
+        if loras is not None:
+            if not (isinstance(loras, list) and all(isinstance(u, dict) and isinstance(u.get("name"), str)
+                                                     and isinstance(u.get("hash"), str) for u in loras)):
+                raise ValueError('"loras" must be a list of objects with a "name" and a "hash" (strings)')
+            from ldmcli.lora_uses import hashes_name
+
+            model["lora_hashes"] = {hashes_name(u["name"]): u["hash"].strip().lower() for u in loras}
         return PngParameters(ImageRequest.from_mapping(values, where), frozenset(values), model)
     except (ValueError, TypeError) as exc:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
@@ -382,6 +392,10 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     model = {"name": params.get("Model"), "hash": params.get("Model hash")}
     if "VAE" in params or "VAE hash" in params:
         model.update(vae_name=params.get("VAE"), vae_hash=params.get("VAE hash"))
+    if params.get("Lora hashes"):
+        from ldmcli.lora_uses import read_hashes
+
+        model["lora_hashes"] = read_hashes(params["Lora hashes"])
     return PngParameters(
         ImageRequest(**values), frozenset(values), model,
         notes=tuple(notes), a1111=frozenset() if ours else frozenset({"clip_skip"} & values.keys()),
@@ -491,8 +505,8 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Schedule rho": A1111Key(SAMPLER_SETTING, off=("0",)),
     # known, not honoured
     "Denoising strength": A1111Key(SECOND_PASS),
-    "Lora hashes": A1111Key("the prompt's <lora:...> tags name the LoRAs, found by name in the LoRA folders "
-                            "(--lora-dir, loras/)", honoured=True),
+    "Lora hashes": A1111Key("the LoRAs the prompt's <lora:...> tags name are found by these hashes, else by "
+                            "name, in the LoRA folders (--lora-dir, loras/)", honoured=True),
     "TI hashes": A1111Key("the prompt names the embeddings, found by name in the embeddings folders "
                           "(--embeddings-dir, embeddings/)", honoured=True),
     "Hypernet": A1111Key(_HYPERNET),

@@ -222,9 +222,16 @@ def resolve_extra(kind: str, name: str, explicit: Path | None = None) -> Path:
     raise ModelNotFoundError(f"{info.label} {name!r} not found: not a path, and {where}")
 
 
-def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, explicit: Path | None = None) -> Path:
+@dataclass(frozen=True)
+class FoundExtra:
+    path: Path
+    by: str  # "hash" | "name" (with a recorded hash: no file has it)
+
+
+def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, explicit: Path | None = None) -> FoundExtra:
     """The file of `kind` an image records (--from-png): the one with its hash (A1111's short hash of that
-    kind, `hashing`), else the one of its name; ModelNotFoundError naming both and where ldm looked."""
+    kind, `hashing`), else the one of its name (`by` says which); ModelNotFoundError naming both and where
+    ldm looked."""
     from ldmcli.hashing import lora_hash, vae_hash
 
     hasher = {"lora": lora_hash, "vae": vae_hash}[kind]
@@ -235,9 +242,9 @@ def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, 
     if wanted:  # the named ones are hashed first: the usual case hashes one file
         for path in [*named, *(p for p in candidates if p not in named)]:
             if path.is_file() and hasher(path) == wanted:
-                return path
+                return FoundExtra(path, "hash")
     if named:
-        return named[0]
+        return FoundExtra(named[0], "name")
     info = EXTRA_KINDS[kind]
     dirs = extra_dirs(kind, explicit)
     where = f"not in {', '.join(str(d) for d in dirs)}" if dirs else f"no {info.label} folder exists ({info.flag}, ${info.env})"

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest width x height accepted (limits.py)
     vae: Path | None = None  # a VAE file or folder used instead of the checkpoint's own
     lora_dir: Path | None = None  # where LoRAs named in prompts are looked up first (--lora-dir)
+    lora_files: Mapping[str, Path] = field(default_factory=dict)  # tag name -> file already found (--from-png, by hash)
     embeddings_dir: Path | None = None  # where embeddings named in prompts are looked up first
     overwrite: bool = False
     skip_existing: bool = False
@@ -320,7 +322,7 @@ def lora_set(job: Job, options: RunOptions):
     """The LoRAs `job` merges (`lora_uses.resolve_loras` of its prompt's tags), found in the LoRA folders."""
     from ldmcli.lora_uses import resolve_loras
 
-    return resolve_loras(job.request.prompt, options.lora_dir)
+    return resolve_loras(job.request.prompt, options.lora_dir, found=options.lora_files)
 
 
 def _by_lora_set(todo: list[ImageTask], options: RunOptions):
