@@ -27,6 +27,7 @@ from sd_fixtures import (
     assert_latents_match,
     assert_pixels_match,
     build_tiny_sd1_pipeline,
+    build_tiny_sd2_pipeline,
     build_tiny_sdxl_pipeline,
     diffusers_latents_and_pixels,
 )
@@ -91,6 +92,18 @@ def sdxl(tmp_path_factory) -> Model:
     pipe.save_pretrained(folder, safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)
     return Model(folder, pipe, "sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory) -> Model:
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = build_tiny_sd2_pipeline(seed=5)  # v-prediction, linear proj_in/proj_out, OpenCLIP-style text encoder
+    folder = tmp_path_factory.mktemp("lora-sd2")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(folder, pipe, "sd2")
 
 
 def _request() -> ImageRequest:
@@ -232,6 +245,24 @@ def test_kohya_sd1_locon_with_alphas_equals_diffusers(sd1, tmp_path):
     reference.fuse_lora(lora_scale=0.8)
     add_changes({k: te_layers_of(reference)[v] for k, v in te_names.items()}, written["lora_te_"], 0.8)
     _assert_same_image(reference, sd1, [(lora, 0.8, 0.8)], "kohya SD1 LoCon")
+
+
+def test_kohya_sd2_equals_diffusers(sd2, tmp_path):
+    """SD 2.x as kohya writes it: diffusers' U-Net names (proj_in/proj_out are linear layers here) and the
+    OpenCLIP text encoder in Hugging Face CLIP names under lora_te_, text encoder 0.6 and U-Net 1.2 apart.
+    Oracle: diffusers' load_lora_weights + fuse_lora for the U-Net, the change written out for the text
+    encoder (as in the SD1 test: diffusers reads kohya text-encoder keys its own way)."""
+    base = sd2.pipe
+    unet_layers, te_layers = _layers(base.unet, r"attentions|resnets"), _layers(base.text_encoder)
+    assert any(isinstance(m, nn.Linear) for n, m in unet_layers.items() if n.endswith("proj_in"))
+    te_names = {_kohya_te_name("", n): n for n in te_layers}
+    written = kohya_file(tmp_path / "sd2.safetensors", {"lora_unet_": unet_layers,
+                         "lora_te_": {k: te_layers[v] for k, v in te_names.items()}}, seed=21)
+    reference = copy.deepcopy(base)
+    reference.load_lora_weights({k: v for k, v in _load(tmp_path / "sd2.safetensors").items() if k.startswith("lora_unet_")})
+    reference.fuse_lora(lora_scale=1.2)
+    add_changes({k: te_layers_of(reference)[v] for k, v in te_names.items()}, written["lora_te_"], 0.6)
+    _assert_same_image(reference, sd2, [(read_lora(tmp_path / "sd2.safetensors"), 0.6, 1.2)], "kohya SD2")
 
 
 def te_layers_of(pipe, which: str = "text_encoder"):
