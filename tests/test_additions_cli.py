@@ -242,13 +242,46 @@ def test_from_png_finds_loras_by_hash_else_by_name_else_says_which(record, tmp_p
     ("film: 0123456789AB, my lora: abcdef012345", {"film": "0123456789ab", "my lora": "abcdef012345"}),
     ("film", {}), ("film: not-hex, ok: 12ab", {"ok": "12ab"}), (": 12ab", {}), ("", {}),
 ])
-def test_lora_hashes_are_read_as_a1111_writes_them(value, read):
-    from ldmcli.lora_uses import read_hashes
+def test_lora_and_ti_hashes_are_read_as_a1111_writes_them(value, read):
+    from ldmcli.metadata import read_name_hashes
 
-    assert read_hashes(value) == read
+    assert read_name_hashes(value) == read
 
 
 def test_lora_names_lose_colons_and_commas_in_lora_hashes_as_in_a1111():
     from ldmcli.lora_uses import hashes_name
 
     assert hashes_name("a:b,c d") == "abc d"
+
+
+@pytest.mark.parametrize("record", ["a1111", "ldm"])
+def test_from_png_finds_embeddings_by_hash_else_by_name_else_says_which(record, tmp_path, tiny_single_file, env):
+    """The embedding an image records (TI hashes) is what its prompt word calls again, found by hash in a
+    subfolder under another name even with another file of its name present; else by name, warned;
+    else a one-line error naming it (exit 2): never silently a plain word."""
+    folder = tmp_path / "models" / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    vectors = lambda seed: {"emb_params": torch.randn(2, 64, generator=torch.Generator().manual_seed(seed))}  # noqa: E731
+    save_file(vectors(4), folder / "shiny.safetensors")
+    made = invoke("generate", "a shiny cat", "-m", tiny_single_file, *TINY, "-o", tmp_path / "made.png", env=env)
+    assert made.exit_code == 0, made.output
+    assert "TI hashes" in Image.open(tmp_path / "made.png").text["parameters"]
+    png = _a1111_only(tmp_path / "made.png", tmp_path / "a1111.png") if record == "a1111" else tmp_path / "made.png"
+    (folder / "shiny.safetensors").rename(folder / "sub" / "renamed.safetensors")
+    save_file(vectors(5), folder / "shiny.safetensors")  # same name, other vectors
+    again = invoke("generate", "--from-png", png, "-m", tiny_single_file, "--dtype", "fp32", "-o", tmp_path / "again.png",
+                   env=env)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "made.png")) and "warning" not in again.stderr
+
+    (folder / "sub" / "renamed.safetensors").unlink()
+    by_name = invoke("generate", "--from-png", png, "-m", tiny_single_file, "--dtype", "fp32", "-o", tmp_path / "n.png",
+                     env=env)
+    assert by_name.exit_code == 0, by_name.output
+    assert "embedding shiny of hash" in by_name.stderr and "of the same name: the image may differ" in by_name.stderr
+    assert not np.array_equal(pixels(tmp_path / "n.png"), pixels(tmp_path / "made.png"))
+
+    (folder / "shiny.safetensors").unlink()
+    missing = invoke("generate", "--from-png", png, "-m", tiny_single_file, "-o", tmp_path / "x.png", env=env)
+    assert missing.exit_code == 2 and "the image was made with embedding 'shiny'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()

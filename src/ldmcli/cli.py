@@ -260,9 +260,12 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             vae_path = resolve_extra("vae", vae, vae_dir)
         elif from_png is not None and (recorded.get("vae_name") or recorded.get("vae_hash")):
             vae_path = _recorded_extra(from_png, "vae", recorded.get("vae_name"), recorded.get("vae_hash"), vae_dir, quiet)
-        lora_files = {}
+        lora_files, embedding_files = {}, {}
         if from_png is not None and recorded.get("lora_hashes"):
             lora_files = _loras_for_png(from_png, jobs[0].request.prompt, recorded["lora_hashes"], lora_dir, quiet)
+        if from_png is not None and recorded.get("ti_hashes"):  # each called by its name in the prompt
+            embedding_files = {name: _recorded_extra(from_png, "embedding", name, digest, embeddings_dir, quiet)
+                               for name, digest in recorded["ti_hashes"].items()}
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -276,6 +279,7 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
             compile=compile_, tile_vae=tile_vae, threads=threads, max_pixels=max_pixels,
             fail_fast=fail_fast, grid=grid, json=json_lines, quiet=quiet,
             vae=vae_path, lora_dir=lora_dir, lora_files=lora_files, embeddings_dir=embeddings_dir,
+            embedding_files=embedding_files,
         )
         defaults = recommended_defaults(model_file, prediction_type)
         if any("clip_skip" in job.a1111 and job.request.clip_skip != 1 for job in jobs):
@@ -308,7 +312,7 @@ def _prompt_file_note(text: str) -> str:
 
 def _recorded_extra(png: Path, kind: str, name: str | None, recorded_hash: str | None, folder: Path | None,
                     quiet: bool) -> Path:
-    """The LoRA or VAE file `png` records, found by hash, else by name (warned: the image may differ)."""
+    """The LoRA, embedding or VAE file `png` records, found by hash, else by name (warned: the image may differ)."""
     from ldmcli.models_dir import EXTRA_KINDS, find_recorded_extra
 
     found = find_recorded_extra(kind, name, recorded_hash, folder)

@@ -87,9 +87,9 @@ class Embedding:
     @cached_property
     def short_hash(self) -> str:
         """A1111's TI hash: the first 12 hex digits of the file's SHA-256 (`Embedding.set_hash`)."""
-        from ldmcli.hashing import file_sha256
+        from ldmcli.hashing import embedding_hash
 
-        return file_sha256(self.path)[:12]
+        return embedding_hash(self.path)
 
     @property
     def infotext_name(self) -> str:

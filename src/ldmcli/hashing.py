@@ -100,6 +100,11 @@ def lora_hash(path: Path) -> str:
     return digest[:12]
 
 
+def embedding_hash(path: Path) -> str:
+    """A1111's textual-inversion hash (`TI hashes`): 12 hex digits of the file's SHA-256."""
+    return file_sha256(path)[:12]
+
+
 def vae_hash(path: Path) -> str:
     """A1111's `VAE hash`: 10 hex digits of the VAE file's SHA-256 (its `sd_vae.get_loaded_vae_hash`)."""
     return file_sha256(path)[:10]

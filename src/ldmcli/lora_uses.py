@@ -46,18 +46,6 @@ def hashes_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
-def read_hashes(value: str) -> dict[str, str]:
-    """A1111's "Lora hashes" value, ``name: hash, name: hash``, as {name: hash}; entries that are not
-    ``name: hex digits`` are left out (their LoRAs are then found by name alone)."""
-    found = {}
-    for entry in value.split(","):
-        name, colon, digest = entry.rpartition(":")
-        digest = digest.strip().lower()
-        if colon and name.strip() and digest and all(c in "0123456789abcdef" for c in digest):
-            found[name.strip()] = digest
-    return found
-
-
 def lora_tags(prompt: str) -> list[tuple[str, tuple[str, ...]]]:
     """(name, arguments) of each LoRA tag of `prompt`, in order."""
     _, tags = extra_network_tags(prompt)

@@ -324,9 +324,27 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
             from ldmcli.lora_uses import hashes_name
 
             model["lora_hashes"] = {hashes_name(u["name"]): u["hash"].strip().lower() for u in loras}
+        embeddings = record.get("embeddings")
+        if embeddings is not None:
+            if not (isinstance(embeddings, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                          and isinstance(e.get("hash"), str) for e in embeddings)):
+                raise ValueError('"embeddings" must be a list of objects with a "name" and a "hash" (strings)')
+            model["ti_hashes"] = {e["name"]: e["hash"].strip().lower() for e in embeddings}
         return PngParameters(ImageRequest.from_mapping(values, where), frozenset(values), model)
     except (ValueError, TypeError) as exc:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
+
+
+def read_name_hashes(value: str) -> dict[str, str]:
+    """An A1111 "Lora hashes" or "TI hashes" value, ``name: hash, name: hash``, as {name: hash}; entries
+    that are not ``name: hex digits`` are left out (their files are then found by name alone)."""
+    found = {}
+    for entry in value.split(","):
+        name, colon, digest = entry.rpartition(":")
+        digest = digest.strip().lower()
+        if colon and name.strip() and digest and all(c in "0123456789abcdef" for c in digest):
+            found[name.strip()] = digest
+    return found
 
 
 def _model_record(model: object) -> dict[str, str | None]:
@@ -392,10 +410,9 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     model = {"name": params.get("Model"), "hash": params.get("Model hash")}
     if "VAE" in params or "VAE hash" in params:
         model.update(vae_name=params.get("VAE"), vae_hash=params.get("VAE hash"))
-    if params.get("Lora hashes"):
-        from ldmcli.lora_uses import read_hashes
-
-        model["lora_hashes"] = read_hashes(params["Lora hashes"])
+    for key, field_name in (("Lora hashes", "lora_hashes"), ("TI hashes", "ti_hashes")):
+        if params.get(key):
+            model[field_name] = read_name_hashes(params[key])
     return PngParameters(
         ImageRequest(**values), frozenset(values), model,
         notes=tuple(notes), a1111=frozenset() if ours else frozenset({"clip_skip"} & values.keys()),
@@ -507,8 +524,8 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Denoising strength": A1111Key(SECOND_PASS),
     "Lora hashes": A1111Key("the LoRAs the prompt's <lora:...> tags name are found by these hashes, else by "
                             "name, in the LoRA folders (--lora-dir, loras/)", honoured=True),
-    "TI hashes": A1111Key("the prompt names the embeddings, found by name in the embeddings folders "
-                          "(--embeddings-dir, embeddings/)", honoured=True),
+    "TI hashes": A1111Key("the embeddings the prompt names are found by these hashes, else by name, in the "
+                          "embeddings folders (--embeddings-dir, embeddings/)", honoured=True),
     "Hypernet": A1111Key(_HYPERNET),
     "Hypernet hash": A1111Key(_HYPERNET),
     "Hypernet strength": A1111Key(_HYPERNET),

@@ -152,11 +152,13 @@ class ExtraKind:
     subfolders: tuple[str, ...]  # its folder's names beside the model folders (ldm's, A1111's, ComfyUI's)
     suffixes: tuple[str, ...]
     folders: bool = False  # a diffusers folder (config.json) is one too (a VAE)
+    recursive: bool = False  # files in subfolders count too (embeddings, as A1111 lists them)
 
 
 EXTRA_KINDS: dict[str, ExtraKind] = {
     "lora": ExtraKind("LoRA", "--lora-dir", "LDM_LORA_DIR", ("loras", "Lora", "lora"), (".safetensors", ".pt", ".ckpt", ".bin")),
-    "embedding": ExtraKind("embedding", "--embeddings-dir", "LDM_EMBEDDINGS_DIR", ("embeddings",), (".safetensors", ".pt", ".bin")),
+    "embedding": ExtraKind("embedding", "--embeddings-dir", "LDM_EMBEDDINGS_DIR", ("embeddings",), (".safetensors", ".pt", ".bin"),
+                           recursive=True),
     "vae": ExtraKind("VAE", "--vae-dir", "LDM_VAE_DIR", ("vae", "VAE"), (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
                      folders=True),
 }
@@ -183,7 +185,8 @@ def list_extras(kind: str, explicit: Path | None = None) -> list[Path]:
     info = EXTRA_KINDS[kind]
     found = []
     for folder in extra_dirs(kind, explicit):
-        for entry in sorted(folder.iterdir()):
+        entries = sorted(folder.rglob("*") if info.recursive else folder.iterdir())
+        for entry in entries:
             if entry.is_file() and entry.suffix.lower() in info.suffixes:
                 found.append(entry)
             elif info.folders and entry.is_dir() and (entry / "config.json").is_file():
@@ -232,9 +235,9 @@ def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, 
     """The file of `kind` an image records (--from-png): the one with its hash (A1111's short hash of that
     kind, `hashing`), else the one of its name (`by` says which); ModelNotFoundError naming both and where
     ldm looked."""
-    from ldmcli.hashing import lora_hash, vae_hash
+    from ldmcli.hashing import embedding_hash, lora_hash, vae_hash
 
-    hasher = {"lora": lora_hash, "vae": vae_hash}[kind]
+    hasher = {"lora": lora_hash, "vae": vae_hash, "embedding": embedding_hash}[kind]
     candidates = list_extras(kind, explicit)
     stem = Path(name.strip()).stem.casefold() if name and name.strip() else None  # A1111 records "x.safetensors"
     named = [p for p in candidates if stem is not None and extra_name(p).casefold() == stem]

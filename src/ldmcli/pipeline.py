@@ -9,7 +9,7 @@ Prompts become conditioning in `text_conditioning.py`; `guidance_conditioning` s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,7 @@ def load(
     vae: Path | None = None,
     loras: Sequence[LoraUse] = (),
     embedding_dirs: Sequence[Path] = (),
+    embedding_files: Mapping[str, Path] | None = None,
 ) -> StableDiffusion:
     """Read, detect and load a single file or diffusers folder.
 
@@ -86,6 +87,7 @@ def load(
     loras: merged into the weights before they are built (`lora.apply_loras`): all are read and checked
         against the model first, so a LoRA that does not fit fails the load, never half-merged.
     embedding_dirs: folders of textual-inversion embeddings that prompts may name (`embeddings`).
+    embedding_files: names that call a given file whatever its name (an image's embeddings found by hash).
     """
     from ldmcli.embeddings import EmbeddingLibrary, widths_of
     from ldmcli.lora import apply_loras, read_lora
@@ -104,8 +106,9 @@ def load(
         return_freed_memory()  # the factors read while merging, before sampling needs the room
     model = load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
     model.vae_file, model.loras, model.notes = vae_file, tuple(loras), notes
-    if embedding_dirs:
+    if embedding_dirs or embedding_files:
         model.embeddings = EmbeddingLibrary.from_dir(*embedding_dirs, widths=widths_of(model.spec))
+        model.embeddings.files.update(embedding_files or {})
     return model
 
 

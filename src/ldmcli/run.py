@@ -40,6 +40,7 @@ class RunOptions:
     lora_dir: Path | None = None  # where LoRAs named in prompts are looked up first (--lora-dir)
     lora_files: Mapping[str, Path] = field(default_factory=dict)  # tag name -> file already found (--from-png, by hash)
     embeddings_dir: Path | None = None  # where embeddings named in prompts are looked up first
+    embedding_files: Mapping[str, Path] = field(default_factory=dict)  # name -> file already found (--from-png, by hash)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -347,7 +348,8 @@ def _load(options: RunOptions, report: Report, device: str, loras=()):
     dtype, why = choose_dtype(device, options.dtype)
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction, vae=options.vae,
-                          loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir))
+                          loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir),
+                          embedding_files=options.embedding_files)
     model.vae.drop_encoder()  # text-to-image only decodes
     done = pipeline.optimize(model, compile=options.compile)
     model.hash = model_hash(options.model)
