@@ -263,9 +263,8 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         lora_files, embedding_files = {}, {}
         if from_png is not None and recorded.get("lora_hashes"):
             lora_files = _loras_for_png(from_png, jobs[0].request.prompt, recorded["lora_hashes"], lora_dir, quiet)
-        if from_png is not None and recorded.get("ti_hashes"):  # each called by its name in the prompt
-            embedding_files = {name: _recorded_extra(from_png, "embedding", name, digest, embeddings_dir, quiet)
-                               for name, digest in recorded["ti_hashes"].items()}
+        if from_png is not None and recorded.get("ti_hashes"):
+            embedding_files = _embeddings_for_png(from_png, jobs[0].request, recorded["ti_hashes"], embeddings_dir, quiet)
         output_template = resolve_template(output, os.environ.get("LDM_OUTPUT_DIR"))
         check_template(output_template)
         if from_png is not None:
@@ -334,6 +333,14 @@ def _loras_for_png(png: Path, prompt: str, hashes: dict[str, str], folder: Path 
         if recorded_hash and name not in files:
             files[name] = _recorded_extra(png, "lora", name, recorded_hash, folder, quiet)
     return files
+
+
+def _embeddings_for_png(png: Path, request, hashes: dict[str, str], folder: Path | None, quiet: bool) -> dict[str, Path]:
+    """The files of the embeddings `png` records (A1111's "TI hashes", ldm's record) that its prompts
+    still name: name -> file, found by hash, else by name (`_recorded_extra`)."""
+    texts = f"{request.prompt}\n{request.negative_prompt}".casefold()  # A1111's tokenizer lowercases
+    return {name: _recorded_extra(png, "embedding", name, digest, folder, quiet)
+            for name, digest in hashes.items() if name.casefold() in texts}
 
 
 def _model_for_png(png: Path, recorded: dict, explicit: str | None, fallback: str | None, quiet: bool) -> Path:
