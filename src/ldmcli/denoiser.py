@@ -137,3 +137,30 @@ class CFGDenoiser:
             cond_in = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
             uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), two(sigma), t=two(t), **cond_in).chunk(2)
         return uncond_x0 + self.scale * (cond_x0 - uncond_x0)
+
+
+class InpaintingNetwork:
+    """A 9-channel inpainting U-Net (SD 1.5/2 inpainting) seen as an ordinary `Network`.
+
+    Its input is ``cat([x_in, mask, masked_image_latents])`` on the channel axis (diffusers'
+    `StableDiffusionInpaintPipeline`: `scale_model_input` scales the latents only, then the two
+    conditioning planes are appended). `Denoiser` keeps doing the eps/v math on the 4 latent channels;
+    this wrapper only widens the input. The planes are the batch's own, repeated when the denoiser runs
+    the guidance halves as one batch (``[uncond, cond]``, as diffusers' ``torch.cat([mask] * 2)``).
+
+    mask: [N, 1, h, w] at latent size, 1 = repaint; masked_image_latents: [N, 4, h, w], the VAE latents
+    (scaled) of the image with the repainted part set to 0 (mid-grey).
+    """
+
+    def __init__(self, model: Network, mask: Tensor, masked_image_latents: Tensor) -> None:
+        if mask.shape[0] != masked_image_latents.shape[0] or mask.shape[-2:] != masked_image_latents.shape[-2:]:
+            raise ValueError(f"mask {list(mask.shape)} and masked image latents {list(masked_image_latents.shape)} differ")
+        self.model = model
+        self.planes = torch.cat([mask, masked_image_latents], dim=1)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        repeats, rest = divmod(x.shape[0], self.planes.shape[0])
+        if rest or x.shape[-2:] != self.planes.shape[-2:]:
+            raise ValueError(f"latents {list(x.shape)} do not fit the inpainting planes {list(self.planes.shape)}")
+        planes = self.planes.to(x).repeat(repeats, 1, 1, 1)
+        return self.model(torch.cat([x, planes], dim=1), t, **cond)

@@ -10,6 +10,11 @@ normal tensor shaped like ``x`` (only the stochastic samplers call it, once per 
 model, in the order diffusers draws it), and ``callback(i, denoised)`` is called once per step with
 the current x0 prediction. Multistep history is a local variable, never hidden object state.
 
+``after_step(i, x) -> x`` (optional, img2img's masked blending) is given the state each time it has
+just reached ``sigmas[i + 1]``: after every step, and after the first half of a second-order step
+(Heun's, PLMS's first), i.e. whenever a diffusers ``scheduler.step`` call would return it. What it
+returns replaces the state, which is what diffusers' inpainting pipeline does to ``latents``.
+
 :func:`sample` is the one entry point the pipeline needs: it builds the noise levels the
 corresponding diffusers scheduler would use, draws and scales the initial latent the way that
 scheduler does, runs the sampler, and returns the final latent in diffusers' (VP) space.
@@ -33,6 +38,12 @@ from .schedule_a1111 import a1111_sigmas
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
 Callback = Callable[[int, Tensor], None]
+AfterStep = Callable[[int, Tensor], Tensor]
+
+
+def _same(i: int, x: Tensor) -> Tensor:
+    """The default `after_step`: the state as it is."""
+    return x
 
 
 def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
@@ -50,19 +61,21 @@ def _ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tens
 
 
 @torch.no_grad()
-def euler(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+def euler(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
+          after_step: AfterStep = _same) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         if callback is not None:
             callback(i, denoised)
-        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        x = after_step(i, x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i]))
     return x
 
 
 @torch.no_grad()
 def euler_a(
-    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 1.0
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 1.0,
+    after_step: AfterStep = _same,
 ) -> Tensor:
     """Ancestral Euler (k-diffusion sample_euler_ancestral): an Euler step down to sigma_down, then
     fresh noise back up to sigma_next. eta=1 is the DDPM posterior; eta=0 is plain Euler."""
@@ -74,11 +87,13 @@ def euler_a(
         x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigma_up > 0:
             x = x + noise() * sigma_up
+        x = after_step(i, x)
     return x
 
 
 @torch.no_grad()
-def heun(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+def heun(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
+         after_step: AfterStep = _same) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to 0."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -87,26 +102,28 @@ def heun(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Cal
             callback(i, denoised)
         d = _to_d(x, sigma, denoised)
         if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
+            x = after_step(i, x + d * (sigma_next - sigma))
             continue
-        x_2 = x + d * (sigma_next - sigma)
+        x_2 = after_step(i, x + d * (sigma_next - sigma))
         d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
-        x = x + (d + d_2) / 2 * (sigma_next - sigma)
+        x = after_step(i, x + (d + d_2) / 2 * (sigma_next - sigma))
     return x
 
 
 @torch.no_grad()
 def ddim(
-    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 0.0
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, eta: float = 0.0,
+    after_step: AfterStep = _same,
 ) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12). In sigma space the eta=0 update
     ``x0 + sigma_next * eps`` is exactly an Euler step; eta > 0 splits off noise of std
     ``eta * sqrt((s'^2 (s^2 - s'^2)) / s^2)`` -- the DDIM sigma_t -- i.e. an ancestral step."""
-    return euler_a(model, x, sigmas, noise=noise, callback=callback, eta=eta)
+    return euler_a(model, x, sigmas, noise=noise, callback=callback, eta=eta, after_step=after_step)
 
 
 @torch.no_grad()
-def dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+def dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
+             after_step: AfterStep = _same) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022: 2nd-order multistep in lambda = -log(sigma), data prediction.
     First step and the final step to sigma=0 are 1st order (diffusers' lower_order_final)."""
     old_denoised, h_last = None, None
@@ -116,20 +133,21 @@ def dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback:
         if callback is not None:
             callback(i, denoised)
         if sigma_next == 0:
-            x = denoised
+            x = after_step(i, denoised)
             continue
         h = sigma.log() - sigma_next.log()
         d = denoised
         if old_denoised is not None:
             r = h_last / h
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        x = after_step(i, (sigma_next / sigma) * x - torch.expm1(-h) * d)
         old_denoised, h_last = denoised, h
     return x
 
 
 @torch.no_grad()
-def dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None) -> Tensor:
+def dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
+                 after_step: AfterStep = _same) -> Tensor:
     """DPM-Solver++(2M) SDE, Lu et al. 2022 (eta=1, midpoint 2nd-order correction), as diffusers'
     ``sde-dpmsolver++``: the exact-in-lambda SDE step plus a multistep correction of the x0 term."""
     old_denoised, h_last = None, None
@@ -139,14 +157,14 @@ def dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callb
         if callback is not None:
             callback(i, denoised)
         if sigma_next == 0:
-            x = denoised
+            x = after_step(i, denoised)
             continue
         h = sigma.log() - sigma_next.log()
         keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
         x = (sigma_next / sigma) * torch.exp(-h) * x + keep * denoised
         if old_denoised is not None:
             x = x + 0.5 * keep * (h / h_last) * (denoised - old_denoised)
-        x = x + noise() * sigma_next * keep.sqrt()
+        x = after_step(i, x + noise() * sigma_next * keep.sqrt())
         old_denoised, h_last = denoised, h
     return x
 
@@ -174,7 +192,8 @@ def _lms_coeff(order: int, s: list[float], i: int, j: int) -> float:
 
 @torch.no_grad()
 def lms(
-    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, order: int = 4
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None, order: int = 4,
+    after_step: AfterStep = _same,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth on the nonuniform sigma grid), order 4 (k-diffusion
     sample_lms / diffusers LMSDiscreteScheduler): coefficients integrate the Lagrange basis."""
@@ -187,7 +206,7 @@ def lms(
         ds = (ds + [_to_d(x, sigmas[i], denoised)])[-order:]
         cur = min(i + 1, order)
         coeffs = [_lms_coeff(cur, s, i, j) for j in range(cur)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = after_step(i, x + sum(c * d for c, d in zip(coeffs, reversed(ds))))
     return x
 
 
@@ -205,7 +224,7 @@ def _adams_bashforth(ds: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Callback | None = None,
-         corrector_on_one_step: bool = False) -> Tensor:
+         corrector_on_one_step: bool = False, after_step: AfterStep = _same) -> Tensor:
     """Pseudo linear multistep, PNDM (Liu et al. 2022) with skip_prk_steps as SD configures it.
 
     PNDM's transfer function is the DDIM step, i.e. Euler in sigma space with d = eps. The first
@@ -222,11 +241,11 @@ def plms(model: Model, x: Tensor, sigmas: Tensor, *, noise: Noise, callback: Cal
             callback(i, denoised)
         ds = (ds + [_to_d(x, sigma, denoised)])[-4:]
         if i == 0 and (len(sigmas) > 2 or corrector_on_one_step):
-            x_2 = x + ds[0] * (sigma_next - sigma)
+            x_2 = after_step(i, x + ds[0] * (sigma_next - sigma))
             d = (_to_d(x_2, sigma_next, model(x_2, sigma_next)) + ds[0]) / 2
         else:
             d = _adams_bashforth(ds)
-        x = x + d * (sigma_next - sigma)
+        x = after_step(i, x + d * (sigma_next - sigma))
     return x
 
 
@@ -376,6 +395,73 @@ def resolve_sampler_name(name: str) -> tuple[str, str | None]:
     return hit
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
+class StartImage:
+    """Where sampling starts when an image comes in (img2img, inpainting), in diffusers' terms.
+
+    latents: the image's clean latents x0 [N, C, h, w] (what the VAE encoder gave, times the scale
+        factor: diffusers' ``init_latents`` / ``image_latents``). None only when the walk starts from pure
+        noise and nothing is blended (a 9-channel inpainting U-Net at strength 1 never encodes the image).
+    noise: [N, C, h, w] standard normal: what the image is noised with (diffusers' ``add_noise(init_latents,
+        noise, t)``), and at full strength with `noise_at_full_strength` the start itself. The caller draws
+        it, since diffusers draws it between two VAE posterior samples (`img2img`).
+    strength: how much of the schedule to run (diffusers' ``get_timesteps``: the last
+        ``min(int(steps * strength), steps)`` of the ``steps`` steps).
+    mask: [N, 1, h, w] at latent size, 1 = repaint, 0 = keep (4-channel inpainting): after every step the
+        kept part of the state is replaced by the image noised to the state's level with the same noise
+        that started the walk (`StableDiffusionInpaintPipeline` with a 4-channel U-Net). None: img2img.
+    noise_at_full_strength: strength 1 starts from pure noise, as diffusers' inpainting pipeline does
+        (``is_strength_max``), rather than from the image noised to the first level (its img2img pipeline).
+    """
+
+    latents: Tensor | None
+    noise: Tensor
+    strength: float
+    mask: Tensor | None = None
+    noise_at_full_strength: bool = False
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first of `steps` steps img2img runs at `strength` (diffusers' ``get_timesteps``:
+    ``t_start = max(steps - min(int(steps * strength), steps), 0)``; the same index into a second-order
+    scheduler's doubled timesteps, ``t_start * order``, lands on the same noise level)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    start = max(steps - min(int(steps * strength), steps), 0)
+    if start == steps:
+        raise ValueError(f"strength {strength} runs no step of {steps} (int({steps} * {strength}) = 0): "
+                         "raise the strength or the steps")
+    return start
+
+
+def _noised_image(start: StartImage, sigmas: Tensor) -> Callable[[int], Tensor]:
+    """``level(k)``: the image at ``sigmas[k]`` in sigma space: diffusers' ``scheduler.add_noise(x0, noise,
+    t_k)`` for every scheduler family -- ``x0 + sigma * noise`` for the sigma-space ones (Euler, LMS, Heun),
+    ``sqrt(a) x0 + sqrt(1 - a) noise`` in the VP latent for DDIM/PNDM/DPM/LCM, which divided by sqrt(a) is
+    the same. At the walk's end the inpainting pipeline blends with the clean image, unnoised: in the VP
+    latent, which is ``x0 * sqrt(1 + sigma^2)`` in sigma space when the walk ends above 0 (DDIM, PLMS)."""
+    last, eps = len(sigmas) - 1, start.noise
+    if start.latents is None:
+        raise ValueError("no image latents to start from or to blend with")
+
+    def level(k: int) -> Tensor:
+        if k == last:
+            s = sigmas[-1].item()
+            return start.latents if s == 0 else start.latents * (1 + s**2) ** 0.5
+        return start.latents + eps * sigmas[k]
+
+    return level
+
+
+def _masked_blend(start: StartImage, sigmas: Tensor) -> AfterStep:
+    """The `after_step` of 4-channel inpainting: ``x = (1 - mask) * noised_image + mask * x`` with the image
+    noised to the level x has just reached (diffusers' loop: ``add_noise(image_latents, noise, timesteps[i + 1])``,
+    the clean image after the last step). It blends the state x, not the denoised x0 as A1111 does."""
+    assert start.mask is not None
+    level, mask = _noised_image(start, sigmas), start.mask.to(start.noise)
+    return lambda i, x: (1 - mask) * level(i + 1) + mask * x
+
+
 def sample(
     sampler: str,
     schedule: DiffusionSchedule,
@@ -386,6 +472,7 @@ def sample(
     spacing: str | None = None,
     match: str = "diffusers",
     callback: Callback | None = None,
+    start: StartImage | None = None,
     **options: Any,
 ) -> Tensor:
     """Run a whole sampling loop as diffusers' StableDiffusionPipeline would with the equivalent
@@ -400,6 +487,10 @@ def sample(
         match "a1111": A1111's uniform grid).
     match: "diffusers" (the above) or "a1111": the noise levels, initial noise and network timesteps
         A1111 uses (`schedule_a1111.a1111_sigmas`), the samplers' steps being the same.
+    start: an image to start from (img2img / inpainting, `StartImage`): the walk is the last
+        ``int(steps * strength)`` steps of the ``steps``-step schedule, from the image noised to the first
+        of them with ``start.noise``; ``noise`` then gives only the stochastic samplers' draws. match
+        "diffusers" only.
     options: extra sampler arguments (e.g. ``eta`` for ddim).
     Returns the final latent in diffusers' (VP) space: divide by the VAE scale factor and decode.
 
@@ -410,12 +501,23 @@ def sample(
     - karras/exponential with euler_a, ddim, plms: diffusers has no such option; we run the same
       sampler on those sigmas (initial noise scaled as the sampler's diffusers scheduler would).
     - karras/exponential with steps=1: diffusers collapses sigma_max onto sigma_min; we do not.
+    - plms from an image at strength < 1: PNDM's timestep list repeats its second timestep (the first
+      step's corrector) and diffusers' img2img cuts that list as if it had one entry per step: its walk
+      starts a timestep higher than the step it counts, and after the corrector evaluates the latent one
+      timestep below its noise level, skipping an interval. We walk PNDM from the start step as it is
+      defined (pseudo-Heun first step, then Adams-Bashforth), which is diffusers' walk at strength 1.
+    - lms from an image at strength < 1: diffusers' LMS takes its order from the step's index in the
+      whole schedule, so a cut walk's first steps use 4th-order coefficients with fewer derivatives; we
+      start at order 1, as k-diffusion's sample_lms on the cut sigmas.
     """
     name, implied = resolve_sampler_name(sampler)
     if implied is not None and spacing is not None and spacing != implied:
         raise ValueError(f"sampler {sampler!r} implies spacing {implied!r}, but spacing={spacing!r}")
     info = SAMPLERS[name]
     if match == "a1111":
+        if start is not None:
+            raise ValueError("--match a1111 does not reproduce A1111's img2img yet (its step count, its noise order "
+                             "and its inpainting, which blends the denoised image); use --match diffusers")
         plan = a1111_sigmas(schedule, spacing or implied, steps, timestep_sampler=info.a1111_timestep_sampler)
         if name == "plms":
             options = {**options, "corrector_on_one_step": True}
@@ -427,6 +529,32 @@ def sample(
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         return denoiser(x, sigma, t=plan.timestep_for(sigma))
 
-    x = noise() * plan.init_noise_sigma
-    x = info.fn(model, x, plan.sigmas, noise=noise, callback=callback, **options)
+    if start is None:
+        x = noise() * plan.init_noise_sigma
+        x = info.fn(model, x, plan.sigmas, noise=noise, callback=callback, **options)
+        return plan.to_vp(x)
+
+    first = first_step(steps, start.strength)
+    sigmas, timesteps = plan.sigmas[first:], plan.timesteps[first:]
+    if start.noise_at_full_strength and first == 0:
+        x = start.noise * plan.init_noise_sigma
+    else:
+        x = _noised_image(start, sigmas)(0)
+    after_step = _same if start.mask is None else _masked_blend(start, sigmas)
+    if name == "lcm":
+        x = _lcm_steps(model, x, sigmas, timesteps, noise, callback, after_step, **options)
+    else:
+        x = info.fn(model, x, sigmas, noise=noise, callback=callback, after_step=after_step, **options)
     return plan.to_vp(x)
+
+
+def _lcm_steps(model: Model, x: Tensor, sigmas: Tensor, timesteps: Tensor, noise: Noise, callback: Callback | None,
+               after_step: AfterStep, **options: Any) -> Tensor:
+    """`lcm.lcm` over a part of its grid, one step at a time so `after_step` can act between steps (LCM keeps no
+    history, so this is the same walk); each step is told its timestep, which is not the n-step grid's."""
+    for i in range(len(sigmas) - 1):
+        step_callback = None if callback is None else (lambda _, denoised, i=i: callback(i, denoised))
+        x = _lcm(model, x, sigmas[i : i + 2], noise=noise, callback=step_callback, timesteps=timesteps[i : i + 1],
+                 **options)
+        x = after_step(i, x)
+    return x
