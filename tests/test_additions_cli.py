@@ -285,3 +285,43 @@ def test_from_png_finds_embeddings_by_hash_else_by_name_else_says_which(record, 
     missing = invoke("generate", "--from-png", png, "-m", tiny_single_file, "-o", tmp_path / "x.png", env=env)
     assert missing.exit_code == 2 and "the image was made with embedding 'shiny'" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_from_png_finds_a_lora_named_by_path_and_keeps_the_dots_of_a_name(tmp_path, tiny_single_file, env):
+    """A LoRA given as a path is found at that path again; a name with a dot ("detail_v1.5") is that
+    name, not "detail_v1" (a file of which is present to be picked by mistake)."""
+    elsewhere = lora_file(tmp_path / "elsewhere" / "film.safetensors", 1)
+    loras = tmp_path / "models" / "loras"
+    lora_file(loras / "detail_v1.5.safetensors", 2)
+    lora_file(loras / "detail_v1.safetensors", 3)  # what a stem of "detail_v1.5" would find
+    cases = {"path": ["--lora", f"{elsewhere}:0.7"], "dotted": ["--lora", "detail_v1.5:0.7"]}
+    for label, args in cases.items():
+        made = invoke("generate", "a cat", "-m", tiny_single_file, *TINY, *args, "-o", tmp_path / f"{label}.png", env=env)
+        assert made.exit_code == 0, made.output
+        png = _a1111_only(tmp_path / f"{label}.png", tmp_path / f"{label}-a1111.png")
+        again = invoke("generate", "--from-png", png, "-m", tiny_single_file, "--dtype", "fp32", "--json",
+                       "-o", tmp_path / f"{label}-again.png", env=env)
+        assert again.exit_code == 0, again.output
+        assert "warning" not in again.stderr, again.stderr
+        assert np.array_equal(pixels(tmp_path / f"{label}-again.png"), pixels(tmp_path / f"{label}.png")), label
+    lora_file(loras / "detail_v1.5.safetensors", 4)  # changed: found by name, warned
+    changed = invoke("generate", "--from-png", tmp_path / "dotted-a1111.png", "-m", tiny_single_file, "--dtype", "fp32",
+                     "--json", "-o", tmp_path / "changed.png", env=env)
+    assert changed.exit_code == 0, changed.output
+    assert "of the same name" in changed.stderr
+    assert [Path(u["path"]).name for u in records(changed)[0]["loras"]] == ["detail_v1.5.safetensors"]
+
+
+def test_an_embedding_found_by_hash_wins_over_a_name_differing_in_case(tmp_path, tiny_single_file, env):
+    folder = tmp_path / "models" / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    vectors = lambda seed: {"emb_params": torch.randn(2, 64, generator=torch.Generator().manual_seed(seed))}  # noqa: E731
+    save_file(vectors(4), folder / "Shiny.safetensors")
+    made = invoke("generate", "a shiny cat", "-m", tiny_single_file, *TINY, "-o", tmp_path / "made.png", env=env)
+    assert made.exit_code == 0, made.output
+    (folder / "Shiny.safetensors").rename(folder / "sub" / "renamed.safetensors")
+    save_file(vectors(5), folder / "shiny.safetensors")  # the same tokens, other vectors
+    again = invoke("generate", "--from-png", tmp_path / "made.png", "-m", tiny_single_file, "--dtype", "fp32",
+                   "-o", tmp_path / "again.png", env=env)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "made.png"))

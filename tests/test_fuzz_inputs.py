@@ -98,6 +98,8 @@ def test_a1111_text_parses_or_is_refused_in_one_line(text):
     except ImageMetadataError:
         return
     assert isinstance(request, ImageRequest) and given_fields <= set(field_names())
+    hashes = {k: model.pop(k) for k in ("lora_hashes", "ti_hashes") if k in model}  # name -> hash
+    assert all(isinstance(x, str) for names in hashes.values() for pair in names.items() for x in pair)
     assert all(v is None or isinstance(v, str) for v in model.values())
 
 

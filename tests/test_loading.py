@@ -137,13 +137,14 @@ def test_vae_alone_is_refused(tmp_path):
         read_components(path)
 
 
-def test_inpainting_unet_is_refused(tiny_single_file, tmp_path):
+def test_other_unet_inputs_are_refused(tiny_single_file, tmp_path):
+    """Inpainting U-Nets (9 channels) load (tests/test_inpaint_refiner_models.py); other inputs do not."""
     tensors = _load(tiny_single_file)
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    tensors[key] = torch.zeros(tensors[key].shape[0], 9, 3, 3)
-    path = tmp_path / "inpaint.safetensors"
+    tensors[key] = torch.zeros(tensors[key].shape[0], 8, 3, 3)
+    path = tmp_path / "pix2pix.safetensors"
     save_file(tensors, path)
-    with pytest.raises(UnsupportedModelError, match=r": an inpainting U-Net"):
+    with pytest.raises(UnsupportedModelError, match=r": an InstructPix2Pix U-Net \(8 input channels\)"):
         pipeline.load(path)
 
 

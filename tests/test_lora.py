@@ -35,7 +35,8 @@ from torch import nn
 
 from ldmcli import pipeline
 from ldmcli.errors import LdmError
-from ldmcli.layout import read_components
+from ldmcli.layout import Components, read_components
+import ldmcli.lora
 from ldmcli.lora import LoraError, apply_loras, read_lora, tag_weights
 from ldmcli.request import ImageRequest
 
@@ -817,3 +818,81 @@ def test_a1111_tag_weights():
     assert tag_weights(["0.9", "unet=0"]) == (0.9, 0.0)
     for bad in (["x"], ["nan"], ["1", "2", "3"], ["dyn=4"]):
         _one_line_error(lambda bad=bad: tag_weights(bad))
+
+
+# --- the merge's edges (review) -------------------------------------------------------------------
+
+# A text-encoder layer written by hand: every kind of change through the block path, on a conv-shaped weight.
+P, K = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def _comps(w, b):
+    return Components(layout="single-file", path=None, unet={}, vae={}, text_encoder={K + ".weight": w, K + ".bias": b})
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, None])
+def test_every_kind_through_blocks(block_rows, tmp_path, monkeypatch):
+    """LoHa, LoKr, a full diff (+ diff_b) and a LoCon pair stacked on one weight, 1 and 5 rows per block or one
+    block: the changes written out."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    W, B = r(12, 8, 3, 3), r(12)
+    if block_rows:
+        monkeypatch.setattr(ldmcli.lora, "MERGE_BLOCK_BYTES", 4 * 72 * block_rows)
+    files = {
+        "loha": {f"{P}.hada_w1_a": r(12, 2), f"{P}.hada_w1_b": r(2, 72), f"{P}.hada_w2_a": r(12, 2), f"{P}.hada_w2_b": r(2, 72)},
+        "lokr": {f"{P}.lokr_w1": r(3, 2), f"{P}.lokr_w2": r(4, 4, 3, 3)},
+        "full": {f"{P}.diff": r(12, 8, 3, 3), f"{P}.diff_b": r(12)},
+        "locon": {f"{P}.lora_down.weight": r(2, 8, 3, 3), f"{P}.lora_up.weight": r(12, 2, 1, 1)},
+    }
+    for n, f in files.items():
+        save_file(f, tmp_path / f"{n}.safetensors")
+    c = _comps(W.clone(), B.clone())
+    apply_loras(c, [(read_lora(tmp_path / f"{n}.safetensors"), 0.5, 1) for n in files])
+    lo, lk, fu, lc = (files[n] for n in files)
+    dl = ((lo[f"{P}.hada_w1_a"] @ lo[f"{P}.hada_w1_b"]) * (lo[f"{P}.hada_w2_a"] @ lo[f"{P}.hada_w2_b"])).reshape(W.shape)
+    dk = torch.kron(lk[f"{P}.lokr_w1"][:, :, None, None], lk[f"{P}.lokr_w2"])
+    dc = (lc[f"{P}.lora_up.weight"].flatten(1) @ lc[f"{P}.lora_down.weight"].flatten(1)).reshape(W.shape)
+    torch.testing.assert_close(c.text_encoder[K + ".weight"], W + 0.5 * (dl + dk + fu[f"{P}.diff"] + dc))
+    torch.testing.assert_close(c.text_encoder[K + ".bias"], B + 0.5 * fu[f"{P}.diff_b"])
+
+
+def test_two_loras_on_one_fp16_weight_are_summed_before_rounding(tmp_path, monkeypatch):
+    """Two changes to one fp16 weight are summed in fp32, then rounded once (not once per change)."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    monkeypatch.setattr(ldmcli.lora, "MERGE_BLOCK_BYTES", 4 * 64 * 3)
+    W = r(64, 64).half()
+    a = {f"{P}.lora_A.weight": r(4, 64), f"{P}.lora_B.weight": r(64, 4) * 1e-2, f"{P}.lora_B.bias": r(64)}
+    b = {f"{P}.lora_A.weight": r(4, 64), f"{P}.lora_B.weight": r(64, 4) * 1e-2}
+    save_file(a, tmp_path / "a.safetensors"), save_file(b, tmp_path / "b.safetensors")
+    c = _comps(W.clone(), torch.zeros(64, dtype=torch.float16))
+    apply_loras(c, [(read_lora(tmp_path / "a.safetensors"), 0.7, 1), (read_lora(tmp_path / "b.safetensors"), -1.3, 1)])
+    want = (W.float() + 0.7 * a[f"{P}.lora_B.weight"] @ a[f"{P}.lora_A.weight"]
+            - 1.3 * b[f"{P}.lora_B.weight"] @ b[f"{P}.lora_A.weight"]).half()
+    assert (c.text_encoder[K + ".weight"].float() - want.float()).abs().max() <= 2**-10 * want.float().abs().max()
+    assert (c.text_encoder[K + ".weight"] != want).float().mean() < 0.01  # at most matmul-order ulps
+    torch.testing.assert_close(c.text_encoder[K + ".bias"], (0.7 * a[f"{P}.lora_B.bias"]).half())
+
+
+@pytest.mark.parametrize("change", ["renamed", "reshaped"])
+def test_a_lazy_file_changed_before_the_merge_is_a_lora_error(change, tmp_path):
+    """A .safetensors LoRA rewritten between reading and merging: a LoraError naming it, not a traceback."""
+    path = tmp_path / "c.safetensors"
+    save_file({f"{P}.lora_A.weight": torch.randn(4, 8), f"{P}.lora_B.weight": torch.randn(12, 4)}, path)
+    lora = read_lora(path)
+    if change == "renamed":
+        save_file({f"{P}.lora_down.weight": torch.randn(4, 8), f"{P}.lora_up.weight": torch.randn(12, 4)}, path)
+    else:
+        save_file({f"{P}.lora_A.weight": torch.randn(2, 8), f"{P}.lora_B.weight": torch.randn(12, 2)}, path)
+    with pytest.raises(LoraError, match="c.safetensors"):
+        apply_loras(_comps(torch.randn(12, 8), torch.randn(12)), [(lora, 1, 1)])
+
+
+def test_a_channels_last_conv_weight_merges(tmp_path):
+    """A weight in channels_last strides (a .ckpt saved from such a module keeps them) merges."""
+    W = torch.randn(12, 8, 3, 3)
+    save_file({f"{P}.lora_down.weight": torch.ones(2, 8, 3, 3), f"{P}.lora_up.weight": torch.ones(12, 2, 1, 1)}, tmp_path / "l.safetensors")
+    c = _comps(W.clone().to(memory_format=torch.channels_last), torch.zeros(12))
+    apply_loras(c, [(read_lora(tmp_path / "l.safetensors"), 1, 1)])
+    torch.testing.assert_close(c.text_encoder[K + ".weight"], W + 2)

@@ -44,12 +44,22 @@ def _strategy(name: str):
         "pad_conds": st.booleans(),
         "ensd": st.sampled_from([0, 31337]) | st.integers(0, 2**32),
         "match": st.sampled_from(["diffusers", "a1111"]),
+        "init_image": st.none() | st.sampled_from(["in.png", "/abs/a b.png", "dir/é.jpg"]),
+        "strength": st.floats(0.01, 1).map(lambda x: round(x, 3)),
+        "resize_mode": st.sampled_from(["resize", "crop", "fill"]),
+        "mask": st.none() | st.sampled_from(["mask.png", "/abs/m.png"]),
+        "invert_mask": st.booleans(),
+        "mask_blur": st.integers(0, 64),
+        "pad": st.none() | st.sampled_from(["8", "0,16,8,0", "64,64,64,64"]),
     }[name]
 
 
 # Matching A1111, DDIM and PLMS take no schedule: they walk A1111's own grid; LCM walks its own (at most 50 steps).
+# A mask or padding needs an init image; starting from one matches diffusers only.
 requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_names()}).filter(
-    lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")) and r.sampler != "lcm")
+    lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")) and r.sampler != "lcm"
+    and (r.init_image is not None or (r.mask is None and r.pad is None))
+    and not (r.init_image is not None and r.match == "a1111"))
 
 # A loaded model as the record writer sees it.
 MODEL = SimpleNamespace(
@@ -83,6 +93,13 @@ def test_a1111_text_round_trips_every_field(request: ImageRequest) -> None:
     """Read as A1111 would leave it (no ldm chunk); ldm writes the model's own spacing as "Uniform"."""
     recorded, _, model = request_from_png_text({A1111_KEY: _png_text(request)[A1111_KEY]}, "x.png")
     expected = request if SCHEDULES[request.schedule].display_name else replace(request, schedule=None)
+    # A1111's text records an img2img image's strength (and an inpainted one's mask blur), not its files
+    default = ImageRequest()
+    masked = request.from_image and (request.mask is not None or request.pad is not None)
+    expected = replace(expected, init_image=None, mask=None, pad=None, resize_mode=default.resize_mode,
+                       invert_mask=default.invert_mask,
+                       strength=request.strength if request.from_image else default.strength,
+                       mask_blur=request.mask_blur if masked else default.mask_blur)
     assert recorded.checked() == expected.checked()
     assert model == {"name": "tiny", "hash": "0123456789"}
 
@@ -93,7 +110,10 @@ def test_jsonl_takes_every_field(tmp_path_factory, request: ImageRequest) -> Non
     path = tmp_path_factory.mktemp("jsonl") / "p.jsonl"
     path.write_text(json.dumps({**request.record(), "batch_count": 2, "name": "n"}) + "\n", encoding="utf-8")
     (job,) = read_prompt_file(str(path), command_line_job({}))
-    assert job.request == request and job.given == set(field_names())
+    # a file's relative paths are relative to its folder
+    beside = {name: str(path.parent / value) for name in ("init_image", "mask")
+              if (value := getattr(request, name)) is not None and not Path(value).is_absolute()}
+    assert job.request == replace(request, **beside) and job.given == set(field_names())
     assert (job.batch_count, job.name) == (2, "n")
 
 
@@ -105,12 +125,12 @@ def test_every_field_but_the_prompt_has_a_flag_named_after_it() -> None:
 
 def test_template_fields_are_the_request_fields_marked_for_templates() -> None:
     marked = {f.name for f in fields(ImageRequest) if f.metadata["template"]}
-    assert marked == {"seed", "steps", "sampler", "cfg_scale", "width", "height", "clip_skip", "rng"}
+    assert marked == {"seed", "steps", "sampler", "cfg_scale", "width", "height", "clip_skip", "rng", "strength"}
     assert marked <= set(TEMPLATE_FIELDS)
     request = ImageRequest(prompt="a cat", seed=5, steps=7, sampler="heun", cfg_scale=3.0, width=64, height=80)
     template = "_".join(f"{{{name}}}" for name in TEMPLATE_FIELDS) + ".png"
     (task,) = plan_images([Job(request, name="n")], template)
-    assert task.path == Path("0_0_0_a-cat_n_7_heun_3.0_5_64_80_1_cpu.png")  # run fields, then field order
+    assert task.path == Path("0_0_0_a-cat_n_7_heun_3.0_5_64_80_1_cpu_0.75.png")  # run fields, then field order
 
 
 def test_one_set_of_defaults() -> None:

@@ -205,11 +205,14 @@ def test_sdxl_diffusers_folder_every_key_accounted_for():
     assert sum(len(folder[n]["tensors"]) for n in names) == sum(len(t) for t in components.networks.values())
 
 
-def test_refiner_and_unclip_are_named():
+def test_refiner_is_read_and_unclip_is_named():
+    """The refiner's lone bigG is read as text_encoder_2 (it loads: tests/test_inpaint_refiner_models.py);
+    unCLIP stays refused."""
     base = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}
-    with pytest.raises(UnsupportedModelError, match="SDXL refiner"):
-        split_single_file({**base, "conditioner.embedders.0.model.text_projection": torch.zeros(1)}, Path("r.safetensors"))
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1),
+            "first_stage_model.decoder.conv_out.bias": torch.zeros(3)}
+    refiner = split_single_file({**base, "conditioner.embedders.0.model.ln_final.bias": torch.zeros(1)}, Path("r.safetensors"))
+    assert refiner.text_encoder is None and list(refiner.text_encoder_2) == ["text_model.final_layer_norm.bias"]
     with pytest.raises(UnsupportedModelError, match="unCLIP"):
         split_single_file({**base, "embedder.model.visual.proj": torch.zeros(1)}, Path("u.safetensors"))
 

@@ -75,10 +75,14 @@ class SafetensorsReader:
         with _open_safetensors(self.path) as f:  # validates the header and the file's length first
             self.keys = list(f.keys())
         self._stream = open(self.path, "rb")
-        # The format: an unsigned 64-bit little-endian header length N, N bytes of JSON header
-        # ({name: {"dtype", "shape", "data_offsets": [begin, end]}} relative to the data), the data.
-        header_len = int.from_bytes(self._stream.read(8), "little")
-        self._header = loads_json(self._stream.read(header_len))
+        try:
+            # The format: an unsigned 64-bit little-endian header length N, N bytes of JSON header
+            # ({name: {"dtype", "shape", "data_offsets": [begin, end]}} relative to the data), the data.
+            header_len = int.from_bytes(self._stream.read(8), "little")
+            self._header = loads_json(self._stream.read(header_len))
+        except BaseException:
+            self._stream.close()
+            raise
         self._data_start = 8 + header_len
 
     def __enter__(self) -> SafetensorsReader:
@@ -89,7 +93,9 @@ class SafetensorsReader:
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor `key`, its own memory, floating point cast to `dtype` if given."""
-        entry = self._header[key]
+        entry = self._header.get(key)
+        if entry is None or key == "__metadata__":
+            raise CheckpointError(f"{self.path}: no tensor {key}")
         file_dtype = _loadable_dtype(self.path, key, entry["dtype"])
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)

@@ -148,6 +148,22 @@ def _fill_closed_standard_streams() -> None:
               help="Images per U-Net batch (speed/memory only: images do not change).")
 @click.option("--sampler", type=SamplerName(), help=f"Sampler; A1111 names accepted. See `ldm samplers`. [default: {ImageRequest().sampler}]")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Sigma schedule. [default: the model's timestep spacing]")
+@click.option("-i", "--init-image", type=click.Path(dir_okay=False), callback=lambda _c, _p, v: _absolute(v),
+              help="Start from this image (img2img): it is noised to --strength and the rest of the steps run from it.")
+@click.option("--strength", type=click.FloatRange(min=0, max=1, min_open=True),
+              help=f"img2img: how much of the image is redone, the part of --steps run (A1111's Denoising strength). "
+                   f"[default: {ImageRequest().strength}]")
+@click.option("--resize-mode", type=click.Choice(["resize", "crop", "fill"]),
+              help="An init image of another size than -W/-H: stretch it, crop it to cover, or fit it and fill the "
+                   "rest from its edges (A1111's resize modes). [default: resize]")
+@click.option("--mask", type=click.Path(dir_okay=False), callback=lambda _c, _p, v: _absolute(v),
+              help="Inpainting: repaint the white part of this image (the init image's size) and keep the rest.")
+@click.option("--invert-mask", is_flag=True, default=None, help="Repaint the black part of the mask instead.")
+@click.option("--mask-blur", type=click.IntRange(min=0, max=64),
+              help=f"Blur the mask's edge by N pixels first (A1111's Gaussian). [default: {ImageRequest().mask_blur}]")
+@click.option("--pad", metavar="L,T,R,B",
+              help="Outpainting: add pixels around the init image (one number: every side), filled from its edges "
+                   "and repainted.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME[:W]",
               help="Merge a LoRA into every job, as the tag <lora:NAME:W> at the prompt's end (repeatable; "
                    "NAME:te=W1:unet=W2 weights the text encoder and U-Net apart). Prompts may carry tags themselves.")
@@ -183,7 +199,8 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
-             height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule, loras, lora_dir,
+             height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule,
+             init_image, strength, resize_mode, mask, invert_mask, mask_blur, pad, loras, lora_dir,
              embeddings_dir, vae, vae_dir, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""
@@ -287,6 +304,11 @@ def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_promp
         return run_generate(jobs, options, defaults, report)
 
     sys.exit(_run(build, debug))
+
+
+def _absolute(path: str | None) -> str | None:
+    """A file named on the command line, as an absolute path: what the image's record keeps."""
+    return None if path is None else os.path.abspath(path)
 
 
 def _names_a_prompt_file(text: str) -> bool:
@@ -541,10 +563,11 @@ def _tell(message: str) -> None:
             pass
 
 
-def _note_text(note: dict) -> str:
+def _note_text(note: dict | str) -> str:
+    """An image's note ({"key", "value", "why"}) or a model's (a sentence), as one line."""
     from ldmcli.metadata import Note
 
-    return Note(note["key"], note["value"], note["why"]).text()
+    return note if isinstance(note, str) else Note(note["key"], note["value"], note["why"]).text()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

@@ -10,7 +10,12 @@ Families (the text encoders decide; the U-Net must agree):
 - sd2:  one OpenCLIP ViT-H (penultimate block + final LN), 64-channel heads, linear projections,
         v-prediction for the 768 models and epsilon for 512-base / SD-Turbo;
 - sdxl: CLIP ViT-L + OpenCLIP bigG (penultimate of both, concatenated; pooled bigG projected) and
-        a U-Net with vector conditioning `y` (pooled text + size/crop sinusoids), scale 0.13025.
+        a U-Net with vector conditioning `y` (pooled text + size/crop sinusoids), scale 0.13025;
+        the SDXL refiner (`ModelSpec.refiner`): bigG alone, its `y` pooled bigG + original size, crop
+        and aesthetic score (Stability's sd_xl_refiner.yaml).
+
+Any family's U-Net may be an inpainting one (`ModelSpec.inpainting`): 9 input channels, the latents
+followed by the mask and the masked image's latents (`inpaint_model.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ldmcli.models.clip import CLIPTextConfig, clip_config_from_shapes
 from ldmcli.models.unet import UNetConfig, unet_config_from_shapes
 from ldmcli.models.vae import VAEConfig, vae_config_from_shapes
 from ldmcli.schedule import DiffusionSchedule
-from ldmcli.unsupported import check_single_encoder_unet, check_text_to_image_unet
+from ldmcli.unsupported import INPAINTING_CHANNELS, check_single_encoder_unet, check_unet_input_channels
 from ldmcli.limits import MAX_TRAIN_TIMESTEPS
 
 
@@ -34,10 +39,10 @@ from ldmcli.limits import MAX_TRAIN_TIMESTEPS
 class ModelSpec:
     """Everything about a model that is not a weight."""
 
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # "sd1" | "sd2" | "sdxl" (the SDXL refiner too: `refiner`)
     unet: UNetConfig
     vae: VAEConfig
-    text_encoder: CLIPTextConfig  # SDXL: the CLIP ViT-L
+    text_encoder: CLIPTextConfig | None  # SDXL: the CLIP ViT-L; None: the SDXL refiner (bigG alone)
     schedule: DiffusionSchedule
     schedule_source: str = field(compare=False)  # where the schedule (spacing, betas) came from (provenance)
     scale_factor: float  # latents are divided by this before decoding (not stored in weights)
@@ -48,6 +53,9 @@ class ModelSpec:
     text_encoder_2: CLIPTextConfig | None = None  # SDXL: OpenCLIP bigG with its text_projection
     pad_token_id_2: int | None = None  # SDXL tokenizer 2 pads with "!" = 0, as OpenCLIP does
     addition_time_embed_dim: int | None = None  # SDXL: width of each size/crop sinusoid in y (256)
+    # The SDXL refiner (sd_xl_refiner_1.0): bigG alone (`text_encoder` None), and a `y` of pooled bigG +
+    # original size, crop and aesthetic score (`conditioning.refiner_vector`) in place of the target size.
+    refiner: bool = False
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt conditions on zeros, not on ""
     vae_fp16_unsafe: bool = False  # SDXL's VAE overflows in fp16: decode in fp32 instead
     turbo: bool = False  # an adversarially distilled 1-4 step model (SD-Turbo, SDXL-Turbo)
@@ -66,6 +74,12 @@ class ModelSpec:
         return self.schedule.prediction_type
 
     @property
+    def inpainting(self) -> bool:
+        """An inpainting U-Net (sd.cpp's `sd_version_is_inpaint`): it takes the latents plus 5 channels,
+        the mask and the masked image's latents (`inpaint_model.inpaint_txt2img_conditioning` for txt2img)."""
+        return self.unet.in_channels == INPAINTING_CHANNELS
+
+    @property
     def embedded_guidance(self) -> bool:
         """An LCM-distilled U-Net: guidance is its input (`timestep_cond`, w = CFG - 1), never CFG's two passes."""
         return self.unet.time_cond_proj_dim is not None
@@ -75,7 +89,10 @@ class ModelSpec:
         """The largest clip skip (A1111's numbering) the text encoder(s) have blocks for: each step back
         needs one more block before the layer the family conditions on (`text_conditioning`)."""
         if self.text_encoder_2 is None:
+            assert self.text_encoder is not None
             return self.text_encoder.layers - self.clip_skip
+        if self.text_encoder is None:  # the refiner: bigG alone
+            return self.text_encoder_2.layers - 1
         return min(self.text_encoder.layers, self.text_encoder_2.layers) - 1
 
 
@@ -167,14 +184,19 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     family = _family(components)
     where = components.path
     unet = _unet_config(components, family)
-    check_text_to_image_unet(where, unet)
-    activation = _activation(components, "text_encoder", family.text_activation)
-    text = _from_shapes(components, "text encoder", clip_config_from_shapes, components.text_encoder, activation=activation)
+    check_unet_input_channels(where, unet)
+    text = None
+    if components.text_encoder is not None:
+        activation = _activation(components, "text_encoder", family.text_activation)
+        text = _from_shapes(components, "text encoder", clip_config_from_shapes, components.text_encoder, activation=activation)
     text_2 = None
     time_dim = None
+    refiner = family is SDXL and text is None
     if family is SDXL:
         text_2, time_dim = _sdxl_text(components, unet, text)
     else:
+        if text is None:  # bigG alone, yet a header declares another family
+            raise UnsupportedModelError(f"{where}: no text encoder of the {family.display} family")
         check_single_encoder_unet(where, unet)
         if text.width != unet.context_dim:
             raise UnsupportedModelError(
@@ -194,9 +216,11 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
     native = _native_size(family, predicted, turbo)
     scaling = _vae_setting(components, "scaling_factor", family.scale_factor)
     scale_factor = _positive(components, "vae/config.json scaling_factor", scaling)
+    inpainting = unet.in_channels == INPAINTING_CHANNELS
+    suffixes = [(" Refiner", refiner), (" Turbo", turbo), (" LCM", lcm), (" Inpainting", inpainting)]
     return ModelSpec(
         family=family.name,
-        display_name=family.display + (" Turbo" if turbo else "") + (" LCM" if lcm else ""),
+        display_name=family.display + "".join(text for text, yes in suffixes if yes),
         unet=unet,
         vae=_from_shapes(components, "VAE", vae_config_from_shapes, components.vae),
         text_encoder=text,
@@ -210,7 +234,9 @@ def detect_spec(components: Components, *, prediction: str | None = None) -> Mod
         pad_token_id_2=family.pad_token_id_2,
         native_size=int(_float_metadata(components, "ldm.native_size", native)),
         addition_time_embed_dim=time_dim,
-        zero_empty_negative=family is SDXL and bool(components.pipeline_index.get("force_zeros_for_empty_prompt", True)),
+        refiner=refiner,
+        zero_empty_negative=family is SDXL and bool(components.pipeline_index.get("force_zeros_for_empty_prompt",
+                                                                                 not refiner)),
         vae_fp16_unsafe=family.vae_fp16_unsafe and bool(_vae_setting(components, "force_upcast", True)),
         turbo=turbo,
         lcm=lcm,
@@ -283,32 +309,49 @@ def _activation(components: Components, network: str, default: str) -> str:
     return components.configs.get(network, {}).get("hidden_act", default)
 
 
-def _sdxl_text(components: Components, unet: UNetConfig, text: CLIPTextConfig) -> tuple[CLIPTextConfig, int]:
-    """The bigG config, and the width of each size/crop sinusoid that shapes imply."""
+def _sdxl_text(components: Components, unet: UNetConfig, text: CLIPTextConfig | None) -> tuple[CLIPTextConfig, int]:
+    """The bigG config, and the width of each size/crop sinusoid that shapes imply.
+
+    SDXL base: context = [CLIP-L | bigG], y = [pooled | 6 sinusoids: original size, crop top-left, target
+    size] (sd_xl_base.yaml). The refiner (`text` None: bigG alone): context = bigG, y = [pooled | 5
+    sinusoids: original size, crop top-left, aesthetic score] (sd_xl_refiner.yaml: adm_in_channels 2560 =
+    1280 + 5 x 256; diffusers: `requires_aesthetics_score`).
+    """
     where = components.path
     assert components.text_encoder_2 is not None
     text_2 = _from_shapes(
         components, "text encoder 2", clip_config_from_shapes, components.text_encoder_2,
         activation=_activation(components, "text_encoder_2", SDXL.text_2_activation),
     )
+    what = "SDXL's second text encoder" if text is not None else "the SDXL refiner's text encoder (bigG)"
     if text_2.projection_dim is None:
-        raise UnsupportedModelError(f"{where}: SDXL's second text encoder has no text_projection (needed for the pooled embedding)")
-    if text.width + text_2.width != unet.context_dim:
+        raise UnsupportedModelError(f"{where}: {what} has no text_projection (needed for the pooled embedding)")
+    widths = [text_2.width] if text is None else [text.width, text_2.width]
+    if sum(widths) != unet.context_dim:
         raise UnsupportedModelError(
-            f"{where}: text encoder widths {text.width} + {text_2.width} do not add up to the U-Net's context width {unet.context_dim}"
+            f"{where}: text encoder widths {' + '.join(map(str, widths))} do not add up to the U-Net's context width "
+            f"{unet.context_dim}"
         )
     if unet.adm_in_channels is None:
-        raise UnsupportedModelError(f"{where}: two text encoders but a U-Net without vector conditioning (label_emb)")
-    # y = [pooled (projection_dim) | 6 sinusoids: original size, crop top-left, target size]
-    rest = unet.adm_in_channels - text_2.projection_dim
-    if rest <= 0 or rest % 6:
+        raise UnsupportedModelError(f"{where}: {what} beside a U-Net without vector conditioning (label_emb)")
+    count, embedded = (6, "size embeddings") if text is not None else (5, "size/crop/aesthetic-score embeddings")
+    declared = components.pipeline_index.get("requires_aesthetics_score")
+    if declared is not None and bool(declared) != (text is None):
         raise UnsupportedModelError(
-            f"{where}: U-Net vector input {unet.adm_in_channels} is not the pooled width {text_2.projection_dim} + 6 size embeddings"
+            f"{where}: model_index.json requires_aesthetics_score={declared} but the model has "
+            f"{'no' if text is None else 'a'} CLIP ViT-L text encoder (only the SDXL refiner, bigG alone, takes an "
+            "aesthetic score)"
+        )
+    rest = unet.adm_in_channels - text_2.projection_dim
+    if rest <= 0 or rest % count:
+        raise UnsupportedModelError(
+            f"{where}: U-Net vector input {unet.adm_in_channels} is not the pooled width {text_2.projection_dim} + "
+            f"{count} {embedded}"
         )
     configured = components.configs.get("unet", {}).get("addition_time_embed_dim")
-    if configured is not None and (not isinstance(configured, int) or configured * 6 != rest):
+    if configured is not None and (not isinstance(configured, int) or configured * count != rest):
         raise UnsupportedModelError(f"{where}: unet/config.json addition_time_embed_dim={configured} disagrees with the weights")
-    return text_2, rest // 6
+    return text_2, rest // count
 
 
 def _vae_setting(components: Components, key: str, default):

@@ -691,6 +691,18 @@ def latent_mask_a1111(mask: np.ndarray, factor: int = 8, *, round: bool = True) 
 # --- a request's inputs, checked before the model loads ----------------------------------------------------------
 
 
+def natural_size(init_path: Path, pad: Padding | str | None = None, *, max_pixels: int = MAX_INPUT_PIXELS,
+                 multiple: int = 8) -> tuple[int, int]:
+    """(width, height) an image makes when no size is given: its own (EXIF-oriented, padded), each side
+    rounded down to `multiple` (at least `multiple`), as diffusers' `VaeImageProcessor.get_default_height_width`."""
+    image = read_image(init_path, max_pixels=max_pixels)
+    height, width = image.shape[:2]
+    padding = parse_pad(pad) if isinstance(pad, str) else pad
+    if padding is not None and padding.any:
+        _, width, height = padded_size(width, height, padding, multiple)
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedInputs:
     """What a request starts from, ready for the engine: the init image (uint8 HxWx3) and the mask

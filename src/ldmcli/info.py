@@ -14,9 +14,7 @@ def describe_model(name: str) -> dict:
     path = resolve_model(name)
     components = read_components(path, meta=True)
     spec = detect_spec(components)
-    networks = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
-    if components.text_encoder_2 is not None:
-        networks["text_encoder_2"] = components.text_encoder_2
+    networks = components.networks  # the SDXL refiner has no text_encoder, only text_encoder_2 (bigG)
     described = {
         "path": str(path),
         "layout": components.layout,
@@ -28,6 +26,8 @@ def describe_model(name: str) -> dict:
         "timestep_spacing": spec.schedule.timestep_spacing,
         "scale_factor": spec.scale_factor,
         "native_size": spec.native_size,
+        "inpainting": spec.inpainting,
+        "refiner": spec.refiner,
         "hash": model_hash(path),
     }
     for network, tensors in networks.items():
@@ -37,9 +37,17 @@ def describe_model(name: str) -> dict:
         described[f"{network}_from"] = components.sources.get(network, str(path))
     described["unet_config"] = _fields(spec.unet)
     described["vae_config"] = _fields(spec.vae)
-    described["text_encoder_config"] = _fields(spec.text_encoder)
+    if spec.text_encoder is not None:
+        described["text_encoder_config"] = _fields(spec.text_encoder)
     if spec.text_encoder_2 is not None:
         described["text_encoder_2_config"] = _fields(spec.text_encoder_2)
+    if spec.inpainting:  # what the 9 input channels are
+        described["unet_inputs"] = "latents (4) + mask (1) + masked-image latents (4)"
+    if spec.refiner:  # what its vector conditioning holds, with the defaults it is run with
+        from ldmcli.conditioning import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+
+        described["vector_conditioning"] = (f"pooled bigG + original size, crop, aesthetic score (prompt "
+                                            f"{AESTHETIC_SCORE}, negative prompt {NEGATIVE_AESTHETIC_SCORE})")
     if spec.lcm:  # a latent consistency model: how it takes guidance decides how it is run
         described["lcm"] = (f"LCM-distilled: guidance embedded in the U-Net (time_cond_proj_dim {spec.unet.time_cond_proj_dim})"
                             if spec.embedded_guidance else "LCM (LoRA merged): an ordinary U-Net run with the lcm sampler")

@@ -146,7 +146,7 @@ def read_prompt_file(path: str, template: Job, images_before: int = 0) -> list[J
     for number, stripped in _content_lines(text):
         where = f"{name}:{number}"
         if jsonl:
-            job = _json_job(stripped, template, where)
+            job = _json_job(stripped, template, where, folder=None if path == "-" else Path(path).parent)
         elif stripped.startswith("--"):
             job = _script_job(stripped, template, where)
         else:
@@ -213,7 +213,11 @@ def _lora_specs(value: Any, where: str) -> list[str]:
         raise LdmError(f"{where}: {exc}") from None
 
 
-def _json_job(line: str, template: Job, where: str) -> Job:
+# The request fields that name a file: a prompt file's relative paths are relative to its folder.
+PATH_FIELDS = ("init_image", "mask")
+
+
+def _json_job(line: str, template: Job, where: str, folder: Path | None = None) -> Job:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -237,6 +241,9 @@ def _json_job(line: str, template: Job, where: str) -> Job:
     if not isinstance(obj.get("prompt"), str):
         raise LdmError(f"{where}: \"prompt\" (a string) is required")
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
+    for key in PATH_FIELDS:
+        if isinstance(obj.get(key), str) and folder is not None and not Path(obj[key]).is_absolute():
+            obj[key] = str(folder / obj[key])
     if loras:
         from ldmcli.lora_uses import with_lora_tags
 
@@ -335,6 +342,9 @@ RANDOM_SEED = -1
 A1111_API_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "steps": 50, "sampler": "Euler", "schedule": None, "cfg_scale": 7.0, "seed": RANDOM_SEED,
     "width": 512, "height": 512, "clip_skip": 1, "ensd": 0,
+    # StableDiffusionProcessingImg2Img's (a txt2img request has none of them; they are ldm's defaults too)
+    "init_image": None, "strength": 0.75, "resize_mode": "resize", "mask": None, "invert_mask": False, "mask_blur": 4,
+    "pad": None,
 }
 
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.

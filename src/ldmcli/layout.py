@@ -5,9 +5,11 @@ HF CLIP names (`text_model.*`) for the text encoders. Two layouts reach this mod
 
 - single files (`.safetensors`/`.ckpt`): one flat dict, networks told apart by prefix
   (SD1 `cond_stage_model.transformer.`, SD2 `cond_stage_model.model.` (OpenCLIP), SDXL
-  `conditioner.embedders.0.transformer.` + `conditioner.embedders.1.model.`);
+  `conditioner.embedders.0.transformer.` + `conditioner.embedders.1.model.`, the SDXL refiner
+  `conditioner.embedders.0.model.` alone: its bigG, our `text_encoder_2`);
 - diffusers folders: one subfolder per network, diffusers names, renamed by `keymap`
-  (SDXL adds `text_encoder_2/` and `tokenizer_2/`).
+  (SDXL adds `text_encoder_2/` and `tokenizer_2/`; the refiner has those and no `text_encoder/`,
+  `model_index.json` saying `"text_encoder": [null, null]`).
 
 Every key of the input is either placed, or named in an explicit ignore rule, or an error. Files and
 folders this version does not run are refused first, by `unsupported`.
@@ -50,6 +52,13 @@ SINGLE_FILE_PREFIXES = {
     "conditioner.embedders.1.model.": ("text_encoder_2", "openclip"),  # SDXL: OpenCLIP ViT-bigG
 }
 
+# The SDXL refiner (Stability's sd_xl_refiner.yaml) conditions on OpenCLIP bigG alone, stored as its first
+# embedder: the prefix SD-Turbo's sgm file gives its SD2 ViT-H. The refiner's U-Net has vector conditioning
+# (label_emb: pooled bigG + size, crop and aesthetic-score embeddings), SD 2.x's none; diffusers tells them
+# apart by the bigG width instead (single_file_utils: "xl_refiner" by a 32nd resblock's key).
+REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
+REFINER_MARKER = "model.diffusion_model.label_emb.0.0.weight"
+
 # LDM training buffers stored beside the weights. `alphas_cumprod` is read; the rest follow from it.
 SCHEDULE_BUFFERS = frozenset(
     {
@@ -90,7 +99,7 @@ class Components:
     path: Path
     unet: dict[str, torch.Tensor]
     vae: dict[str, torch.Tensor]
-    text_encoder: dict[str, torch.Tensor]
+    text_encoder: dict[str, torch.Tensor] | None  # None: the SDXL refiner (bigG only, as text_encoder_2)
     text_encoder_2: dict[str, torch.Tensor] | None = None  # SDXL's OpenCLIP bigG
     # Key format the first text encoder was stored in: "hf" or "openclip". An OpenCLIP tower is
     # complete (SD2 conditions on its penultimate block); diffusers ship SD2's already cut to 23.
@@ -107,10 +116,11 @@ class Components:
 
     @property
     def networks(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every network's tensors by name (text_encoder_2 only when present)."""
-        nets = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            nets["text_encoder_2"] = self.text_encoder_2
+        """Every network's tensors by name (each text encoder only when present)."""
+        nets = {"unet": self.unet, "vae": self.vae}
+        for name, tensors in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)):
+            if tensors is not None:
+                nets[name] = tensors
         return nets
 
 
@@ -160,14 +170,15 @@ def _read_probes(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
 def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Components:
     """Sort an LDM/sgm-layout single file's keys into networks by prefix, each renamed to canonical names."""
     check_supported_single_file(state_dict.keys(), path)
+    table = _single_file_prefixes(state_dict)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     formats: dict[str, str] = {}
     prefixes: dict[str, str] = {}
     unknown = []
     for key, tensor in state_dict.items():
-        prefix = next((p for p in SINGLE_FILE_PREFIXES if key.startswith(p)), None)
+        prefix = next((p for p in table if key.startswith(p)), None)
         if prefix is not None:
-            network, fmt = SINGLE_FILE_PREFIXES[prefix]
+            network, fmt = table[prefix]
             if prefixes.setdefault(network, prefix) != prefix:
                 raise CheckpointError(
                     f"{path}: two {network.replace('_', ' ')}s (keys under {prefixes[network]!r} and {prefix!r})"
@@ -180,7 +191,8 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: unknown keys {name_keys(unknown)}")
-    for name in ("unet", "vae", "text_encoder"):
+    refiner = prefixes.get("text_encoder_2") == REFINER_TEXT_PREFIX  # bigG alone: no first text encoder
+    for name in ("unet", "vae") if refiner else ("unet", "vae", "text_encoder"):
         if not parts.get(name):
             where = " or ".join(repr(p) for p, (n, _) in SINGLE_FILE_PREFIXES.items() if n == name)
             raise CheckpointError(f"{path}: no {name.replace('_', ' ')} weights (keys under {where})")
@@ -198,14 +210,22 @@ def split_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata:
         path=path,
         unet=parts["unet"],
         vae=parts["vae"],
-        text_encoder=text["text_encoder"],
+        text_encoder=text.get("text_encoder"),
         text_encoder_2=text.get("text_encoder_2"),
-        text_encoder_format=formats["text_encoder"],
+        text_encoder_format=formats.get("text_encoder", "hf"),
         alphas_cumprod=state_dict.get("alphas_cumprod"),
         metadata=metadata or {},
         sources={name: str(path) for name in parts},
         markers=frozenset(k for k in MARKER_KEYS if k in state_dict),
     )
+
+
+def _single_file_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """SINGLE_FILE_PREFIXES, with the lone `conditioner.embedders.0.model.` read as bigG (`text_encoder_2`)
+    when the U-Net has vector conditioning: an SDXL refiner, not an SD 2.x file in sgm's layout."""
+    if REFINER_MARKER not in state_dict or any(k.startswith("conditioner.embedders.1.") for k in state_dict):
+        return SINGLE_FILE_PREFIXES
+    return {**SINGLE_FILE_PREFIXES, REFINER_TEXT_PREFIX: ("text_encoder_2", "openclip")}
 
 
 def _text_encoder_map(fmt: str, *, keep_projection: bool):
@@ -225,8 +245,12 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
 
     index = read_json(folder / "model_index.json") if is_present(folder / "model_index.json", CheckpointError) else {}
     check_supported_folder(folder, index)
-    names = ["unet", "vae", "text_encoder"]
-    if index.get("_class_name") == "StableDiffusionXLPipeline" or (folder / "text_encoder_2").is_dir():
+    names = ["unet", "vae"]
+    sdxl = index.get("_class_name", "").startswith("StableDiffusionXL")
+    # The SDXL refiner's model_index.json says `"text_encoder": [null, null]`: it has bigG alone.
+    if not (_declared_absent(index, "text_encoder") and (sdxl or (folder / "text_encoder_2").is_dir())):
+        names.append("text_encoder")
+    if sdxl or (folder / "text_encoder_2").is_dir():
         names.append("text_encoder_2")
     # Weight file stems, preferred first; `.fp16` variants are what `from_pretrained(variant="fp16")`
     # downloads (the only files of such a download).
@@ -268,7 +292,7 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
         path=folder,
         unet=renamed["unet"],
         vae=renamed["vae"],
-        text_encoder=renamed["text_encoder"],
+        text_encoder=renamed.get("text_encoder"),
         text_encoder_2=renamed.get("text_encoder_2"),
         scheduler_config=read_json(scheduler_file) if is_present(scheduler_file, CheckpointError) else None,
         tokenizer_dir=tokenizer_dir if _has_tokenizer(tokenizer_dir) else None,
@@ -277,6 +301,13 @@ def read_diffusers_folder(folder: Path, *, meta: bool = False, dtype: torch.dtyp
         configs=configs,
         pipeline_index=index,
     )
+
+
+def _declared_absent(index: dict, name: str) -> bool:
+    """Whether model_index.json declares a pipeline component absent: `[null, null]` (library, class),
+    as diffusers saves a component passed as None."""
+    entry = index.get(name)
+    return isinstance(entry, list) and all(item is None for item in entry)
 
 
 # The diffusers config keys that state counts, each with whether its numbers are counts: a list has an

@@ -623,8 +623,9 @@ def apply_loras(components, loras: Sequence[tuple[LoraFile, float, float]], *, s
         for (network, key), changes in plan.items():
             tensors = networks[network]
             if key in overlapping[network] or not tensors[key].is_contiguous():
-                tensors[key] = tensors[key].clone()  # never write through to another key's storage
-            _merge(tensors[key], [(_factors(adapter, readers.get(id(lora))), adapter.kind, part, multiplier * adapter.scale)
+                # never write through to another key's storage; rows contiguous for the block view
+                tensors[key] = tensors[key].clone(memory_format=torch.contiguous_format)
+            _merge(tensors[key], [(_factors(adapter, part, readers.get(id(lora))), adapter.kind, part, multiplier * adapter.scale)
                                   for lora, adapter, multiplier, part in changes], scratch)
     return reports
 
@@ -638,15 +639,21 @@ def _reader(lora: LoraFile):
         raise LoraError(str(exc)) from exc
 
 
-def _factors(adapter: Adapter, reader: SafetensorsReader | None) -> dict[str, torch.Tensor]:
-    """The adapter's factors, read from its file if the file was read lazily."""
+# The roles that hold a bias's change (PEFT's lora_B.bias, a full diff's diff_b): the rest make the weight's.
+BIAS_ROLES = ("up_bias", "diff_b")
+
+
+def _factors(adapter: Adapter, part: str, reader: SafetensorsReader | None) -> dict[str, torch.Tensor]:
+    """The factors of the adapter's change to its `part` ("weight" or "bias"), read from its file if the
+    file was read lazily (then checked to be what was read before: the file may have changed since)."""
+    wanted = {role: t for role, t in adapter.tensors.items() if (role in BIAS_ROLES) == (part == "bias")}
     if reader is None:
-        return adapter.tensors
+        return wanted
     try:
-        factors = {role: reader.read(adapter.keys[role]) for role in adapter.tensors}
+        factors = {role: reader.read(adapter.keys[role]) for role in wanted}
     except CheckpointError as exc:
         raise LoraError(str(exc)) from exc
-    if any(factors[role].shape != t.shape for role, t in adapter.tensors.items()):
+    if any(factors[role].shape != t.shape or not factors[role].is_floating_point() for role, t in wanted.items()):
         raise LoraError(f"{reader.path}: changed while being merged ({adapter.label})")
     return factors
 
@@ -670,9 +677,11 @@ def _merge(weight: torch.Tensor, changes: list[tuple[dict[str, torch.Tensor], st
             up = t["up"].reshape(t["up"].shape[0], -1).float()
             down = t["down"].reshape(t["down"].shape[0], -1).float()
             adds.append(lambda block, a, b, up=up, down=down, scale=scale: block.addmm_(up[a:b], down, alpha=scale))
+        elif part == "bias":  # the change itself (lora_B.bias, diff_b)
+            whole = next(iter(t.values())).float().reshape(rows.shape)
+            adds.append(lambda block, a, b, whole=whole, scale=scale: block.add_(whole[a:b], alpha=scale))
         else:
-            weight_change, bias_change = _delta(kind, t)
-            whole = (weight_change if part == "weight" else bias_change).reshape(rows.shape)
+            whole = _delta(kind, t)[0].reshape(rows.shape)
             adds.append(lambda block, a, b, whole=whole, scale=scale: block.add_(whole[a:b], alpha=scale))
     step = max(1, scratch.numel() // rows.shape[1])
     for a in range(0, rows.shape[0], step):

@@ -16,6 +16,7 @@ for and ldm does not do becomes a `Note`, shown on stderr and in the --json reco
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -257,6 +258,10 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Match"] = None if value == "diffusers" else value
         elif f.name == "clip_skip":
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
+        elif f.name == "strength":  # A1111's img2img keys; the image itself is in the `ldm` record only
+            pairs["Denoising strength"] = _number(value) if request.from_image else None
+        elif f.name == "mask_blur":
+            pairs["Mask blur"] = value if request.from_image and (request.mask or request.pad) else None
         elif f.metadata["a1111"]:
             pairs[f.metadata["a1111"]] = _number(value) if isinstance(value, float) else value
     return pairs
@@ -335,6 +340,20 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
 
 
+IMG2IMG_SOURCE = "an img2img image: A1111's text does not record the image it started from; give it with -i to redo it"
+INPAINT_SOURCE = "an inpainted image: A1111's text does not record the mask; give it with --mask to redo it"
+
+
+def _a1111_number(params: Mapping[str, str], key: str, where: str) -> float:
+    try:
+        value = float(params[key])
+    except ValueError:
+        raise ImageMetadataError(f"{where}: A1111 parameters not understood ({key}: {params[key][:40]!r} is not a number)") from None
+    if not math.isfinite(value):
+        raise ImageMetadataError(f"{where}: A1111 parameters not understood ({key}: {params[key][:40]!r})")
+    return value
+
+
 def read_name_hashes(value: str) -> dict[str, str]:
     """An A1111 "Lora hashes" or "TI hashes" value, ``name: hash, name: hash``, as {name: hash}; entries
     that are not ``name: hex digits`` are left out (their files are then found by name alone)."""
@@ -402,8 +421,17 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
         values["match"] = "a1111"
         notes.append(Note("Match", "absent", MATCH_NOTE_A1111, honoured=True, fields=("match",)))
+    img2img = {}
+    if "Denoising strength" in params and not any(key.startswith("Hires ") for key in params):
+        # An img2img image (with hires fix the key is the second pass's): its strength and mask blur are
+        # read; its image and mask are not recorded: a note until -i/--mask give them (`Job.setting`).
+        values["strength"] = img2img["Denoising strength"] = _a1111_number(params, "Denoising strength", where)
+        notes.append(Note("Denoising strength", params["Denoising strength"], IMG2IMG_SOURCE, fields=("init_image",)))
+        if "Mask blur" in params:
+            values["mask_blur"] = img2img["Mask blur"] = int(_a1111_number(params, "Mask blur", where))
+            notes.append(Note("Mask blur", params["Mask blur"], INPAINT_SOURCE, fields=("mask",)))
     read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", "VAE", "VAE hash",
-            "Lora hashes", "TI hashes", *keys.values()}
+            "Lora hashes", "TI hashes", *keys.values(), *img2img}
     notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
     if not ours:
         notes += sampling_notes(params)
@@ -466,8 +494,8 @@ class A1111Key:
 
 _HIRES = "hires fix, a second upscaled pass, is not supported yet"
 # Reasons shared with jobs.py's table of A1111's request keys.
-SECOND_PASS = "a second pass over an image, as hires fix and img2img make, is not supported: ldm makes text-to-image only"
-_IMG2IMG = "img2img and inpainting are not supported: ldm makes text-to-image only"
+SECOND_PASS = "a second pass over an image, as hires fix makes, is not supported yet"
+_IMG2IMG = "not supported in ldm's img2img and inpainting yet"
 _HYPERNET = "hypernetworks are not supported"
 VARIATION_SEEDS = "variation seeds, noise blended from a second seed, are not supported"
 SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
@@ -521,6 +549,7 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Schedule min sigma": A1111Key(SAMPLER_SETTING, off=("0",)),
     "Schedule rho": A1111Key(SAMPLER_SETTING, off=("0",)),
     # known, not honoured
+    # read as an img2img image's strength (`_from_a1111_text`), except beside hires fix's keys
     "Denoising strength": A1111Key(SECOND_PASS),
     "Lora hashes": A1111Key("the LoRAs the prompt's <lora:...> tags name are found by these hashes, else by "
                             "name, in the LoRA folders (--lora-dir, loras/)", honoured=True),
@@ -553,7 +582,7 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Image CFG scale": A1111Key("instruct-pix2pix editing is not supported"),
     "Conditional mask weight": A1111Key(_IMG2IMG),
     "Init image hash": A1111Key(_IMG2IMG),
-    "Mask blur": A1111Key(_IMG2IMG),
+    "Mask blur": A1111Key("read with Denoising strength, as an inpainted image's mask blur"),
     "Noise multiplier": A1111Key(_IMG2IMG),
     "Extra noise": A1111Key(SECOND_PASS),
     "Refiner": A1111Key(REFINER),

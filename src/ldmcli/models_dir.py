@@ -238,18 +238,24 @@ def find_recorded_extra(kind: str, name: str | None, recorded_hash: str | None, 
     from ldmcli.hashing import embedding_hash, lora_hash, vae_hash
 
     hasher = {"lora": lora_hash, "vae": vae_hash, "embedding": embedding_hash}[kind]
-    candidates = list_extras(kind, explicit)
-    stem = Path(name.strip()).stem.casefold() if name and name.strip() else None  # A1111 records "x.safetensors"
-    named = [p for p in candidates if stem is not None and extra_name(p).casefold() == stem]
+    info = EXTRA_KINDS[kind]
     wanted = (recorded_hash or "").strip().lower()
+    given = Path(name.strip()) if name and name.strip() else None
+    if given is not None and given.is_file():  # named by its path (`--lora /x/y.safetensors`)
+        check_regular_file(given, CheckpointError)
+        return FoundExtra(given, "hash" if wanted and hasher(given) == wanted else "name")
+    candidates = list_extras(kind, explicit)
+    # A1111 records a VAE as "x.safetensors"; a name's own dots ("detail_v1.5") stay
+    stem = None if given is None else (given.stem if given.suffix.lower() in info.suffixes else given.name).casefold()
+    named = [p for p in candidates if stem is not None and extra_name(p).casefold() == stem]
     if wanted:  # the named ones are hashed first: the usual case hashes one file
         for path in [*named, *(p for p in candidates if p not in named)]:
             if path.is_file() and hasher(path) == wanted:
                 return FoundExtra(path, "hash")
     if named:
         return FoundExtra(named[0], "name")
-    info = EXTRA_KINDS[kind]
     dirs = extra_dirs(kind, explicit)
     where = f"not in {', '.join(str(d) for d in dirs)}" if dirs else f"no {info.label} folder exists ({info.flag}, ${info.env})"
+    instead = ", or give --vae to use another" if kind == "vae" else f" (or in a folder given with {info.flag})"
     raise ModelNotFoundError(f"the image was made with {info.label} {name!r} (hash {recorded_hash or 'not recorded'}): "
-                             f"{where}; put it there, or give --{kind} to use another")
+                             f"{where}; put it there{instead}")

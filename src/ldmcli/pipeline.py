@@ -41,7 +41,7 @@ class StableDiffusion:
 
     spec: ModelSpec
     path: Path
-    tokenizer: PromptTokenizer
+    tokenizer: PromptTokenizer | None  # None: the SDXL refiner (bigG only, `tokenizer_2`)
     text_encoder: CLIPTextModel | None  # None once released (`text_conditioning.encode_up_front`)
     unet: UNetModel | None  # None once released (`release_unet`)
     vae: AutoencoderKL
@@ -106,9 +106,12 @@ def load(
         return_freed_memory()  # the factors read while merging, before sampling needs the room
     model = load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
     model.vae_file, model.loras, model.notes = vae_file, tuple(loras), notes
-    if embedding_dirs or embedding_files:
-        model.embeddings = EmbeddingLibrary.from_dir(*embedding_dirs, widths=widths_of(model.spec))
-        model.embeddings.files.update(embedding_files or {})
+    if (embedding_dirs or embedding_files) and model.spec.text_encoder is None:
+        notes.append("textual-inversion embeddings are not used with the SDXL refiner yet: its prompts' words stay words")
+    elif embedding_dirs or embedding_files:
+        model.embeddings = library = EmbeddingLibrary.from_dir(*embedding_dirs, widths=widths_of(model.spec))
+        # first: where names tie (the same tokens, another case), the earlier entry wins
+        library.files = {**(embedding_files or {}), **{k: v for k, v in library.files.items() if k not in (embedding_files or {})}}
     return model
 
 
@@ -119,11 +122,13 @@ def load_components(
     # SDXL's VAE overflows in fp16 (black or NaN images): keep it in fp32 unless the folder says it is safe.
     vae_dtype = torch.float32 if dtype == torch.float16 and spec.vae_fp16_unsafe else dtype
     path = components.path
+    text = spec.text_encoder  # None: the SDXL refiner, whose one text encoder (bigG) is text_encoder_2
     model = StableDiffusion(
         spec=spec,
         path=path,
-        tokenizer=_tokenizer(components.tokenizer_dir, spec.pad_token_id, spec.text_encoder.vocab_size),
-        text_encoder=_build(CLIPTextModel, spec.text_encoder, components.text_encoder, "text encoder", path, device, dtype),
+        tokenizer=None if text is None else _tokenizer(components.tokenizer_dir, spec.pad_token_id, text.vocab_size),
+        text_encoder=None if text is None else _build(CLIPTextModel, text, components.text_encoder, "text encoder", path,
+                                                      device, dtype),
         unet=_build(UNetModel, spec.unet, components.unet, "U-Net", path, device, dtype),
         vae=_build(AutoencoderKL, spec.vae, components.vae, "VAE", path, device, vae_dtype),
         device=device,
@@ -223,18 +228,18 @@ def _build(cls: type[nn.Module], config, tensors: dict, what: str, path: Path, d
 
 
 @torch.inference_mode()
-def unet_conditioning(model: StableDiffusion, text: TextConditioning, batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
+def unet_conditioning(model: StableDiffusion, text: TextConditioning, batch: int, height: int, width: int,
+                      *, negative: bool = False) -> dict[str, torch.Tensor]:
     """The U-Net's keyword arguments for one row of text conditioning, repeated `batch` times:
-    {"context"} or, for SDXL, {"context", "y"} (y: the pooled vector and the size sinusoids)."""
-    from ldmcli.conditioning import SizeConditioning, sdxl_vector
+    {"context"} or, for SDXL, {"context", "y"} (y: the pooled vector and the size sinusoids; the refiner's
+    ends with the aesthetic score of the prompt, or with `negative` of the negative prompt)."""
+    from ldmcli.conditioning import vector_conditioning
 
     context = text.context.expand(batch, -1, -1)
     if text.pooled is None:
         return {"context": context}
-    dim = model.spec.addition_time_embed_dim
-    assert dim is not None
     pooled = text.pooled.expand(batch, -1)
-    return {"context": context, "y": sdxl_vector(pooled, SizeConditioning.for_image(height, width), dim)}
+    return {"context": context, "y": vector_conditioning(model.spec, pooled, height, width, negative=negative)}
 
 
 def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: int):
@@ -264,14 +269,14 @@ def guidance_conditioning(model: StableDiffusion, request: ImageRequest, batch: 
         embedded = embedded_guidance(request.cfg_scale, batch, model.spec.unet.time_cond_proj_dim)
         uncond = None
 
-    def schedule(entries):
+    def schedule(entries, negative=False):
         return ConditioningSchedule([
             (end, {**unet_conditioning(model, text if empty is None else text.padded(tokens, empty), batch,
-                                       request.height, request.width), **embedded})
+                                       request.height, request.width, negative=negative), **embedded})
             for end, text in entries
         ])
 
-    return schedule(cond), None if uncond is None else schedule(uncond)
+    return schedule(cond), None if uncond is None else schedule(uncond, negative=True)
 
 
 def release_unet(model: StableDiffusion) -> None:
@@ -353,7 +358,8 @@ def sample_latents(
     cond, uncond = guidance_conditioning(model, request, n)
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
-    denoiser = CFGDenoiser(Denoiser(model.unet, model.spec.schedule), cond, uncond, request.cfg_scale)
+    denoiser = CFGDenoiser(Denoiser(text_to_image_network(model, n, request), model.spec.schedule), cond, uncond,
+                           request.cfg_scale)
     latents = sample(
         request.sampler,
         model.spec.schedule,
@@ -369,6 +375,20 @@ def sample_latents(
     if check_finite:
         check_finite_latents(latents, seeds, model.dtype)
     return latents
+
+
+def text_to_image_network(model: StableDiffusion, batch: int, request: ImageRequest):
+    """The network text-to-image runs: the U-Net, or an inpainting U-Net (9 input channels) told to repaint
+    everything over a mid-grey image (`inpaint_model.inpaint_txt2img_conditioning`, A1111's
+    `txt2img_image_conditioning`; the grey image's posterior mean, where A1111 and diffusers draw a
+    sample from its small spread with the global generator)."""
+    if not model.spec.inpainting:
+        return model.unet
+    from ldmcli.denoiser import InpaintingNetwork
+    from ldmcli.inpaint_model import inpaint_txt2img_conditioning
+
+    planes = inpaint_txt2img_conditioning(model.vae, model.spec.scale_factor, batch, request.height, request.width)
+    return InpaintingNetwork(model.unet, planes[:, :1], planes[:, 1:])
 
 
 def finite_rows(batch: torch.Tensor) -> list[bool]:

@@ -60,6 +60,24 @@ class ImageRequest:
     # (k-diffusion's noise levels as A1111 runs them: initial noise x sigma_max, fractional timesteps, its
     # uniform grid, its DDIM/PLMS grid; truncated pixels), so that an A1111 image's settings give its pixels.
     match: str = _param("diffusers", a1111="Match")
+    # --- starting from an image (img2img, inpainting, outpainting; `img2img.py`, `image_input.py`) ---
+    # The image to start from (a path; JSONL: relative to the prompt file); None: text to image. A1111's
+    # text does not record it, only its "Denoising strength" (and "Mask blur"), written by `metadata.py`.
+    init_image: str | None = _param(None)
+    # The part of the steps run from the image (diffusers' `strength`, A1111's "Denoising strength"):
+    # int(steps * strength) steps; 1 starts from the image noised all the way.
+    strength: float = _param(0.75, template=True)
+    # How an image of another size is fitted to width x height (A1111's resize modes): resize (stretch),
+    # crop (cover, centre-crop), fill (fit, edges stretched into the rest).
+    resize_mode: str = _param("resize")
+    # Inpainting: a mask image of the init image's size, white (>= 50 % grey) = repaint, blurred by
+    # `mask_blur` pixels (A1111's Gaussian) first; `invert_mask` repaints the black part instead.
+    mask: str | None = _param(None)
+    invert_mask: bool = _param(False)
+    mask_blur: int = _param(4)  # A1111's default
+    # Outpainting: "LEFT,TOP,RIGHT,BOTTOM" (or one number for all sides) pixels added around the init image,
+    # filled from its edges and masked for repainting.
+    pad: str | None = _param(None)
 
     @property
     def guided(self) -> bool:
@@ -108,10 +126,38 @@ class ImageRequest:
         if sampler == "lcm" and (self.match == "a1111" or schedule is not None or self.steps > LCM_MAX_STEPS):
             raise ValueError("the lcm sampler walks LCM's own grid of at most 50 steps, as diffusers' LCMScheduler: "
                              "no --schedule, steps 1 to 50, and A1111's LCM numerics (--match a1111) are not implemented")
+        self._check_image_fields()
         if schedule is not None and self.match == "a1111" and SAMPLERS[sampler].a1111_timestep_sampler:
             raise ValueError(f"{SAMPLERS[sampler].display_name} matching A1111 walks A1111's own timestep grid: it "
                              f"takes no schedule (got {schedule!r})")
         return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale))
+
+    @property
+    def from_image(self) -> bool:
+        """Whether this image starts from an init image (img2img, inpainting, outpainting)."""
+        return self.init_image is not None
+
+    def _check_image_fields(self) -> None:
+        """The img2img fields: cheap checks only (the files are read before loading: `image_input`)."""
+        from ldmcli.image_input import check_mask_blur, parse_pad, parse_resize_mode
+
+        if not (0 < self.strength <= 1) or not math.isfinite(self.strength):
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        parse_resize_mode(self.resize_mode)
+        check_mask_blur(self.mask_blur)
+        if self.pad is not None:
+            parse_pad(self.pad)
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or "\0" in value):
+                raise ValueError(f"{name} {value!r} is not a file name")
+        if not self.from_image:
+            given = [name for name in ("mask", "pad") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} needs an init image (--init-image)")
+        elif self.match != "diffusers":
+            raise ValueError("starting from an image with A1111's numerics (match a1111) is not reproduced yet: "
+                             "use match diffusers")
 
     def record(self) -> dict[str, Any]:
         """Every field, as JSON values (the `ldm` PNG record; `from_mapping` reads it back)."""

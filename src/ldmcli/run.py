@@ -186,10 +186,15 @@ def prepare(
     checked: other processes of a shared run may already be writing theirs.
     """
     share = share or ProcessShare()
-    checked = [check_job(job, defaults, max_pixels=options.max_pixels) for job in jobs]
+    checked = [check_job(_sized_to_image(job), defaults, max_pixels=options.max_pixels) for job in jobs]
     _check_clip_skip(checked, options, defaults)
     for job in checked:
         lora_set(job, options)  # a LoRA name that finds no file, or weights that do not read: exit 2 now
+        if job.request.from_image:
+            try:  # unreadable files, a mask of another size: exit 2 now, not after loading
+                image_inputs(job.request, options.max_pixels)
+            except LdmError as exc:
+                raise LdmError(f"{job.source}: {exc}") from None
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
@@ -228,7 +233,7 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
         for loras, group in _by_lora_set(todo, options):
             # Each set of LoRAs is merged into freshly read weights, never subtracted from merged ones:
             # exact, and the jobs of one set run together so that each set is merged once.
-            model = _load(options, report, device, loras)
+            model = _load(options, report, device, loras, encoder=any(t.job.request.from_image for t in group))
             _encode_up_front(model, group)
             stop = _make_all(model, group, options, report)
             del model
@@ -326,6 +331,52 @@ def lora_set(job: Job, options: RunOptions):
     return resolve_loras(job.request.prompt, options.lora_dir, found=options.lora_files)
 
 
+def _sized_to_image(job: Job) -> Job:
+    """A job starting from an image, its width and height (those not given) the image's own size
+    (`image_input.natural_size`), not the model's recommended one."""
+    request = job.request
+    missing = [side for side in ("width", "height") if side not in job.given]
+    if not request.from_image or not missing:
+        return job
+    from ldmcli.image_input import natural_size
+
+    try:
+        width, height = natural_size(Path(request.init_image), request.pad)
+    except (LdmError, ValueError) as exc:
+        raise LdmError(f"{job.source}: {exc}") from None
+    return job.setting(**{side: value for side, value in (("width", width), ("height", height)) if side in missing})
+
+
+def image_inputs(request, max_pixels: int):
+    """The request's init image and mask read, padded, blurred and fitted to its size (`image_input.check_inputs`)."""
+    from ldmcli.image_input import check_inputs
+
+    return check_inputs(Path(request.init_image), None if request.mask is None else Path(request.mask),
+                        request.width, request.height, resize_mode=request.resize_mode, pad=request.pad,
+                        mask_blur=request.mask_blur, invert_mask=request.invert_mask, max_pixels=max_pixels)
+
+
+def _sample(model, request, seeds: list[int], options: RunOptions, callback):
+    """Latents for one batch: from noise, or from the request's init image (`img2img.sample_from_image`)."""
+    from ldmcli import pipeline
+
+    if not request.from_image:
+        return pipeline.sample_latents(model, request, seeds, callback=callback, check_finite=False)
+    import torch
+
+    from ldmcli.image_input import mask_to_model, to_model_input
+    from ldmcli.img2img import sample_from_image
+
+    inputs = image_inputs(request, options.max_pixels)
+    image = torch.from_numpy(to_model_input(inputs.image))[None].expand(len(seeds), -1, -1, -1)
+    mask = None
+    if inputs.mask is not None:
+        mask = torch.from_numpy(mask_to_model(inputs.mask, binarize=False))[None].expand(len(seeds), -1, -1, -1)
+    # Encoded in fp32 under fp16 (an SDXL VAE overflows in fp16: diffusers' `force_upcast`)
+    return sample_from_image(model, request, seeds, image, strength=request.strength, mask=mask, callback=callback,
+                             vae_fp32=model.dtype == torch.float16, check_finite=False)
+
+
 def _by_lora_set(todo: list[ImageTask], options: RunOptions):
     """The tasks grouped by the set of LoRAs their job merges, in order of each set's first task."""
     sets: dict[int, tuple] = {}  # job index -> its set, found once a job
@@ -337,7 +388,8 @@ def _by_lora_set(todo: list[ImageTask], options: RunOptions):
     return groups.items()
 
 
-def _load(options: RunOptions, report: Report, device: str, loras=()):
+def _load(options: RunOptions, report: Report, device: str, loras=(), encoder: bool = False):
+    """The model, LoRAs merged, optimized; the VAE's encoder kept only if some image starts from one."""
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
     from ldmcli.models_dir import extra_dirs
@@ -350,7 +402,8 @@ def _load(options: RunOptions, report: Report, device: str, loras=()):
     model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction, vae=options.vae,
                           loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir),
                           embedding_files=options.embedding_files)
-    model.vae.drop_encoder()  # text-to-image only decodes
+    if not encoder and not model.spec.inpainting:  # an inpainting U-Net's text-to-image encodes a grey image
+        model.vae.drop_encoder()  # text-to-image only decodes
     done = pipeline.optimize(model, compile=options.compile)
     model.hash = model_hash(options.model)
     spec = model.spec
@@ -440,10 +493,10 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
 
     request = batch[0].job.request
     started = time.perf_counter()
-    with tqdm(total=request.steps, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
+    total = max(1, int(request.steps * request.strength)) if request.from_image else request.steps
+    with tqdm(total=total, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
         tile = vae_tile(options.tile_vae, request.width, request.height, model.spec.vae.downsample_factor)
-        latents = pipeline.sample_latents(model, request, [t.seed for t in batch],
-                                          callback=lambda i, _x: steps.update(1), check_finite=False)
+        latents = _sample(model, request, [t.seed for t in batch], options, lambda i, _x: steps.update(1))
     if last:
         pipeline.release_unet(model)
     finite = pipeline.finite_rows(latents)

@@ -4,7 +4,10 @@ By family (what diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline d
 - sd1/sd2: `context` = the text encoder's hidden states (SD2 single files: penultimate block + LN);
 - sdxl: `context` = [CLIP-L penultimate | bigG penultimate] (raw, no final LN), and a pooled, projected
   bigG vector that `pipeline` turns into the U-Net's `y`; an empty negative prompt conditions on zeros
-  (`force_zeros_for_empty_prompt`).
+  (`force_zeros_for_empty_prompt`);
+- the SDXL refiner (bigG alone: `model.text_encoder` None): `context` = bigG penultimate, and the pooled
+  bigG vector (StableDiffusionXLImg2ImgPipeline.encode_prompt with `text_encoder=None`); its empty
+  negative prompt is encoded, not zeroed (the refiner's model_index.json: force_zeros_for_empty_prompt false).
 
 On top of that, prompts are read as A1111 reads them (`prompt_encoding.py`: weights, chunks of 75
 tokens, BREAK) and may change during sampling (`prompt_syntax.prompt_schedule`: `[from:to:when]`,
@@ -79,7 +82,7 @@ def encode_texts(model: StableDiffusion, texts: tuple[str, ...], clip_skip: int 
     cached = model.text_cache.get((texts, clip_skip))
     if cached is not None:
         return cached
-    if model.text_encoder is None:
+    if model.text_encoder is None and model.text_encoder_2 is None:
         raise RuntimeError(f"the text encoders were released and {texts!r} was not encoded up front")
     distinct = list(dict.fromkeys(texts))
     counts = [texts.count(text) for text in distinct]
@@ -105,17 +108,21 @@ def _encode_distinct(model: StableDiffusion, texts: list[str], counts: list[int]
         return TextConditioning(context)
     assert model.tokenizer_2 is not None and model.text_encoder_2 is not None
     first_encoder, second_encoder = model.text_encoder, model.text_encoder_2
-    chunks_1 = [chunk_prompt(text, model.tokenizer, _embeddings(model, 0)) for text in texts]
     chunks_2 = [chunk_prompt(text, model.tokenizer_2, _embeddings(model, 1)) for text in texts]
+
+    def second(ids, vectors):
+        out = second_encoder(ids, skip_last_layers=skip, vectors=vectors)
+        return out.penultimate, out.pooled
+
+    if first_encoder is None:  # the SDXL refiner: bigG alone
+        context, pooled = encode_chunks(second, model.tokenizer_2, chunks_2, device=model.device, counts=counts)
+        return TextConditioning(context, pooled)
+    chunks_1 = [chunk_prompt(text, model.tokenizer, _embeddings(model, 0)) for text in texts]
     # The two tokenizers split alike unless a tokenizer.json makes "!" special in one: equal counts.
     count = max(len(chunks) for chunks in (*chunks_1, *chunks_2))
 
     def first(ids, vectors):
         return first_encoder(ids, skip_last_layers=skip, vectors=vectors).penultimate, None
-
-    def second(ids, vectors):
-        out = second_encoder(ids, skip_last_layers=skip, vectors=vectors)
-        return out.penultimate, out.pooled
 
     context_1, _ = encode_chunks(first, model.tokenizer, chunks_1, device=model.device, chunk_count=count, counts=counts)
     context_2, pooled = encode_chunks(second, model.tokenizer_2, chunks_2, device=model.device, chunk_count=count,
@@ -136,9 +143,11 @@ def used_embeddings(model: StableDiffusion, request: ImageRequest) -> list[Embed
     schedules), in order of first use: what A1111 lists as "TI hashes". Reads the files it has not read
     yet, so a file that cannot serve fails here, before sampling; needs only the tokenizers."""
     found: dict[int, Embedding] = {}
+    index = 0 if model.tokenizer is not None else 1  # the SDXL refiner has only its second tokenizer
+    tokenizer = model.tokenizer if index == 0 else model.tokenizer_2
     for texts, _ in conditioning_keys(request):
         for text in texts:
-            for chunk in chunk_prompt(text, model.tokenizer, _embeddings(model, 0)):
+            for chunk in chunk_prompt(text, tokenizer, _embeddings(model, index)):
                 found.update((id(p.embedding), p.embedding) for p in chunk.embeddings)
     return list(found.values())
 

@@ -6,11 +6,13 @@ list of what is refused, and why, is in one place:
 - weights formats other than safetensors and pickled checkpoints (`refuse_unknown_format`);
 - diffusers folders of other pipeline classes (`check_supported_folder`);
 - single files of other architectures (SD3, Flux, unCLIP, Playground v2.5, zero-terminal-SNR), LoRAs,
-  a VAE alone, files without a U-Net, SDXL refiners (`check_supported_single_file`, from key names);
+  a VAE alone, files without a U-Net (`check_supported_single_file`, from key names);
 - given as `--vae`: what is not a VAE file (a whole checkpoint, a LoRA, a pipeline folder) and VAEs of
   other architectures (SD3/Flux: 16 latent channels, no quant_conv) (`check_supported_vae`, ...);
-- U-Nets that are not text-to-image: inpainting and other channel counts, vector conditioning beside
-  one text encoder (`check_text_to_image_unet`, `check_single_encoder_unet`, from the U-Net's config).
+- U-Nets that take other inputs than a text-to-image or inpainting U-Net: channel counts other than 4
+  (latents) and 9 (inpainting: latents + mask + masked-image latents), such as InstructPix2Pix's 8 or
+  depth-to-image's 5, and vector conditioning beside one text encoder that is not an SDXL refiner's bigG
+  (`check_unet_input_channels`, `check_single_encoder_unet`, from the U-Net's config).
 
 `checkpoint`, `layout` and `detect` call these at the point where the evidence is at hand (the suffix,
 the key names, the shapes); this module depends on nothing but `errors`.
@@ -27,11 +29,28 @@ from ldmcli.errors import CheckpointError, UnsupportedModelError
 if TYPE_CHECKING:
     from ldmcli.models.unet import UNetConfig
 
-SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo)"
+SUPPORTED = "SD 1.x, SD 2.x and SDXL (base, Turbo, refiner), and their inpainting models"
 
-# diffusers pipeline classes whose folders we read (SD 1.x/2.x, SDXL base and Turbo; an LCM model's folder,
-# SimianLuo/LCM_Dreamshaper_v7's, names the SD 1.x pipeline it is run by: LatentConsistencyModelPipeline).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
+# diffusers pipeline classes whose folders we read: SD 1.x/2.x, SDXL base and Turbo; an LCM model's folder
+# (SimianLuo/LCM_Dreamshaper_v7's names the SD 1.x pipeline it is run by, LatentConsistencyModelPipeline);
+# inpainting models (runwayml/stable-diffusion-inpainting, stabilityai/stable-diffusion-2-inpainting,
+# diffusers/stable-diffusion-xl-1.0-inpainting-0.1: 9-channel U-Nets); the SDXL refiner
+# (stabilityai/stable-diffusion-xl-refiner-1.0 names the img2img pipeline, its only use in diffusers).
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+)
+
+# U-Net input channels we run: latents alone (text-to-image), or latents + mask + masked-image latents
+# (inpainting: 4 + 1 + 4, the "hybrid" conditioning of LDM's inpainting configs).
+LATENT_CHANNELS = 4
+INPAINTING_CHANNELS = 9
+# What other channel counts are, to name them in the refusal.
+_OTHER_INPUTS = {5: "a depth-to-image", 7: "an x4-upscaler", 8: "an InstructPix2Pix"}
 
 # Key markers of architectures we recognise but cannot run, checked in order.
 _UNSUPPORTED_MARKERS = (
@@ -69,25 +88,23 @@ def check_supported_single_file(keys: Iterable[str], path: Path) -> None:
         refuse_vae_alone(path)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UnsupportedModelError(f"{path}: no U-Net (no keys under 'model.diffusion_model.'): not a Stable Diffusion checkpoint")
-    key_set = set(keys)
-    if "conditioner.embedders.0.model.text_projection" in key_set and "model.diffusion_model.label_emb.0.0.weight" in key_set:
-        raise UnsupportedModelError(f"{path}: looks like an SDXL refiner checkpoint; this version runs {SUPPORTED}")
 
 
-def check_text_to_image_unet(where: Path, unet: UNetConfig) -> None:
-    """Refuse a U-Net that does not take 4 latent channels (inpainting U-Nets take 9)."""
-    if unet.in_channels != 4:
-        kind = "an inpainting" if unet.in_channels == 9 else f"a {unet.in_channels}-channel"
-        raise UnsupportedModelError(f"{where}: {kind} U-Net; this version runs text-to-image models (4 latent channels)")
+def check_unet_input_channels(where: Path, unet: UNetConfig) -> None:
+    """Refuse a U-Net that takes neither 4 latent channels (text-to-image) nor 9 (inpainting)."""
+    if unet.in_channels not in (LATENT_CHANNELS, INPAINTING_CHANNELS):
+        kind = _OTHER_INPUTS.get(unet.in_channels, f"a {unet.in_channels}-channel")
+        raise UnsupportedModelError(f"{where}: {kind} U-Net ({unet.in_channels} input channels); this version runs "
+                                    f"text-to-image (4) and inpainting (9) U-Nets")
 
 
 def check_single_encoder_unet(where: Path, unet: UNetConfig) -> None:
-    """Refuse vector conditioning (label_emb) beside one text encoder: of the models we run, only SDXL
-    (two text encoders) has it."""
+    """Refuse vector conditioning (label_emb) beside one SD 1.x/2.x text encoder: of the models we run,
+    only SDXL's (bigG, with or without CLIP-L) have it."""
     if unet.adm_in_channels is not None:
         raise UnsupportedModelError(
-            f"{where}: a U-Net with vector conditioning (label_emb) but one text encoder "
-            f"(an SDXL refiner or SD 2.x unCLIP?); this version runs {SUPPORTED}"
+            f"{where}: a U-Net with vector conditioning (label_emb) but one CLIP ViT-L/ViT-H text encoder "
+            f"(SD 2.x unCLIP?); this version runs {SUPPORTED}"
         )
 
 
