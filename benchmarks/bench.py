@@ -12,6 +12,7 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          the 1-chunk prompt (it has no long prompts) for scale
   unet   one U-Net step at 512x512 (latents 64x64), batch 2 (CFG), 77 tokens
   vae    VAE decode of one 512x512 image
+  encode VAE encode of one 512x512 image (what img2img adds to text-to-image, beside its fewer steps)
   image  one 512x512 image, 20 steps DPM++ 2M, CFG 7.5: diffusers' StableDiffusionPipeline and ldm's
          pipeline.generate, each with its defaults on this CPU, plus diffusers' best (bf16 + channels_last)
   load   `ldm generate` from an SD1.5-shaped fp16 single file (~2.1 GB, written once to --workdir):
@@ -23,6 +24,8 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
   lora   applying a rank-128 LoRA (kohya layout, every attention and feed-forward linear of the U-Net and
          text encoder, fp16) to the 2.1 GB fp16 file: process start to first step and peak RSS with and
          without `--lora`, the difference being the merge's cost
+  hires  hires fix 512 -> 1024 end to end (20 steps, then 10 of 20 at 1024² from the resized latents): ldm's
+         CLI against diffusers' txt2img + img2img pipelines composed so (bf16 + channels_last), one run each
   lcm    a whole 512² image from the 2.1 GB fp16 file, process start to PNG: 4 LCM steps at CFG 1 with an
          LCM-LoRA-shaped LoRA (rank 64 on every linear and convolution of the U-Net, kohya layout, as
          latent-consistency/lcm-lora-sdv1-5 has them; random weights, so only the time means anything)
@@ -203,6 +206,21 @@ def piece_components(results: Results, folder: Path, runs: int, which: set[str],
                 fns[name] = (lambda m=m, zi=zi: m.vae.decode(zi))
         report(results, "VAE decode 512²", timed(fns, runs), best, default, VAE_TFLOP)
         _errors(results, "VAE decode (pixels in [-1, 1])", fns, best)
+
+    if "encode" in which:  # img2img's extra cost over text-to-image: one encode of the init image
+        from ldmcli import vae_encode
+
+        image = torch.rand(1, 3, 512, 512, generator=g) * 2 - 1
+        fns = {}
+        for name, m in models.items():
+            xi = image.to(dt(name))
+            if "channels_last" in name:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            if name.startswith("diffusers"):
+                fns[name] = (lambda m=m, xi=xi: m.vae.encode(xi).latent_dist.mean)
+            else:
+                fns[name] = (lambda m=m: vae_encode.encode(m.vae, image, noise=None, scale_factor=1.0))
+        report(results, "VAE encode 512² (img2img's init image)", timed(fns, runs), best, default)
 
 
 SHORT_PROMPT = "a lighthouse on a cliff at dusk, (oil painting:1.2), dramatic sky"
@@ -493,6 +511,43 @@ def piece_lora(results: Results, workdir: Path, runs: int) -> None:
                  f"+{(r1 - r0) * 1024:.0f} MB peak RSS")
 
 
+CHILD_DIFFUSERS_HIRES = r"""
+import sys, torch
+import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+folder, dtype = sys.argv[1], {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]]
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                               requires_safety_checker=False, local_files_only=True)
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+if dtype != torch.float32:
+    pipe.unet.to(memory_format=torch.channels_last); pipe.vae.to(memory_format=torch.channels_last)
+latents = pipe("a cat", num_inference_steps=20, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+second = StableDiffusionImg2ImgPipeline(**pipe.components)
+second(prompt="a cat", image=F.interpolate(latents.float(), size=(128, 128), mode="bilinear").to(dtype), strength=0.5,
+       num_inference_steps=20, guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+"""
+
+
+def piece_hires(results: Results, workdir: Path, folder: Path) -> None:
+    """Hires fix 512 -> 1024 end to end (process start to PNG): 20 DPM++ 2M steps at 512², the latents
+    resized (A1111's Latent), 10 steps of a 20-step img2img at 1024² (strength 0.5). ldm's CLI against
+    diffusers' two pipelines composed so, bf16 + channels_last (its best here). One run each."""
+    from sd15_file import write_sd15_file
+
+    model = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    args = ["generate", "a cat", "-m", str(model), "-s", "0", "-o", str(workdir / "out") + "/", "--overwrite", "-q",
+            "--steps", "20", "--sampler", "dpmpp_2m", "--cfg-scale", "7.5", "-W", "512", "-H", "512",
+            "--hires-scale", "2", "--hires-strength", "0.5"]
+    ldm_wall, ldm_rss, _ = run_child(CHILD_LDM, args)
+    theirs_wall, theirs_rss, _ = run_child(CHILD_DIFFUSERS_HIRES, [str(folder), "bf16"])
+    what = "hires fix 512 -> 1024, 20 + 10 steps DPM++ 2M, process start to image"
+    results.add(what, "ldm (auto: bf16): whole run s; peak RSS", f"{ldm_wall:.1f} s; {ldm_rss:.2f} GiB",
+                f"{theirs_wall / ldm_wall:.2f}x", "")
+    results.add(what, "diffusers bf16 + channels_last, composed: whole run s; peak RSS",
+                f"{theirs_wall:.1f} s; {theirs_rss:.2f} GiB", "1.00x", "")
+
+
 def piece_lcm(results: Results, workdir: Path, runs: int) -> None:
     from sd15_file import write_sd15_file
 
@@ -642,8 +697,9 @@ def main() -> None:
     pieces = set(args.pieces.split(","))
     results = Results()
     results.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_load()} at start")
-    folder = diffusers_folder(args.workdir) if pieces & {"text", "prompt", "unet", "vae", "image", "load"} else None
-    if pieces & {"text", "unet", "vae"}:
+    folder = diffusers_folder(args.workdir) if pieces & {"text", "prompt", "unet", "vae", "encode", "image", "load",
+                                                         "hires"} else None
+    if pieces & {"text", "unet", "vae", "encode"}:
         piece_components(results, folder, args.runs, pieces, args.with_ldm_fp32)
     if "prompt" in pieces:
         piece_prompt(results, folder, args.runs)
@@ -655,6 +711,8 @@ def main() -> None:
         piece_tiles(results, args.workdir)
     if "lora" in pieces:
         piece_lora(results, args.workdir, args.runs)
+    if "hires" in pieces:
+        piece_hires(results, args.workdir, folder)
     if "lcm" in pieces:
         piece_lcm(results, args.workdir, args.image_runs)
     if "compile" in pieces:

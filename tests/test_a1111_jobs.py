@@ -106,13 +106,24 @@ def test_a1111_noise_source(tmp_path, settings_, flags, rng, noted):
                                                         if noted else [])
 
 
-def test_hires_keys_are_noted_only_when_hires_is_on(tmp_path):
+def test_hires_keys_are_read_only_when_hires_is_on(tmp_path):
+    """enable_hr on: A1111's hires keys (its defaults for those left out: hr_upscaler Latent, second-pass steps
+    0) become the request's hires fix, made with diffusers' numerics (noted); off: nothing is read or noted."""
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a", "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}) + "\n"
-                    + json.dumps({"prompt": "b", "enable_hr": False, "hr_scale": 2, "denoising_strength": 0.5}) + "\n")
-    on, off = read_prompt_file(str(path), command_line_job({}))
-    assert {n.key for n in on.notes if not n.honoured} == {"enable_hr", "hr_scale", "denoising_strength"}
+                    + json.dumps({"prompt": "b", "enable_hr": False, "hr_scale": 2, "denoising_strength": 0.5}) + "\n"
+                    + json.dumps({"prompt": "c", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}) + "\n"
+                    + json.dumps({"prompt": "d", "refiner_checkpoint": "sd_xl_refiner_1.0 [7440042bbd]",
+                                  "refiner_switch_at": 0.7}) + "\n")
+    on, off, esrgan, refined = read_prompt_file(str(path), command_line_job({}))
+    r = on.request
+    assert (r.hires_scale, r.hires_strength, r.hires_steps, r.hires_upscaler, r.match) == (2.0, 0.5, 0, "latent", "diffusers")
+    assert {n.key for n in on.notes if not n.honoured} == {"match"}
+    assert off.request.hires_scale is None and off.request.match == "a1111"
     assert [n.key for n in off.notes if not n.honoured] == []
+    assert (esrgan.request.hires_scale, esrgan.request.hires_strength, esrgan.request.hires_upscaler) == (2.0, 0.7, "lanczos")
+    assert {n.key for n in esrgan.notes if not n.honoured} == {"match", "hr_upscaler"}
+    assert (refined.request.refiner, refined.request.refiner_switch) == ("sd_xl_refiner_1.0", 0.7)
 
 
 def test_every_request_key_is_read_or_has_a_rule():

@@ -109,23 +109,25 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     assert (made["steps"], made["seed"], made["cfg_scale"], made["clip_skip"], made["rng"]) == (2, 11, 5.0, 2, "nv")
     assert made["prompt"] == TAGGED and made["negative_prompt"] == "blurry"
 
+    # The hires fix is read (and made with diffusers' numerics: said as A1111's numerics not honoured).
+    assert (made["hires_scale"], made["hires_steps"], made["hires_strength"], made["hires_upscaler"]) == (2, 10, 0.4, "latent")
     not_honoured = {(n["key"], n["value"]) for n in made["not_honoured"]}
     assert not_honoured == {
-        ("Denoising strength", "0.4"), ("Hires upscale", "2"), ("Hires steps", "10"), ("Hires upscaler", "Latent"),
-        ("Token merging ratio", "0.5"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
+        ("Match", "absent"), ("Token merging ratio", "0.5"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
         ("prompt", "<hypernet:ink>"),
     }
     # Every key of the text: read, left at a value that means "off" (Emphasis Original, Eta 1), honoured
     # as ldm does it anyway (Pad conds), informational (Version), or named.
     keys = set(parse_a1111(text)) - {"Prompt", "Negative prompt"}
     named = {key for key, _ in not_honoured}
-    assert keys - named == READ_KEYS - {"RNG"} | {"Emphasis", "Eta", "Pad conds", "Version", "Lora hashes", "TI hashes"}
+    assert keys - named == READ_KEYS - {"RNG"} | {"Emphasis", "Eta", "Pad conds", "Version", "Lora hashes", "TI hashes",
+                                                  "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler"}
     assert all(n["why"] for n in made["not_honoured"])
     why = {n["key"]: n["why"] for n in made["not_honoured"]}
-    assert "hires fix" in why["Hires upscale"] and "not know" in why["My Extension"]
+    assert "second pass" in why["Match"] and "not know" in why["My Extension"]
     assert made["loras"][0]["name"] == "film grain" and made["loras"][0]["te_weight"] == 0.8  # the tag's LoRA, merged
-    assert [n["key"] for n in made["notes"]] == ["RNG", "Match"] and "nv" in made["notes"][0]["why"]
-    assert "--match a1111" in made["notes"][1]["why"] and made["match"] == "a1111"  # A1111's numerics
+    assert [n["key"] for n in made["notes"]] == ["RNG"] and "nv" in made["notes"][0]["why"]
+    assert made["match"] == "diffusers"  # A1111's numerics are reproduced for text-to-image only (named above)
 
     (line,) = note_lines(result)  # one line for the job, naming each
     assert line.startswith(f"note: {png}: not honoured: ")
@@ -138,12 +140,11 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
 def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     png = a1111_png(tmp_path / "a.png", a1111_text(model_hash(tiny_single_file), extra=EVERYTHING, prompt=TAGGED))
     shown = json.loads(invoke("info", png, "--json").output)
-    assert {n["key"] for n in shown["not_honoured"]} == {
-        "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
-        "Token merging ratio", "My Extension", "ADetailer model", "prompt"}
-    assert [n["key"] for n in shown["notes"]] == ["RNG", "Match"]
+    assert {n["key"] for n in shown["not_honoured"]} == {"Match", "Token merging ratio", "My Extension",
+                                                         "ADetailer model", "prompt"}
+    assert [n["key"] for n in shown["notes"]] == ["RNG"]
     text = invoke("info", png).output
-    assert "not_honoured:\n  - Denoising strength: 0.4 (" in text and "  - prompt: <hypernet:ink> (hypernet" in text
+    assert "not_honoured:\n  - " in text and "  - prompt: <hypernet:ink> (hypernet" in text
 
 
 def test_the_table_knows_a1111s_keys():

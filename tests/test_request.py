@@ -51,6 +51,13 @@ def _strategy(name: str):
         "invert_mask": st.booleans(),
         "mask_blur": st.integers(0, 64),
         "pad": st.none() | st.sampled_from(["8", "0,16,8,0", "64,64,64,64"]),
+        "hires_scale": st.none() | st.sampled_from([1.0, 1.5, 2.0]),
+        "hires_steps": st.integers(0, 50),
+        "hires_strength": st.floats(0.3, 1).map(lambda x: round(x, 3)),
+        # written out, not taken from hires.HIRES_UPSCALERS: ldm's names (A1111's are read back as these)
+        "hires_upscaler": st.sampled_from(["latent", "lanczos", "latent-nearest", "latent-bicubic"]),
+        "refiner": st.none() | st.sampled_from(["sd_xl_refiner_1.0", "/models/refiner.safetensors"]),
+        "refiner_switch": st.floats(0.05, 0.95).map(lambda x: round(x, 3)),
     }[name]
 
 
@@ -59,13 +66,20 @@ def _strategy(name: str):
 requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_names()}).filter(
     lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")) and r.sampler != "lcm"
     and (r.init_image is not None or (r.mask is None and r.pad is None))
-    and not (r.init_image is not None and r.match == "a1111"))
+    # one of an init image, a hires fix, a refiner; none with A1111's numerics
+    and sum((r.init_image is not None, r.hires_scale is not None, r.refiner is not None)) <= 1
+    and not ((r.init_image or r.hires_scale or r.refiner) is not None and r.match == "a1111")
+    and (r.hires_scale is None or r.width * r.height * r.hires_scale ** 2 <= 1024 * 1024))
 
 # A loaded model as the record writer sees it.
 MODEL = SimpleNamespace(
     name="tiny", path=Path("tiny.safetensors"), hash="0123456789", dtype=torch.float32,
     spec=SimpleNamespace(family="sd1", prediction_type="epsilon", schedule=SimpleNamespace(timestep_spacing="leading")),
     loras=(), embeddings=None, vae_file=None,  # nothing added to the checkpoint
+    # the refiners a request may name, loaded: A1111's text calls each by its file's name and hash
+    refiners={"sd_xl_refiner_1.0": SimpleNamespace(name="sd_xl_refiner_1.0", path=Path("r.safetensors"), hash="7440042bbd"),
+              "/models/refiner.safetensors": SimpleNamespace(name="refiner", path=Path("/models/refiner.safetensors"),
+                                                             hash=None)},
 )
 
 
@@ -93,9 +107,17 @@ def test_a1111_text_round_trips_every_field(request: ImageRequest) -> None:
     """Read as A1111 would leave it (no ldm chunk); ldm writes the model's own spacing as "Uniform"."""
     recorded, _, model = request_from_png_text({A1111_KEY: _png_text(request)[A1111_KEY]}, "x.png")
     expected = request if SCHEDULES[request.schedule].display_name else replace(request, schedule=None)
+    default_request = ImageRequest()
     # A1111's text records an img2img image's strength (and an inpainted one's mask blur), not its files
     default = ImageRequest()
     masked = request.from_image and (request.mask is not None or request.pad is not None)
+    if request.refiner is not None:  # A1111 names a refiner by its file's name (and hash)
+        expected = replace(expected, refiner=MODEL.refiners[request.refiner].name)
+    else:  # the refiner's and the hires fix's settings are written only when they are on
+        expected = replace(expected, refiner_switch=default_request.refiner_switch)
+    if request.hires_scale is None:
+        expected = replace(expected, hires_steps=default_request.hires_steps,
+                           hires_strength=default_request.hires_strength, hires_upscaler=default_request.hires_upscaler)
     expected = replace(expected, init_image=None, mask=None, pad=None, resize_mode=default.resize_mode,
                        invert_mask=default.invert_mask,
                        strength=request.strength if request.from_image else default.strength,

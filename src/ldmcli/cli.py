@@ -164,6 +164,21 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--pad", metavar="L,T,R,B",
               help="Outpainting: add pixels around the init image (one number: every side), filled from its edges "
                    "and repainted.")
+@click.option("--hires-scale", type=click.FloatRange(min=1, max=4),
+              help="Hires fix: make the image at -W x -H, upscale it by F (1 to 4) and run an img2img second pass.")
+@click.option("--hires-steps", type=click.IntRange(min=0, max=MAX_STEPS),
+              help="Hires fix: the second pass's steps (of which --hires-strength runs a part). [default: 0, as --steps]")
+@click.option("--hires-strength", type=click.FloatRange(min=0, max=1, min_open=True),
+              help=f"Hires fix: the second pass's denoising strength. [default: {ImageRequest().hires_strength}]")
+@click.option("--hires-upscaler", metavar="NAME",
+              help="Hires fix: latent (A1111's Latent: the latents resized bilinearly), lanczos (the image decoded, "
+                   "resized, encoded again), or another of A1111's: Latent (nearest), Latent (bicubic), ... "
+                   "[default: latent]")
+@click.option("--refiner", metavar="MODEL",
+              help="SDXL: finish each image with this refiner model (file, folder or name), from the base's latents.")
+@click.option("--refiner-switch", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help=f"The part of the denoising the base does before the refiner takes over (A1111's Refiner switch "
+                   f"at). [default: {ImageRequest().refiner_switch}]")
 @click.option("--lora", "loras", multiple=True, metavar="NAME[:W]",
               help="Merge a LoRA into every job, as the tag <lora:NAME:W> at the prompt's end (repeatable; "
                    "NAME:te=W1:unet=W2 weights the text encoder and U-Net apart). Prompts may carry tags themselves.")
@@ -200,7 +215,8 @@ def _fill_closed_standard_streams() -> None:
 @click.pass_context
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
              height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule,
-             init_image, strength, resize_mode, mask, invert_mask, mask_blur, pad, loras, lora_dir,
+             init_image, strength, resize_mode, mask, invert_mask, mask_blur, pad, hires_scale, hires_steps,
+             hires_strength, hires_upscaler, refiner, refiner_switch, loras, lora_dir,
              embeddings_dir, vae, vae_dir, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""

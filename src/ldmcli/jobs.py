@@ -37,7 +37,7 @@ from ldmcli.metadata import (
     BROWNIAN_TREE_NOTE,
     BROWNIAN_TREE_SAMPLERS,
     INFOTEXT_PREFIXES,
-    REFINER,
+    MATCH_NOTE_SECOND_PASS,
     SAMPLER_SETTING,
     SECOND_PASS,
     SEED_RESIZE,
@@ -273,6 +273,13 @@ class A1111Param:
 _HIRES = INFOTEXT_PREFIXES["Hires "]
 _SCRIPTS = "A1111 scripts and extensions are not run"
 
+# A1111's hires fix and refiner keys -> the request fields they set (hires ones only with enable_hr on,
+# refiner ones only with a refiner_checkpoint; A1111's own defaults, modules/processing.py, otherwise).
+A1111_SECOND_PASS_KEYS = {"enable_hr": None, "hr_scale": "hires_scale", "hr_second_pass_steps": "hires_steps",
+                          "hr_upscaler": "hires_upscaler", "denoising_strength": "hires_strength",
+                          "refiner_checkpoint": "refiner", "refiner_switch_at": "refiner_switch"}
+A1111_HIRES_DEFAULTS = {"hr_scale": 2.0, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "denoising_strength": 0.7}
+
 A1111_PARAMS: dict[str, A1111Param] = {
     "styles": A1111Param("A1111's saved styles, its styles.csv, are not available: put their text in the prompt"),
     "subseed": A1111Param(VARIATION_SEEDS, needs="subseed_strength"),
@@ -282,21 +289,20 @@ A1111_PARAMS: dict[str, A1111Param] = {
     "restore_faces": A1111Param("face restoration, a post-processing model, is not supported", off=("", "false")),
     "tiling": A1111Param("tileable images are not supported", off=("", "false")),
     "eta": A1111Param("ldm's samplers run with their standard eta: 1 for ancestral and SDE samplers, 0 for DDIM"),
-    "denoising_strength": A1111Param(SECOND_PASS, needs="enable_hr"),
     "s_min_uncond": A1111Param("NGMS, skipping the negative pass at low noise, is not supported", off=("", "0")),
     "s_churn": A1111Param(SAMPLER_SETTING, off=("", "0")),
     "s_tmax": A1111Param(SAMPLER_SETTING, off=("", "0", "inf")),
     "s_tmin": A1111Param(SAMPLER_SETTING, off=("", "0")),
     "s_noise": A1111Param(SAMPLER_SETTING, off=("", "1")),
-    "refiner_checkpoint": A1111Param(REFINER, off=("", "none")),
-    "refiner_switch_at": A1111Param(REFINER, needs="refiner_checkpoint"),
     "firstpass_image": A1111Param(SECOND_PASS),
-    "enable_hr": A1111Param(_HIRES, off=("", "false")),
+    "enable_hr": A1111Param(None, off=("", "false")),  # read (A1111_SECOND_PASS_KEYS)
     "firstphase_width": A1111Param(_HIRES, off=("", "0")),
     "firstphase_height": A1111Param(_HIRES, off=("", "0")),
+    "hr_resize_x": A1111Param(_HIRES, off=("", "0"), needs="enable_hr"),
+    "hr_resize_y": A1111Param(_HIRES, off=("", "0"), needs="enable_hr"),
     **{key: A1111Param(_HIRES, needs="enable_hr") for key in (
-        "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
-        "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg")},
+        "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg",
+        "hr_distilled_cfg")},
     "script_name": A1111Param(_SCRIPTS, off=("", "none")),
     "script_args": A1111Param(_SCRIPTS, needs="script_name"),
     "alwayson_scripts": A1111Param("A1111 scripts and extensions, ControlNet, ADetailer and others, are not run"),
@@ -311,7 +317,8 @@ A1111_PARAMS: dict[str, A1111Param] = {
         "outpath_samples", "outpath_grids", "prompt_for_display")},
 }
 # The request keys ldm reads into the job.
-A1111_READ_KEYS = frozenset({"sampler_name", "scheduler", "n_iter", "batch_size", "override_settings"})
+A1111_READ_KEYS = frozenset({"sampler_name", "scheduler", "n_iter", "batch_size", "override_settings",
+                             *A1111_SECOND_PASS_KEYS}) - {"enable_hr"}
 A1111_REQUEST_KEYS = A1111_READ_KEYS | A1111_PARAMS.keys()
 
 # `override_settings` entries ldm knows besides the two it reads (clip skip, the noise source).
@@ -345,6 +352,9 @@ A1111_API_DEFAULTS: dict[str, Any] = {
     # StableDiffusionProcessingImg2Img's (a txt2img request has none of them; they are ldm's defaults too)
     "init_image": None, "strength": 0.75, "resize_mode": "resize", "mask": None, "invert_mask": False, "mask_blur": 4,
     "pad": None,
+    # without enable_hr / refiner_checkpoint: no second pass (A1111_HIRES_DEFAULTS apply with enable_hr)
+    "hires_scale": None, "hires_steps": 0, "hires_strength": 0.7, "hires_upscaler": "latent", "refiner": None,
+    "refiner_switch": 0.8,
 }
 
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.
@@ -373,8 +383,11 @@ def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, defaul
         notes.append(note)
     if "pad_conds" not in job.given:
         job = job.setting(pad_conds=False)  # A1111's default: prompt and negative prompt unpadded
-    if "match" not in job.given:
-        job = job.setting(match="a1111")  # A1111's request: its numerics
+    if "match" not in job.given:  # A1111's request: its numerics, which ldm reproduces for text-to-image only
+        second_pass = job.request.hires_scale is not None or job.request.refiner is not None
+        job = job.setting(match="diffusers" if second_pass else "a1111")
+        if second_pass:
+            notes.append(Note("match", "a1111", MATCH_NOTE_SECOND_PASS, fields=("match",)))
     unset = {key: value for key, value in defaults.items() if key not in job.given}
     return (job.setting(**unset) if unset else job).noting(notes, a1111)
 
@@ -436,6 +449,7 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
                 rule = A1111_SETTINGS.get(key, A1111Param(A1111_UNKNOWN_SETTING, off=()))
                 if rule.why is not None and not is_off(value, rule.off):
                     notes.append(Note(f"override_settings.{key}", _json_text(value), rule.why))
+    values.update(_second_passes(payload, where, said, notes))
     for key, value in payload.items():
         rule = A1111_PARAMS.get(key)
         if rule is None or rule.why is None or is_off(value, rule.off):
@@ -446,10 +460,40 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
     return values, batch_count, notes, a1111
 
 
+def _second_passes(payload: Mapping[str, Any], where: str, said, notes: list[Note]) -> dict[str, Any]:
+    """The request fields of A1111's hires fix (with enable_hr on; its defaults for the keys left out) and
+    refiner (with a refiner_checkpoint) keys. An upscaler ldm lacks becomes Lanczos, noted."""
+    from ldmcli.hires import parse_upscaler
+
+    values: dict[str, Any] = {}
+    if not is_off(payload.get("enable_hr"), A1111_PARAMS["enable_hr"].off):
+        for key, default in A1111_HIRES_DEFAULTS.items():
+            value = default if payload.get(key) is None else payload[key]
+            values[A1111_SECOND_PASS_KEYS[key]] = _typed(payload, key, type(default), where, value)
+        try:
+            values["hires_upscaler"] = parse_upscaler(values["hires_upscaler"])
+        except ValueError:
+            notes.append(Note("hr_upscaler", values["hires_upscaler"], "an upscaling model ldm does not have: the "
+                              "second pass starts from a Lanczos resize", fields=("hires_upscaler",)))
+            values["hires_upscaler"] = "lanczos"
+    if not is_off(payload.get("refiner_checkpoint"), ("", "none")):
+        # A1111 takes a checkpoint's title, "NAME [hash]", or its name: found by name, as -m finds models
+        values["refiner"] = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", _typed(payload, "refiner_checkpoint", str, where))
+        if payload.get("refiner_switch_at") is not None:
+            values["refiner_switch"] = _typed(payload, "refiner_switch_at", float, where)
+    for field_name in values:
+        if field_name in said:
+            key = next(k for k, f in A1111_SECOND_PASS_KEYS.items() if f == field_name)
+            raise LdmError(f'{where}: "{field_name}" and "{key}" both given: they say the same thing, give one')
+    return values
+
+
 def _typed(values: Mapping[str, Any], key: str, kind: type, where: str, value: Any = None) -> Any:
     value = values[key] if value is None else value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, kind):
-        what = {int: "a whole number", str: "a string"}[kind]
+        what = {int: "a whole number", str: "a string", float: "a number"}[kind]
         raise LdmError(f'{where}: "{key}" must be {what}, got {json.dumps(value, ensure_ascii=False, default=str)[:40]}')
     return value
 

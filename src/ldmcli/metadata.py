@@ -186,6 +186,9 @@ def additions_record(model, request) -> dict:
     if embeddings:
         record["embeddings"] = [{"name": e.infotext_name, "path": str(e.path), "hash": e.short_hash}
                                 for e in embeddings]
+    refiner = model.refiners.get(request.refiner) if request.refiner is not None else None
+    if refiner is not None:
+        record["refiner_model"] = {"name": refiner.name, "path": str(Path(refiner.path).resolve()), "hash": refiner.hash}
     if model.vae_file is not None:
         source = Path(model.vae_file.source)
         record["vae"] = {"name": source.name, "path": str(Path(model.vae_file.path).resolve()),
@@ -199,6 +202,9 @@ def _additions_a1111(record: Mapping) -> tuple[dict[str, str], dict[str, str]]:
 
     vae = record.get("vae")
     after_model = {"VAE hash": vae["hash"], "VAE": vae["name"]} if vae else {}
+    refiner = record.get("refiner_model")
+    if refiner:  # A1111's CheckpointInfo.short_title: "NAME [hash]"
+        after_model["Refiner"] = f"{refiner['name']} [{refiner['hash']}]" if refiner.get("hash") else refiner["name"]
     last = {}
     if record.get("loras"):  # one entry a name, as A1111 lists the networks it loaded
         hashes = {hashes_name(lora["name"]): lora["hash"] for lora in record["loras"]}
@@ -262,9 +268,24 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Denoising strength"] = _number(value) if request.from_image else None
         elif f.name == "mask_blur":
             pairs["Mask blur"] = value if request.from_image and (request.mask or request.pad) else None
+        elif f.name.startswith("hires_"):  # A1111's hires fix keys, written when it is on
+            pairs.update(_hires_fields(request) if f.name == "hires_scale" else {})
+        elif f.name == "refiner_switch":  # "Refiner" itself, with the model's hash, comes from the record
+            pairs["Refiner switch at"] = _number(value) if request.refiner is not None else None
         elif f.metadata["a1111"]:
             pairs[f.metadata["a1111"]] = _number(value) if isinstance(value, float) else value
     return pairs
+
+
+def _hires_fields(request) -> dict[str, object]:
+    """A1111's hires fix keys: the scale, the second pass's steps (when not the first's), the upscaler in
+    A1111's spelling, and the second pass's strength as "Denoising strength" (A1111's key for both)."""
+    if request.hires_scale is None:
+        return {}
+    from ldmcli.hires import HIRES_UPSCALERS
+
+    return {"Denoising strength": _number(request.hires_strength), "Hires upscale": _number(request.hires_scale),
+            "Hires steps": request.hires_steps or None, "Hires upscaler": HIRES_UPSCALERS[request.hires_upscaler].a1111}
 
 
 def _number(value: float) -> str:
@@ -340,6 +361,33 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
         raise ImageMetadataError(f"{where}: ldm metadata not understood ({exc})") from exc
 
 
+def _read_hires(params: Mapping[str, str], values: dict, notes: list, where: str) -> dict:
+    """A1111's hires fix keys read into `values` (scale, steps, upscaler; "Denoising strength" is the second
+    pass's); returns the keys read. An upscaler ldm lacks (ESRGAN and the like) is replaced by Lanczos, noted."""
+    if "Hires upscale" not in params:
+        return {}
+    from ldmcli.hires import parse_upscaler
+
+    read = {"Hires upscale": _a1111_number(params, "Hires upscale", where)}
+    values["hires_scale"] = read["Hires upscale"]
+    if "Hires steps" in params:
+        values["hires_steps"] = read["Hires steps"] = int(_a1111_number(params, "Hires steps", where))
+    if "Denoising strength" in params:
+        values["hires_strength"] = read["Denoising strength"] = _a1111_number(params, "Denoising strength", where)
+    upscaler = params.get("Hires upscaler", "Latent")  # absent: A1111's default, Latent
+    try:
+        values["hires_upscaler"] = parse_upscaler(upscaler)
+    except ValueError:
+        values["hires_upscaler"] = "lanczos"
+        notes.append(Note("Hires upscaler", upscaler, "an upscaling model ldm does not have: the second pass starts "
+                          "from a Lanczos resize", fields=("hires_upscaler",)))
+    read["Hires upscaler"] = upscaler
+    return read
+
+
+MATCH_NOTE_SECOND_PASS = ("A1111's numerics are reproduced for text-to-image only: this image's second pass "
+                          "(img2img, hires fix or refiner) runs with diffusers' numerics, the same composition, "
+                          "not A1111's pixels")
 IMG2IMG_SOURCE = "an img2img image: A1111's text does not record the image it started from; give it with -i to redo it"
 INPAINT_SOURCE = "an inpainted image: A1111's text does not record the mask; give it with --mask to redo it"
 
@@ -418,11 +466,15 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     if rng is not None:
         values["rng"], note = rng
         notes += [note] if note else []
-    if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
-        values["match"] = "a1111"
-        notes.append(Note("Match", "absent", MATCH_NOTE_A1111, honoured=True, fields=("match",)))
     img2img = {}
-    if "Denoising strength" in params and not any(key.startswith("Hires ") for key in params):
+    hires = _read_hires(params, values, notes, where)
+    if "Refiner" in params and params["Refiner"].strip().lower() not in ("", "none"):
+        # "NAME [hash]" (A1111's short title): the refiner is found by name, as -m finds models
+        values["refiner"] = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", params["Refiner"].strip())
+        hires["Refiner"] = values["refiner"]
+        if "Refiner switch at" in params:
+            values["refiner_switch"] = hires["Refiner switch at"] = _a1111_number(params, "Refiner switch at", where)
+    if "Denoising strength" in params and not hires:
         # An img2img image (with hires fix the key is the second pass's): its strength and mask blur are
         # read; its image and mask are not recorded: a note until -i/--mask give them (`Job.setting`).
         values["strength"] = img2img["Denoising strength"] = _a1111_number(params, "Denoising strength", where)
@@ -430,8 +482,15 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
         if "Mask blur" in params:
             values["mask_blur"] = img2img["Mask blur"] = int(_a1111_number(params, "Mask blur", where))
             notes.append(Note("Mask blur", params["Mask blur"], INPAINT_SOURCE, fields=("mask",)))
+    if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
+        if img2img or hires:  # ... which ldm reproduces for text-to-image only
+            values["match"] = "diffusers"
+            notes.append(Note("Match", "absent", MATCH_NOTE_SECOND_PASS, fields=("match",)))
+        else:
+            values["match"] = "a1111"
+            notes.append(Note("Match", "absent", MATCH_NOTE_A1111, honoured=True, fields=("match",)))
     read = {"Prompt", "Negative prompt", "Size", "Sampler", "Schedule type", "Model hash", "Model", "VAE", "VAE hash",
-            "Lora hashes", "TI hashes", *keys.values(), *img2img}
+            "Lora hashes", "TI hashes", *keys.values(), *img2img, *hires}
     notes += [note for key, value in params.items() if key not in read and (note := infotext_note(key, value))]
     if not ours:
         notes += sampling_notes(params)
@@ -499,7 +558,6 @@ _IMG2IMG = "not supported in ldm's img2img and inpainting yet"
 _HYPERNET = "hypernetworks are not supported"
 VARIATION_SEEDS = "variation seeds, noise blended from a second seed, are not supported"
 SAMPLER_SETTING = "ldm's samplers run with their standard settings; this one is not adjustable"
-REFINER = "the SDXL refiner is not supported"
 SEED_RESIZE = "seed resizing, noise drawn for another size, is not supported"
 _INFO = "informational"
 
@@ -585,9 +643,10 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Mask blur": A1111Key("read with Denoising strength, as an inpainted image's mask blur"),
     "Noise multiplier": A1111Key(_IMG2IMG),
     "Extra noise": A1111Key(SECOND_PASS),
-    "Refiner": A1111Key(REFINER),
-    "Refiner switch at": A1111Key(REFINER),
-    "Refiner switch by sampling steps": A1111Key(REFINER),
+    "Refiner": A1111Key("read as the refiner, found by name"),
+    "Refiner switch at": A1111Key("read with Refiner"),
+    "Refiner switch by sampling steps": A1111Key("A1111's old refiner switch by step count: ldm switches at the "
+                                                 "noise level, as diffusers and A1111 1.7+ do", off=("false",)),
     "FP8 weight": A1111Key("fp8 weight storage is not supported: ldm computes in bf16, fp16 or fp32"),
     "Cache FP16 weight for LoRA": A1111Key("A1111's memory setting for LoRA weights: nothing to do", honoured=True),
     "Hashes": A1111Key("civitai's list of resource hashes: ldm finds the model by Model hash"),

@@ -62,6 +62,8 @@ class StableDiffusion:
     vae_file: VaeFile | None = None
     loras: tuple[LoraUse, ...] = ()
     notes: list[str] = field(default_factory=list)  # what loading has to say (a VAE of another family, ...)
+    # SDXL refiners that finish this model's images (`refiner.py`), by the name a request gives them
+    refiners: dict[str, StableDiffusion] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -78,6 +78,18 @@ class ImageRequest:
     # Outpainting: "LEFT,TOP,RIGHT,BOTTOM" (or one number for all sides) pixels added around the init image,
     # filled from its edges and masked for repainting.
     pad: str | None = _param(None)
+    # --- hires fix (`hires.py`): a first pass at width x height, an upscale by `hires_scale` (1 to 4), and an
+    # img2img second pass of `hires_steps` (0: `steps`) at `hires_strength` (A1111's Hires upscale, Hires steps,
+    # Hires upscaler, and Denoising strength, which it writes for both this and img2img) ---
+    hires_scale: float | None = _param(None)  # None: no second pass
+    hires_steps: int = _param(0)
+    hires_strength: float = _param(0.7)  # A1111's hires default
+    hires_upscaler: str = _param("latent")  # latent (A1111's "Latent", bilinear), lanczos, ...: `hires.HIRES_UPSCALERS`
+    # --- the SDXL refiner (`refiner.py`): a model (path or name) that finishes from the base's latents once
+    # `refiner_switch` of the way through the noise levels (diffusers' denoising_end/start; A1111's
+    # "Refiner", "Refiner switch at") ---
+    refiner: str | None = _param(None)
+    refiner_switch: float = _param(0.8)
 
     @property
     def guided(self) -> bool:
@@ -127,10 +139,11 @@ class ImageRequest:
             raise ValueError("the lcm sampler walks LCM's own grid of at most 50 steps, as diffusers' LCMScheduler: "
                              "no --schedule, steps 1 to 50, and A1111's LCM numerics (--match a1111) are not implemented")
         self._check_image_fields()
+        upscaler = self._check_second_passes(sampler, max_pixels)
         if schedule is not None and self.match == "a1111" and SAMPLERS[sampler].a1111_timestep_sampler:
             raise ValueError(f"{SAMPLERS[sampler].display_name} matching A1111 walks A1111's own timestep grid: it "
                              f"takes no schedule (got {schedule!r})")
-        return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale))
+        return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale), hires_upscaler=upscaler)
 
     @property
     def from_image(self) -> bool:
@@ -158,6 +171,28 @@ class ImageRequest:
         elif self.match != "diffusers":
             raise ValueError("starting from an image with A1111's numerics (match a1111) is not reproduced yet: "
                              "use match diffusers")
+
+    def _check_second_passes(self, sampler: str, max_pixels: int) -> str:
+        """The hires fix and refiner fields (cheap checks: the refiner's file is found before loading, in
+        the CLI); returns the hires upscaler's ldm name."""
+        from ldmcli.hires import check_hires, parse_upscaler
+        from ldmcli.samplers import check_switch
+
+        upscaler = parse_upscaler(self.hires_upscaler)
+        check_switch(self.refiner_switch)
+        if self.hires_scale is not None:
+            check_hires(self.width, self.height, self.steps, scale=self.hires_scale, steps=self.hires_steps,
+                        strength=self.hires_strength, upscaler=upscaler, sampler=sampler, max_pixels=max_pixels)
+        passes = [name for name, on in (("an init image", self.from_image), ("hires fix", self.hires_scale is not None),
+                                        ("a refiner", self.refiner is not None)) if on]
+        if len(passes) > 1:
+            raise ValueError(f"{' and '.join(passes)} together are not supported yet: one of them per image")
+        if self.refiner is not None and (not self.refiner.strip() or "\0" in self.refiner):
+            raise ValueError(f"refiner {self.refiner!r} is not a model name")
+        if (self.hires_scale is not None or self.refiner is not None) and self.match != "diffusers":
+            raise ValueError("hires fix and the refiner with A1111's numerics (match a1111) are not reproduced yet: "
+                             "use match diffusers")
+        return upscaler
 
     def record(self) -> dict[str, Any]:
         """Every field, as JSON values (the `ldm` PNG record; `from_mapping` reads it back)."""

@@ -190,11 +190,13 @@ def prepare(
     _check_clip_skip(checked, options, defaults)
     for job in checked:
         lora_set(job, options)  # a LoRA name that finds no file, or weights that do not read: exit 2 now
-        if job.request.from_image:
-            try:  # unreadable files, a mask of another size: exit 2 now, not after loading
+        try:
+            if job.request.from_image:  # unreadable files, a mask of another size: exit 2 now, not after loading
                 image_inputs(job.request, options.max_pixels)
-            except LdmError as exc:
-                raise LdmError(f"{job.source}: {exc}") from None
+            if job.request.refiner is not None:
+                check_refiner(options.model, job.request.refiner, options.prediction)
+        except LdmError as exc:
+            raise LdmError(f"{job.source}: {exc}") from None
     tasks = plan_images(checked, options.template)
     mine = [t for t in tasks if share.owns(t)]
     todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
@@ -233,7 +235,9 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
         for loras, group in _by_lora_set(todo, options):
             # Each set of LoRAs is merged into freshly read weights, never subtracted from merged ones:
             # exact, and the jobs of one set run together so that each set is merged once.
-            model = _load(options, report, device, loras, encoder=any(t.job.request.from_image for t in group))
+            model = _load(options, report, device, loras, encoder=any(_encodes(t.job.request) for t in group))
+            for name in dict.fromkeys(t.job.request.refiner for t in group if t.job.request.refiner is not None):
+                model.refiners[name] = _load_refiner(options, report, device, name)
             _encode_up_front(model, group)
             stop = _make_all(model, group, options, report)
             del model
@@ -331,6 +335,22 @@ def lora_set(job: Job, options: RunOptions):
     return resolve_loras(job.request.prompt, options.lora_dir, found=options.lora_files)
 
 
+def check_refiner(model: Path, refiner: str, prediction: str | None = None) -> Path:
+    """The refiner's file, found (`models_dir.resolve_model`) and checked from headers to be an SDXL refiner
+    for an SDXL base, before anything loads."""
+    from ldmcli.errors import CheckpointError
+    from ldmcli.models_dir import resolve_model
+
+    path = resolve_model(refiner)
+    spec, base = _header_spec(path, None), _header_spec(Path(model), prediction)
+    if not spec.refiner:
+        raise CheckpointError(f"--refiner {refiner}: {path} is {spec.display_name}, not an SDXL refiner")
+    if base.family != "sdxl" or base.refiner:
+        raise CheckpointError(f"--refiner {refiner}: the base model is {base.display_name}; a refiner finishes SDXL "
+                              "base models")
+    return path
+
+
 def _sized_to_image(job: Job) -> Job:
     """A job starting from an image, its width and height (those not given) the image's own size
     (`image_input.natural_size`), not the model's recommended one."""
@@ -356,13 +376,26 @@ def image_inputs(request, max_pixels: int):
                         mask_blur=request.mask_blur, invert_mask=request.invert_mask, max_pixels=max_pixels)
 
 
-def _sample(model, request, seeds: list[int], options: RunOptions, callback):
-    """Latents for one batch: from noise, or from the request's init image (`img2img.sample_from_image`)."""
+def _sample(model, request, seeds: list[int], options: RunOptions, callback, tile=None):
+    """Latents for one batch: from noise, or from the request's init image (`img2img.sample_from_image`),
+    with a hires fix's second pass (`hires.generate_hires`), or finished by a refiner (`refiner.py`)."""
     from ldmcli import pipeline
 
+    import torch
+
+    if request.hires_scale is not None:
+        from ldmcli.hires import generate_hires
+
+        return generate_hires(model, request, seeds, scale=request.hires_scale, steps=request.hires_steps,
+                              strength=request.hires_strength, upscaler=request.hires_upscaler, callback=callback,
+                              vae_tile=tile, vae_fp32=model.dtype == torch.float16, check_finite=False)
+    if request.refiner is not None:
+        from ldmcli.refiner import sample_with_refiner
+
+        return sample_with_refiner(model, model.refiners[request.refiner], request, seeds,
+                                   switch=request.refiner_switch, callback=callback, check_finite=False)
     if not request.from_image:
         return pipeline.sample_latents(model, request, seeds, callback=callback, check_finite=False)
-    import torch
 
     from ldmcli.image_input import mask_to_model, to_model_input
     from ldmcli.img2img import sample_from_image
@@ -386,6 +419,33 @@ def _by_lora_set(todo: list[ImageTask], options: RunOptions):
             sets[task.job_index] = lora_set(task.job, options)
         groups.setdefault(sets[task.job_index], []).append(task)
     return groups.items()
+
+
+def _encodes(request) -> bool:
+    """Whether making `request` encodes an image: an init image, or a hires fix that upscales pixels."""
+    if request.from_image:
+        return True
+    if request.hires_scale is None:
+        return False
+    from ldmcli.hires import HIRES_UPSCALERS
+
+    return not HIRES_UPSCALERS[request.hires_upscaler].latent
+
+
+def _load_refiner(options: RunOptions, report: Report, device: str, name: str):
+    """An SDXL refiner for this run's requests, loaded and optimized as the base is (no LoRAs)."""
+    from ldmcli import pipeline
+    from ldmcli.device import choose_dtype
+    from ldmcli.hashing import model_hash
+
+    path = check_refiner(options.model, name, options.prediction)
+    started = time.perf_counter()
+    refiner = pipeline.load(path, device=device, dtype=choose_dtype(device, options.dtype)[0])
+    refiner.vae.drop_encoder()
+    pipeline.optimize(refiner, compile=options.compile)
+    refiner.hash = model_hash(path)
+    report.say(f"loaded refiner {refiner.name}: {refiner.spec.display_name}, in {time.perf_counter() - started:.1f} s")
+    return refiner
 
 
 def _load(options: RunOptions, report: Report, device: str, loras=(), encoder: bool = False):
@@ -461,6 +521,28 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
     return False
 
 
+def output_size(request) -> tuple[int, int]:
+    """(width, height) of the image a request makes: a hires fix's target, else the request's."""
+    if request.hires_scale is None:
+        return request.width, request.height
+    from ldmcli.hires import hires_size
+
+    return hires_size(request.width, request.height, request.hires_scale)
+
+
+def _total_steps(model, request) -> int:
+    """The denoising steps one batch of `request` takes, for the progress bar."""
+    if request.hires_scale is not None:
+        from ldmcli.hires import total_steps
+
+        return total_steps(request.steps, request.hires_steps, request.hires_strength)
+    if request.refiner is not None:
+        from ldmcli.refiner import split_steps
+
+        return sum(split_steps(model, model.refiners[request.refiner], request, request.refiner_switch))
+    return max(1, int(request.steps * request.strength)) if request.from_image else request.steps
+
+
 def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     """Consecutive tasks of the same job, at most `size` at a time."""
     batches: list[list[ImageTask]] = []
@@ -493,10 +575,11 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
 
     request = batch[0].job.request
     started = time.perf_counter()
-    total = max(1, int(request.steps * request.strength)) if request.from_image else request.steps
-    with tqdm(total=total, desc="steps", leave=False, disable=not report.progress, position=1) as steps:
-        tile = vae_tile(options.tile_vae, request.width, request.height, model.spec.vae.downsample_factor)
-        latents = _sample(model, request, [t.seed for t in batch], options, lambda i, _x: steps.update(1))
+    width, height = output_size(request)
+    with tqdm(total=_total_steps(model, request), desc="steps", leave=False, disable=not report.progress,
+              position=1) as steps:
+        tile = vae_tile(options.tile_vae, width, height, model.spec.vae.downsample_factor)
+        latents = _sample(model, request, [t.seed for t in batch], options, lambda i, _x: steps.update(1), tile)
     if last:
         pipeline.release_unet(model)
     finite = pipeline.finite_rows(latents)
@@ -506,12 +589,13 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
                 pipeline.check_finite_latents(latent[None], [task.seed], model.dtype)
             except NonFiniteError as exc:
                 _report_failed([task], exc, report)
+    decoder = model.refiners[request.refiner] if request.refiner is not None else model  # diffusers: the refiner's VAE
     kept = [task for task, ok in zip(batch, finite) if ok]
     if not kept:
         return True
     latents = latents[[i for i, ok in enumerate(finite) if ok]]
     try:
-        parts = [(kept, _decode(model, latents, tile, request.match, report))]
+        parts = [(kept, _decode(decoder, latents, tile, request.match, report))]
     except NonFiniteError:
         if len(kept) == 1:
             raise
@@ -519,7 +603,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
         parts = []
         for task, latent in zip(kept, latents):
             try:
-                parts.append(([task], _decode(model, latent[None], tile, request.match, report)))
+                parts.append(([task], _decode(decoder, latent[None], tile, request.match, report)))
             except NonFiniteError as exc:
                 _report_failed([task], exc, report)
     seconds = (time.perf_counter() - started) / len(batch)

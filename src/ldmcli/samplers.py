@@ -17,7 +17,10 @@ returns replaces the state, which is what diffusers' inpainting pipeline does to
 
 :func:`sample` is the one entry point the pipeline needs: it builds the noise levels the
 corresponding diffusers scheduler would use, draws and scales the initial latent the way that
-scheduler does, runs the sampler, and returns the final latent in diffusers' (VP) space.
+scheduler does, runs the sampler, and returns the final latent in diffusers' (VP) space. It may also
+run a part of the walk: from an image (`StartImage`, img2img), up to a switch (``end=``, diffusers'
+``denoising_end``) or on from another model's latents at a switch (`StartLatents`, ``denoising_start``),
+the SDXL base and refiner (`refiner.py`); `denoising_cut` says which steps each side runs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .schedule import Convention, DiffusionSchedule, make_sigmas
+from .schedule import Convention, DiffusionSchedule, Sigmas, make_sigmas
 from .request import MATCHES
 from .schedule_a1111 import a1111_sigmas
 
@@ -462,6 +465,73 @@ def _masked_blend(start: StartImage, sigmas: Tensor) -> AfterStep:
     return lambda i, x: (1 - mask) * level(i + 1) + mask * x
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
+class StartLatents:
+    """Where a walk takes over from another model's (the SDXL refiner after the base), in diffusers' terms:
+    `StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=switch)`.
+
+    latents: [N, C, h, w] what the previous ``sample(..., end=switch)`` returned: diffusers' latents at the
+        switch, as they are. No noise is added (the pipeline's ``add_noise=False`` when ``denoising_start`` is
+        given) and nothing is drawn for them.
+    switch: the fraction of the training timesteps the previous walk denoised (its ``denoising_end``, this
+        walk's ``denoising_start``); `denoising_cut` says which steps that leaves to this walk.
+    """
+
+    latents: Tensor
+    switch: float
+
+
+def check_switch(switch: float) -> float:
+    """`switch` if it is a fraction strictly between 0 and 1 (diffusers applies ``denoising_end`` /
+    ``denoising_start`` only then: ``isinstance(v, float) and 0 < v < 1``); otherwise a one-line ValueError."""
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
+        raise ValueError(f"the refiner switch must be a fraction between 0 and 1 (exclusive), the part of the "
+                         f"denoising the base model does, got {switch!r}")
+    return float(switch)
+
+
+def timestep_cutoff(switch: float, num_train_timesteps: int) -> int:
+    """diffusers' ``discrete_timestep_cutoff = int(round(T - switch * T))``: the base runs the timesteps
+    >= it, the refiner those below (Python's round, half to even, as diffusers calls it)."""
+    return int(round(num_train_timesteps - check_switch(switch) * num_train_timesteps))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How `denoising_cut` splits an n-step walk at a switch, in step indices (step i goes from sigmas[i] to
+    sigmas[i + 1] at timesteps[i]).
+
+    base_steps: the base runs steps 0 .. base_steps - 1 (``sample(..., end=switch)``).
+    base_predictor_only: the base's last step is only the first (Euler) half of a second-order step.
+    refiner_first: the refiner runs steps refiner_first .. n - 1, its state taken to be at sigmas[refiner_first].
+    """
+
+    base_steps: int
+    base_predictor_only: bool
+    refiner_first: int
+
+
+def denoising_cut(timesteps: Tensor, switch: float, num_train_timesteps: int, *, second_order: bool = False) -> Cut:
+    """Where diffusers' base stops (`StableDiffusionXLPipeline.__call__` with ``denoising_end``) and its refiner
+    starts (`StableDiffusionXLImg2ImgPipeline.get_timesteps` with ``denoising_start``), on a walk's timesteps.
+
+    First-order schedulers: with k = the number of timesteps >= `timestep_cutoff`, the base runs steps 0 .. k-1
+    and stops at sigmas[k]; the refiner runs the rest, from sigmas[k].
+
+    Second-order (diffusers' ``scheduler.order == 2``: Heun, whose timestep list is t0, t1, t1, t2, t2, ...):
+    the base keeps the 2k - 1 list entries >= the cutoff, so it ends on the FIRST half of step k-1 (an Euler
+    predictor to sigmas[k], its corrector never run). The refiner counts the 2(n - k) entries below the cutoff,
+    an even number, and adds one "so as not to start between the two derivatives": its fresh scheduler starts
+    at the predictor of step k-1 -- it walks step k-1 again, from sigmas[k-1], taking the base's latents (which
+    are at sigmas[k]) to be at that level. ldm reproduces both sides as they are.
+    """
+    cutoff = timestep_cutoff(switch, num_train_timesteps)
+    k = int((timesteps >= cutoff).sum())
+    if not second_order or k == 0:
+        return Cut(k, False, k)
+    return Cut(k, True, k - 1)
+
+
 def sample(
     sampler: str,
     schedule: DiffusionSchedule,
@@ -472,7 +542,8 @@ def sample(
     spacing: str | None = None,
     match: str = "diffusers",
     callback: Callback | None = None,
-    start: StartImage | None = None,
+    start: StartImage | StartLatents | None = None,
+    end: float | None = None,
     **options: Any,
 ) -> Tensor:
     """Run a whole sampling loop as diffusers' StableDiffusionPipeline would with the equivalent
@@ -487,10 +558,17 @@ def sample(
         match "a1111": A1111's uniform grid).
     match: "diffusers" (the above) or "a1111": the noise levels, initial noise and network timesteps
         A1111 uses (`schedule_a1111.a1111_sigmas`), the samplers' steps being the same.
+    callback: ``callback(i, denoised)`` once per step run, i counted from 0 at the first step this call runs.
     start: an image to start from (img2img / inpainting, `StartImage`): the walk is the last
         ``int(steps * strength)`` steps of the ``steps``-step schedule, from the image noised to the first
-        of them with ``start.noise``; ``noise`` then gives only the stochastic samplers' draws. match
-        "diffusers" only.
+        of them with ``start.noise``; ``noise`` then gives only the stochastic samplers' draws. Or another
+        model's latents at a switch (`StartLatents`, the SDXL refiner: diffusers' ``denoising_start``): the
+        steps `denoising_cut` leaves after it, from the latents as they are, with a fresh sampler (no
+        multistep history: diffusers' refiner pipeline has its own new scheduler). match "diffusers" only.
+    end: stop at this switch (diffusers' ``denoising_end``, the SDXL base before its refiner): run the steps
+        `denoising_cut` gives the base and return diffusers' latents there -- what the pipeline returns with
+        ``output_type="latent"``: sigma-space for the Euler/Heun/LMS family, the VP latent for DDIM, PNDM, DPM
+        and LCM -- for a `StartLatents` of the same switch. match "diffusers" only; not with a `StartImage`.
     options: extra sampler arguments (e.g. ``eta`` for ddim).
     Returns the final latent in diffusers' (VP) space: divide by the VAE scale factor and decode.
 
@@ -501,23 +579,31 @@ def sample(
     - karras/exponential with euler_a, ddim, plms: diffusers has no such option; we run the same
       sampler on those sigmas (initial noise scaled as the sampler's diffusers scheduler would).
     - karras/exponential with steps=1: diffusers collapses sigma_max onto sigma_min; we do not.
-    - plms from an image at strength < 1: PNDM's timestep list repeats its second timestep (the first
-      step's corrector) and diffusers' img2img cuts that list as if it had one entry per step: its walk
-      starts a timestep higher than the step it counts, and after the corrector evaluates the latent one
-      timestep below its noise level, skipping an interval. We walk PNDM from the start step as it is
-      defined (pseudo-Heun first step, then Adams-Bashforth), which is diffusers' walk at strength 1.
-    - lms from an image at strength < 1: diffusers' LMS takes its order from the step's index in the
-      whole schedule, so a cut walk's first steps use 4th-order coefficients with fewer derivatives; we
-      start at order 1, as k-diffusion's sample_lms on the cut sigmas.
+    - plms from an image at strength < 1, or from a switch (`StartLatents`): PNDM's timestep list repeats its
+      second timestep (the first step's corrector) and diffusers' img2img cuts that list as if it had one
+      entry per step: its walk starts a timestep higher than the step it counts, and after the corrector
+      evaluates the latent one timestep below its noise level, skipping an interval (from a switch, its last
+      call is taken for a corrector and the final step is never walked). We walk PNDM from the start step as
+      it is defined (pseudo-Heun first step, then Adams-Bashforth), which is diffusers' walk at strength 1.
+    - lms from an image at strength < 1, or from a switch: diffusers' LMS takes its order from the step's
+      index in the whole schedule, so a cut walk's first steps use 4th-order coefficients with fewer
+      derivatives; we start at order 1, as k-diffusion's sample_lms on the cut sigmas.
     """
     name, implied = resolve_sampler_name(sampler)
     if implied is not None and spacing is not None and spacing != implied:
         raise ValueError(f"sampler {sampler!r} implies spacing {implied!r}, but spacing={spacing!r}")
     info = SAMPLERS[name]
+    if end is not None:
+        check_switch(end)
+        if start is not None and not isinstance(start, StartLatents):
+            raise ValueError("stopping at a switch (end=) is not supported from an image (StartImage)")
+        if isinstance(start, StartLatents) and end <= start.switch:
+            raise ValueError(f"end={end} must come after the start's switch {start.switch}")  # diffusers refuses it too
     if match == "a1111":
-        if start is not None:
-            raise ValueError("--match a1111 does not reproduce A1111's img2img yet (its step count, its noise order "
-                             "and its inpainting, which blends the denoised image); use --match diffusers")
+        if start is not None or end is not None:
+            raise ValueError("--match a1111 does not reproduce A1111's img2img or refiner yet (its step count, its "
+                             "noise order, its inpainting that blends the denoised image, its one-loop refiner "
+                             "switch); use --match diffusers")
         plan = a1111_sigmas(schedule, spacing or implied, steps, timestep_sampler=info.a1111_timestep_sampler)
         if name == "plms":
             options = {**options, "corrector_on_one_step": True}
@@ -529,23 +615,59 @@ def sample(
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         return denoiser(x, sigma, t=plan.timestep_for(sigma))
 
-    if start is None:
-        x = noise() * plan.init_noise_sigma
-        x = info.fn(model, x, plan.sigmas, noise=noise, callback=callback, **options)
-        return plan.to_vp(x)
+    def walk(x: Tensor, first: int, stop: int, after_step: AfterStep = _same) -> Tensor:
+        """Steps first .. stop-1 of the plan, one sampler run with a fresh history."""
+        sigmas = plan.sigmas[first : stop + 1]
+        if name == "lcm":
+            return _lcm_steps(model, x, sigmas, plan.timesteps[first:stop], noise, callback, after_step, **options)
+        return info.fn(model, x, sigmas, noise=noise, callback=callback, after_step=after_step, **options)
 
-    first = first_step(steps, start.strength)
-    sigmas, timesteps = plan.sigmas[first:], plan.timesteps[first:]
-    if start.noise_at_full_strength and first == 0:
-        x = start.noise * plan.init_noise_sigma
+    n = len(plan.timesteps)
+    if isinstance(start, StartLatents):
+        first = _cut(plan, start.switch, info, schedule).refiner_first
+        x = _from_diffusers_latents(start.latents, plan.sigmas[first], info.convention)
+    elif start is None:
+        first, x = 0, noise() * plan.init_noise_sigma
     else:
-        x = _noised_image(start, sigmas)(0)
-    after_step = _same if start.mask is None else _masked_blend(start, sigmas)
-    if name == "lcm":
-        x = _lcm_steps(model, x, sigmas, timesteps, noise, callback, after_step, **options)
+        first = first_step(steps, start.strength)
+        sigmas = plan.sigmas[first:]
+        if start.noise_at_full_strength and first == 0:
+            x = start.noise * plan.init_noise_sigma
+        else:
+            x = _noised_image(start, sigmas)(0)
+        after_step = _same if start.mask is None else _masked_blend(start, sigmas)
+        return plan.to_vp(walk(x, first, n, after_step))
+
+    if end is None:
+        return plan.to_vp(walk(x, first, n))
+    cut = _cut(plan, end, info, schedule)
+    stop = max(cut.base_steps, first)
+    if cut.base_predictor_only and stop > first:
+        # diffusers' base stops after the first half of its last Heun step: an Euler step to sigmas[stop]
+        x = walk(x, first, stop - 1)
+        last = stop - 1 - first  # that step's index among this call's
+        step_callback = None if callback is None else (lambda _, denoised: callback(last, denoised))
+        x = euler(model, x, plan.sigmas[stop - 1 : stop + 1], noise=noise, callback=step_callback)
     else:
-        x = info.fn(model, x, sigmas, noise=noise, callback=callback, after_step=after_step, **options)
-    return plan.to_vp(x)
+        x = walk(x, first, stop)
+    return _to_diffusers_latents(x, plan.sigmas[stop], info.convention)
+
+
+def _cut(plan: Sigmas, switch: float, info: SamplerInfo, schedule: DiffusionSchedule) -> Cut:
+    # SamplerInfo.second_order marks the samplers whose diffusers scheduler has order 2 (Heun)
+    return denoising_cut(plan.timesteps, switch, schedule.num_train_timesteps, second_order=info.second_order)
+
+
+def _to_diffusers_latents(x: Tensor, sigma: Tensor, convention: Convention) -> Tensor:
+    """A sigma-space state at `sigma` as diffusers' scheduler holds it: as it is for the sigma-space family
+    (Euler, Euler a, Heun, LMS: ``init_noise_sigma`` scales the start, ``scale_model_input`` the network's
+    input), the VP latent ``x / sqrt(1 + sigma^2)`` for DDIM, PNDM, DPM-Solver and LCM."""
+    return x if convention == "discrete" else x / (1 + sigma.item() ** 2) ** 0.5
+
+
+def _from_diffusers_latents(latents: Tensor, sigma: Tensor, convention: Convention) -> Tensor:
+    """The inverse of `_to_diffusers_latents`: diffusers' latents taken to be at `sigma`, in sigma space."""
+    return latents if convention == "discrete" else latents * (1 + sigma.item() ** 2) ** 0.5
 
 
 def _lcm_steps(model: Model, x: Tensor, sigmas: Tensor, timesteps: Tensor, noise: Noise, callback: Callback | None,
