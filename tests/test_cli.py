@@ -518,3 +518,25 @@ def test_random_seed_when_none_is_given_is_recorded(tmp_path, tiny_single_file):
         assert json.loads(read_png_text(Path(made["path"]))["ldm"])["seed"] == made["seed"]
         seeds.append(made["seed"])
     assert seeds[0] != seeds[1]
+
+
+def test_a_json_record_is_one_write(monkeypatch):
+    """Processes of one run (torchrun) share stdout: each record goes out in one write, newline included,
+    so that no other process's line lands inside it (print() writes the newline apart: unbuffered, as under
+    PYTHONUNBUFFERED, two lines could interleave)."""
+    import io
+
+    from ldmcli.run import Report
+
+    class Writes(io.StringIO):
+        calls: list[str] = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    Report(json=True, quiet=True).emit({"path": "x.png", "prompt": "a cat \u2028 é"})
+    assert len(out.calls) == 1 and out.calls[0].endswith("\n") and out.calls[0].count("\n") == 1
+    assert json.loads(out.calls[0]) == {"path": "x.png", "prompt": "a cat \u2028 é"}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldmcli.errors import LdmError, Terminated
+from ldmcli.generation import decoder_for, encodes, image_inputs, latents_for, output_size, total_steps
 from ldmcli.jobs import ImageTask, Job, check_job
 from ldmcli.limits import DEFAULT_MAX_PIXELS
 from ldmcli.outputs import check_outputs, plan_images
@@ -98,13 +99,18 @@ class Report:
                 pass
 
     def emit(self, record: dict) -> None:
-        if not self.json or self.stdout_closed:
+        if not self.json or self.stdout_closed or sys.stdout is None:
             return
         try:
             try:
-                print(json_line(record), flush=True)
+                line = json_line(record)
+                line.encode(sys.stdout.encoding or "utf-8")
             except UnicodeEncodeError:  # a stdout that cannot show every character: the same record, ASCII
-                print(json.dumps(record, ensure_ascii=True), flush=True)
+                line = json.dumps(record, ensure_ascii=True)
+            # One write of the whole line: processes sharing a run (torchrun) share stdout, and print()'s
+            # separate write of the newline, unbuffered (PYTHONUNBUFFERED), let another's line in between.
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         except BrokenPipeError:
             self._stdout_gone()
 
@@ -235,7 +241,7 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
         for loras, group in _by_lora_set(todo, options):
             # Each set of LoRAs is merged into freshly read weights, never subtracted from merged ones:
             # exact, and the jobs of one set run together so that each set is merged once.
-            model = _load(options, report, device, loras, encoder=any(_encodes(t.job.request) for t in group))
+            model = _load(options, report, device, loras, encoder=any(encodes(t.job.request) for t in group))
             for name in dict.fromkeys(t.job.request.refiner for t in group if t.job.request.refiner is not None):
                 model.refiners[name] = _load_refiner(options, report, device, name)
             _encode_up_front(model, group)
@@ -367,49 +373,6 @@ def _sized_to_image(job: Job) -> Job:
     return job.setting(**{side: value for side, value in (("width", width), ("height", height)) if side in missing})
 
 
-def image_inputs(request, max_pixels: int):
-    """The request's init image and mask read, padded, blurred and fitted to its size (`image_input.check_inputs`)."""
-    from ldmcli.image_input import check_inputs
-
-    return check_inputs(Path(request.init_image), None if request.mask is None else Path(request.mask),
-                        request.width, request.height, resize_mode=request.resize_mode, pad=request.pad,
-                        mask_blur=request.mask_blur, invert_mask=request.invert_mask, max_pixels=max_pixels)
-
-
-def _sample(model, request, seeds: list[int], options: RunOptions, callback, tile=None):
-    """Latents for one batch: from noise, or from the request's init image (`img2img.sample_from_image`),
-    with a hires fix's second pass (`hires.generate_hires`), or finished by a refiner (`refiner.py`)."""
-    from ldmcli import pipeline
-
-    import torch
-
-    if request.hires_scale is not None:
-        from ldmcli.hires import generate_hires
-
-        return generate_hires(model, request, seeds, scale=request.hires_scale, steps=request.hires_steps,
-                              strength=request.hires_strength, upscaler=request.hires_upscaler, callback=callback,
-                              vae_tile=tile, vae_fp32=model.dtype == torch.float16, check_finite=False)
-    if request.refiner is not None:
-        from ldmcli.refiner import sample_with_refiner
-
-        return sample_with_refiner(model, model.refiners[request.refiner], request, seeds,
-                                   switch=request.refiner_switch, callback=callback, check_finite=False)
-    if not request.from_image:
-        return pipeline.sample_latents(model, request, seeds, callback=callback, check_finite=False)
-
-    from ldmcli.image_input import mask_to_model, to_model_input
-    from ldmcli.img2img import sample_from_image
-
-    inputs = image_inputs(request, options.max_pixels)
-    image = torch.from_numpy(to_model_input(inputs.image))[None].expand(len(seeds), -1, -1, -1)
-    mask = None
-    if inputs.mask is not None:
-        mask = torch.from_numpy(mask_to_model(inputs.mask, binarize=False))[None].expand(len(seeds), -1, -1, -1)
-    # Encoded in fp32 under fp16 (an SDXL VAE overflows in fp16: diffusers' `force_upcast`)
-    return sample_from_image(model, request, seeds, image, strength=request.strength, mask=mask, callback=callback,
-                             vae_fp32=model.dtype == torch.float16, check_finite=False)
-
-
 def _by_lora_set(todo: list[ImageTask], options: RunOptions):
     """The tasks grouped by the set of LoRAs their job merges, in order of each set's first task."""
     sets: dict[int, tuple] = {}  # job index -> its set, found once a job
@@ -419,17 +382,6 @@ def _by_lora_set(todo: list[ImageTask], options: RunOptions):
             sets[task.job_index] = lora_set(task.job, options)
         groups.setdefault(sets[task.job_index], []).append(task)
     return groups.items()
-
-
-def _encodes(request) -> bool:
-    """Whether making `request` encodes an image: an init image, or a hires fix that upscales pixels."""
-    if request.from_image:
-        return True
-    if request.hires_scale is None:
-        return False
-    from ldmcli.hires import HIRES_UPSCALERS
-
-    return not HIRES_UPSCALERS[request.hires_upscaler].latent
 
 
 def _load_refiner(options: RunOptions, report: Report, device: str, name: str):
@@ -521,28 +473,6 @@ def _make_all(model, todo: list[ImageTask], options: RunOptions, report: Report)
     return False
 
 
-def output_size(request) -> tuple[int, int]:
-    """(width, height) of the image a request makes: a hires fix's target, else the request's."""
-    if request.hires_scale is None:
-        return request.width, request.height
-    from ldmcli.hires import hires_size
-
-    return hires_size(request.width, request.height, request.hires_scale)
-
-
-def _total_steps(model, request) -> int:
-    """The denoising steps one batch of `request` takes, for the progress bar."""
-    if request.hires_scale is not None:
-        from ldmcli.hires import total_steps
-
-        return total_steps(request.steps, request.hires_steps, request.hires_strength)
-    if request.refiner is not None:
-        from ldmcli.refiner import split_steps
-
-        return sum(split_steps(model, model.refiners[request.refiner], request, request.refiner_switch))
-    return max(1, int(request.steps * request.strength)) if request.from_image else request.steps
-
-
 def _batches(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     """Consecutive tasks of the same job, at most `size` at a time."""
     batches: list[list[ImageTask]] = []
@@ -576,10 +506,11 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     request = batch[0].job.request
     started = time.perf_counter()
     width, height = output_size(request)
-    with tqdm(total=_total_steps(model, request), desc="steps", leave=False, disable=not report.progress,
+    with tqdm(total=total_steps(model, request), desc="steps", leave=False, disable=not report.progress,
               position=1) as steps:
         tile = vae_tile(options.tile_vae, width, height, model.spec.vae.downsample_factor)
-        latents = _sample(model, request, [t.seed for t in batch], options, lambda i, _x: steps.update(1), tile)
+        latents = latents_for(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1),
+                              tile=tile, max_pixels=options.max_pixels)
     if last:
         pipeline.release_unet(model)
     finite = pipeline.finite_rows(latents)
@@ -589,7 +520,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
                 pipeline.check_finite_latents(latent[None], [task.seed], model.dtype)
             except NonFiniteError as exc:
                 _report_failed([task], exc, report)
-    decoder = model.refiners[request.refiner] if request.refiner is not None else model  # diffusers: the refiner's VAE
+    decoder = decoder_for(model, request)
     kept = [task for task, ok in zip(batch, finite) if ok]
     if not kept:
         return True
