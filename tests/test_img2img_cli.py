@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from ldmcli.cli import cli
 
@@ -178,3 +178,86 @@ def test_bad_image_inputs_are_one_line_errors_before_loading(args, message, tmp_
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+# --- from the review -----------------------------------------------------------------------------------
+
+
+def _inpaint(tmp_path, model, mask, out, *extra):
+    init = tmp_path / "init.png"
+    if not init.exists():
+        write_image(init)
+    result = invoke("generate", PROMPT, "-m", model, *TINY, "-i", init, "--mask", mask, "--strength", "0.9",
+                    *extra, "-o", tmp_path / out)
+    assert result.exit_code == 0, result.output
+    return pixels(tmp_path / out)
+
+
+def test_invert_mask_reaches_the_engine(tmp_path, tiny_single_file):
+    mask = write_mask(tmp_path / "mask.png")
+    ImageOps.invert(Image.open(mask).convert("L")).save(tmp_path / "inverted.png")
+    flagged = _inpaint(tmp_path, tiny_single_file, mask, "flag.png", "--invert-mask", "--mask-blur", "0")
+    by_file = _inpaint(tmp_path, tiny_single_file, tmp_path / "inverted.png", "file.png", "--mask-blur", "0")
+    plain = _inpaint(tmp_path, tiny_single_file, mask, "plain.png", "--mask-blur", "0")
+    assert np.array_equal(flagged, by_file)
+    assert not np.array_equal(flagged, plain)
+
+
+def test_mask_blur_reaches_the_engine(tmp_path, tiny_single_file):
+    """--mask-blur N equals the same mask blurred beforehand (A1111's Gaussian) with --mask-blur 0. A blur wide
+    enough to move the 0.5 level of a small, thin mask region, so binarising does not hide it."""
+    from ldmcli.image_input import blur_mask
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[8:14, 16:44] = 255  # 6 px tall: a blur of 8 pulls its centre below 0.5
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    blurred = blur_mask(mask.astype(np.float32) / 255, 8)
+    Image.fromarray((blurred * 255).round().astype(np.uint8)).save(tmp_path / "blurred.png")
+    flagged = _inpaint(tmp_path, tiny_single_file, tmp_path / "mask.png", "flag.png", "--mask-blur", "8")
+    by_file = _inpaint(tmp_path, tiny_single_file, tmp_path / "blurred.png", "file.png", "--mask-blur", "0")
+    unblurred = _inpaint(tmp_path, tiny_single_file, tmp_path / "mask.png", "none.png", "--mask-blur", "0")
+    assert np.array_equal(flagged, by_file)
+    assert not np.array_equal(flagged, unblurred)
+
+
+def test_strength_that_runs_no_step_is_refused_before_loading(tmp_path, tiny_single_file, monkeypatch):
+    from ldmcli import pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    init = write_image(tmp_path / "init.png")
+    result = invoke("generate", PROMPT, "-m", tiny_single_file, "--steps", "4", "-i", init, "--strength", "0.1",
+                    "-o", tmp_path / "o.png")
+    assert result.exit_code == 2, result.output
+    assert "runs no step" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_relative_prompt_file_records_absolute_paths(tmp_path, tiny_single_file, monkeypatch):
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "jobs.jsonl").write_text('{"prompt": "a cat", "init_image": "a.png", "seed": 1}\n')
+    monkeypatch.chdir(tmp_path)
+    made = invoke("generate", "--prompts", "in/jobs.jsonl", "-m", tiny_single_file, *TINY, "--json",
+                  "-o", tmp_path / "out.png")
+    assert made.exit_code == 0, made.output
+    (record,) = records(made)
+    assert record["init_image"] == str(tmp_path / "in" / "a.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = invoke("generate", "--from-png", tmp_path / "out.png", "-m", tiny_single_file, "-o", tmp_path / "again.png")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "out.png"))
+
+
+def test_a1111_denoising_strength_with_an_init_image_is_not_dropped(tmp_path, tiny_single_file):
+    """An A1111-style line (sampler_name) that starts from an image: denoising_strength is A1111's img2img
+    strength; it must be used (or at least be listed in not_honoured), never silently replaced by 0.75."""
+    write_image(tmp_path / "init.png")
+    (tmp_path / "a.jsonl").write_text(json.dumps({
+        "prompt": PROMPT, "init_image": "init.png", "denoising_strength": 0.3, "sampler_name": "Euler",
+        "steps": 4, "seed": 1, "width": 64, "height": 48, "match": "diffusers"}) + "\n")
+    result = invoke("generate", "--prompts", tmp_path / "a.jsonl", "-m", tiny_single_file, "--dtype", "fp32",
+                    "--json", "-o", tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+    (record,) = records(result)
+    assert record["strength"] == 0.3 or any(n["key"] == "denoising_strength" for n in record["not_honoured"])

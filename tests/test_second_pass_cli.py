@@ -157,3 +157,48 @@ def test_refiner_from_the_command_line_equals_diffusers(tmp_path, sdxl_pair):
     text = Image.open(tmp_path / "out.png").text["parameters"]
     assert f"Refiner: {refiner_folder.name}" in text and "Refiner switch at: 0.7" in text
     assert "loaded refiner" in result.stderr
+
+
+# --- from the review -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_tile_vae_reaches_both_hires_decodes(tmp_path, tiny_single_file, monkeypatch, upscaler):
+    from ldmcli import pipeline
+
+    tiles = []
+    real = pipeline.decode_latents
+
+    def spy(model, latents, *a, tile=None, **k):
+        tiles.append(tile)
+        return real(model, latents, *a, tile=tile, **k)
+
+    monkeypatch.setattr(pipeline, "decode_latents", spy)
+    result = invoke("generate", PROMPT, "-m", tiny_single_file, *TINY, "-W", "32", "-H", "32", "--hires-scale", "2",
+                    "--hires-upscaler", upscaler, "--tile-vae", "on", "-o", tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+    assert tiles and all(t is not None for t in tiles), tiles
+    assert len(tiles) == (2 if upscaler == "lanczos" else 1)
+
+
+def test_refiner_continues_the_prompt_editing_timeline(tmp_path, monkeypatch, sdxl_pair):
+    """[cat:dog:0.5] over 10 steps, switch 0.8: the base runs 8 steps (cat, then dog from call 6); the refiner's
+    2 steps are calls 8 and 9 of A1111's one loop: dog. Restarting the count at 0 gives cat again."""
+    from ldmcli import denoiser
+
+    base, ref = sdxl_pair
+    used = []
+    real_at = denoiser.ConditioningSchedule.at
+
+    def at(self, call):
+        c = real_at(self, call)
+        if len(self.entries) > 1:
+            used.append(next(i for i, (_, cc) in enumerate(self.entries) if cc is c))
+        return c
+
+    monkeypatch.setattr(denoiser.ConditioningSchedule, "at", at)
+    result = invoke("generate", "[cat:dog:0.5]", "-m", base, "--refiner", ref, "--refiner-switch", "0.8",
+                    "--steps", "10", "--sampler", "euler", "-W", "64", "-H", "64", "--dtype", "fp32",
+                    "-o", tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+    assert used == [0] * 6 + [1] * 4, used

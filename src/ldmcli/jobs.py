@@ -146,7 +146,7 @@ def read_prompt_file(path: str, template: Job, images_before: int = 0) -> list[J
     for number, stripped in _content_lines(text):
         where = f"{name}:{number}"
         if jsonl:
-            job = _json_job(stripped, template, where, folder=None if path == "-" else Path(path).parent)
+            job = _json_job(stripped, template, where, folder=None if path == "-" else os.path.dirname(path))
         elif stripped.startswith("--"):
             job = _script_job(stripped, template, where)
         else:
@@ -217,7 +217,7 @@ def _lora_specs(value: Any, where: str) -> list[str]:
 PATH_FIELDS = ("init_image", "mask")
 
 
-def _json_job(line: str, template: Job, where: str, folder: Path | None = None) -> Job:
+def _json_job(line: str, template: Job, where: str, folder: str | None = None) -> Job:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -241,9 +241,9 @@ def _json_job(line: str, template: Job, where: str, folder: Path | None = None) 
     if not isinstance(obj.get("prompt"), str):
         raise LdmError(f"{where}: \"prompt\" (a string) is required")
     job_values = {key: obj.pop(key) for key in JOB_KEYS if key in obj}
-    for key in PATH_FIELDS:
-        if isinstance(obj.get(key), str) and folder is not None and not Path(obj[key]).is_absolute():
-            obj[key] = str(folder / obj[key])
+    for key in PATH_FIELDS:  # absolute, as the record keeps it: --from-png may run from another folder
+        if isinstance(obj.get(key), str) and obj[key]:
+            obj[key] = os.path.abspath(os.path.join(folder or os.getcwd(), obj[key]))
     if loras:
         from ldmcli.lora_uses import with_lora_tags
 
@@ -383,8 +383,11 @@ def _a1111_job(job: Job, payload: Mapping[str, Any], where: str, *, said, defaul
         notes.append(note)
     if "pad_conds" not in job.given:
         job = job.setting(pad_conds=False)  # A1111's default: prompt and negative prompt unpadded
+    # A1111's img2img request: its strength (a txt2img request without enable_hr ignores it, as A1111 does)
+    if payload.get("denoising_strength") is not None and "hires_strength" not in values and job.request.from_image:
+        job = job.setting(strength=_typed(payload, "denoising_strength", float, where))
     if "match" not in job.given:  # A1111's request: its numerics, which ldm reproduces for text-to-image only
-        second_pass = job.request.hires_scale is not None or job.request.refiner is not None
+        second_pass = job.request.hires_scale is not None or job.request.refiner is not None or job.request.from_image
         job = job.setting(match="diffusers" if second_pass else "a1111")
         if second_pass:
             notes.append(Note("match", "a1111", MATCH_NOTE_SECOND_PASS, fields=("match",)))

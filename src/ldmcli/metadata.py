@@ -365,6 +365,8 @@ def _read_hires(params: Mapping[str, str], values: dict, notes: list, where: str
     """A1111's hires fix keys read into `values` (scale, steps, upscaler; "Denoising strength" is the second
     pass's); returns the keys read. An upscaler ldm lacks (ESRGAN and the like) is replaced by Lanczos, noted."""
     if "Hires upscale" not in params:
+        if any(key.startswith("Hires ") for key in params):  # "Hires resize: WxH": a hires image all the same
+            return {"Denoising strength": None} if "Denoising strength" in params else {}
         return {}
     from ldmcli.hires import parse_upscaler
 
@@ -474,7 +476,7 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
         hires["Refiner"] = values["refiner"]
         if "Refiner switch at" in params:
             values["refiner_switch"] = hires["Refiner switch at"] = _a1111_number(params, "Refiner switch at", where)
-    if "Denoising strength" in params and not hires:
+    if "Denoising strength" in params and not hires and not any(key.startswith("Hires ") for key in params):
         # An img2img image (with hires fix the key is the second pass's): its strength and mask blur are
         # read; its image and mask are not recorded: a note until -i/--mask give them (`Job.setting`).
         values["strength"] = img2img["Denoising strength"] = _a1111_number(params, "Denoising strength", where)
@@ -483,7 +485,7 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
             values["mask_blur"] = img2img["Mask blur"] = int(_a1111_number(params, "Mask blur", where))
             notes.append(Note("Mask blur", params["Mask blur"], INPAINT_SOURCE, fields=("mask",)))
     if "match" not in values and not ours:  # A1111's image, made with A1111's numerics
-        if img2img or hires:  # ... which ldm reproduces for text-to-image only
+        if img2img or values.get("hires_scale") is not None or "refiner" in values:  # ... reproduced for text-to-image only
             values["match"] = "diffusers"
             notes.append(Note("Match", "absent", MATCH_NOTE_SECOND_PASS, fields=("match",)))
         else:
@@ -551,7 +553,8 @@ class A1111Key:
     off: tuple[str, ...] = ()  # values (lower case) that leave the feature off: nothing to honour then
 
 
-_HIRES = "hires fix, a second upscaled pass, is not supported yet"
+_HIRES = ("not supported in ldm's hires fix yet (it takes Hires upscale, Hires steps, Hires upscaler and "
+          "Denoising strength; not a target size, another sampler, prompt or checkpoint)")
 # Reasons shared with jobs.py's table of A1111's request keys.
 SECOND_PASS = "a second pass over an image, as hires fix makes, is not supported yet"
 _IMG2IMG = "not supported in ldm's img2img and inpainting yet"

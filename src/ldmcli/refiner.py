@@ -146,7 +146,11 @@ def sample_with_refiner(
                      match=request.match, callback=base_callback, end=switch)
 
     cond, uncond = pipeline.guidance_conditioning(refiner, request, n)
+    base_calls = denoiser.calls
     denoiser = CFGDenoiser(Denoiser(refiner.unet, refiner.spec.schedule), cond, uncond, request.cfg_scale)
+    # A prompt's schedule ([from:to:when], [a|b]) goes on where the base left it: A1111's base and refiner are
+    # one sampling loop, whose model calls it counts.
+    denoiser.calls = base_calls
 
     def refiner_noise() -> Tensor:
         return noise().to(refiner.device)

@@ -171,6 +171,10 @@ class ImageRequest:
         elif self.match != "diffusers":
             raise ValueError("starting from an image with A1111's numerics (match a1111) is not reproduced yet: "
                              "use match diffusers")
+        else:
+            from ldmcli.samplers import first_step
+
+            first_step(self.steps, self.strength)  # a strength that runs none of the steps
 
     def _check_second_passes(self, sampler: str, max_pixels: int) -> str:
         """The hires fix and refiner fields (cheap checks: the refiner's file is found before loading, in
