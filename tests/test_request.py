@@ -66,6 +66,7 @@ def _strategy(name: str):
 requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_names()}).filter(
     lambda r: not (r.match == "a1111" and r.sampler in ("ddim", "plms")) and r.sampler != "lcm"
     and (r.init_image is not None or (r.mask is None and r.pad is None))
+    and (r.init_image is None or int(r.steps * r.strength) >= 1)  # a strength that runs a step
     # one of an init image, a hires fix, a refiner; none with A1111's numerics
     and sum((r.init_image is not None, r.hires_scale is not None, r.refiner is not None)) <= 1
     and not ((r.init_image or r.hires_scale or r.refiner) is not None and r.match == "a1111")
