@@ -248,14 +248,16 @@ def test_base_then_refiner_equals_diffusers(models, sampler, switch, negative):
 
 
 def test_infotext_fields_are_a1111s(models):
+    """The PNG's A1111 text names the refiner by A1111's short title, NAME [hash] (the name alone without a
+    hash), and writes the switch as A1111 prints a float (metadata.py writes both)."""
+    from ldmcli.metadata import _a1111_fields, _additions_a1111
+
     _, _, _, ours_refiner = models
-    ours_refiner.hash = "7440042bbd"
-    try:
-        fields = refiner.infotext_fields(ours_refiner, 0.8)
-    finally:
-        ours_refiner.hash = None
-    assert fields == {"Refiner": f"{ours_refiner.name} [7440042bbd]", "Refiner switch at": "0.8"}
-    assert refiner.infotext_fields(ours_refiner, 0.25) == {"Refiner": ours_refiner.name, "Refiner switch at": "0.25"}
+    titled = _additions_a1111({"refiner_model": {"name": ours_refiner.name, "hash": "7440042bbd"}})[0]
+    assert titled == {"Refiner": f"{ours_refiner.name} [7440042bbd]"}
+    assert _additions_a1111({"refiner_model": {"name": ours_refiner.name, "hash": None}})[0] == {"Refiner": ours_refiner.name}
+    for switch, text in ((0.8, "0.8"), (0.25, "0.25")):
+        assert _a1111_fields(ImageRequest(refiner="r", refiner_switch=switch))["Refiner switch at"] == text
 
 
 def test_split_steps_counts(models):

@@ -44,6 +44,7 @@ from ldmcli.metadata import (
     VARIATION_SEEDS,
     Note,
     a1111_rng,
+    checkpoint_name,
     a1111_schedule,
     is_off,
 )
@@ -481,7 +482,7 @@ def _second_passes(payload: Mapping[str, Any], where: str, said, notes: list[Not
             values["hires_upscaler"] = "lanczos"
     if not is_off(payload.get("refiner_checkpoint"), ("", "none")):
         # A1111 takes a checkpoint's title, "NAME [hash]", or its name: found by name, as -m finds models
-        values["refiner"] = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", _typed(payload, "refiner_checkpoint", str, where))
+        values["refiner"] = checkpoint_name(_typed(payload, "refiner_checkpoint", str, where))
         if payload.get("refiner_switch_at") is not None:
             values["refiner_switch"] = _typed(payload, "refiner_switch_at", float, where)
     for field_name in values:

@@ -404,6 +404,11 @@ def _a1111_number(params: Mapping[str, str], key: str, where: str) -> float:
     return value
 
 
+def checkpoint_name(title: str) -> str:
+    """A checkpoint's name from A1111's title of it, ``NAME [hash]`` (`CheckpointInfo.short_title`), or the name."""
+    return re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", title.strip())
+
+
 def read_name_hashes(value: str) -> dict[str, str]:
     """An A1111 "Lora hashes" or "TI hashes" value, ``name: hash, name: hash``, as {name: hash}; entries
     that are not ``name: hex digits`` are left out (their files are then found by name alone)."""
@@ -472,7 +477,7 @@ def _from_a1111_text(raw: str, where: str) -> PngParameters:
     hires = _read_hires(params, values, notes, where)
     if "Refiner" in params and params["Refiner"].strip().lower() not in ("", "none"):
         # "NAME [hash]" (A1111's short title): the refiner is found by name, as -m finds models
-        values["refiner"] = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", params["Refiner"].strip())
+        values["refiner"] = checkpoint_name(params["Refiner"])
         hires["Refiner"] = values["refiner"]
         if "Refiner switch at" in params:
             values["refiner_switch"] = hires["Refiner switch at"] = _a1111_number(params, "Refiner switch at", where)

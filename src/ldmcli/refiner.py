@@ -32,7 +32,7 @@ refiner ship the same VAE architecture and scale factor): ``pipeline.decode_late
 
 A1111 (modules/sd_samplers_common.py `apply_refiner`, modules/sd_models.py `CheckpointInfo.short_title`)
 writes ``Refiner: NAME [hash]`` (the file's stem and its short sha256 hash) and ``Refiner switch at: 0.8``
-(`infotext_fields`). Its switch is not diffusers' cutoff, and ldm follows diffusers:
+(written by `metadata.py`). Its switch is not diffusers' cutoff, and ldm follows diffusers:
 
 - A1111 (its current `apply_refiner`) switches inside its one sampling loop, at the first model call whose
   noise level's nearest training timestep t (argmin |sigmas - sigma|) has ``(999 - t) / 1000 >= switch``. For
@@ -60,15 +60,7 @@ from ldmcli.request import ImageRequest
 from ldmcli.samplers import SAMPLERS, StartLatents, check_switch, denoising_cut, resolve_sampler_name, sample
 from ldmcli.schedule import make_sigmas
 
-__all__ = ["check_switch", "infotext_fields", "sample_with_refiner", "split_steps"]
-
-
-def infotext_fields(refiner: pipeline.StableDiffusion, switch: float) -> dict[str, str]:
-    """The A1111 infotext entries of a refined image: ``Refiner`` is A1111's ``short_title``, the checkpoint's
-    name and ``[hash]`` (the short sha256, `hashing`; the name alone when the hash is unknown), and
-    ``Refiner switch at`` the switch as A1111 prints a float."""
-    name = refiner.name if refiner.hash is None else f"{refiner.name} [{refiner.hash}]"
-    return {"Refiner": name, "Refiner switch at": str(check_switch(switch))}
+__all__ = ["check_switch", "sample_with_refiner", "split_steps"]
 
 
 def split_steps(base: pipeline.StableDiffusion, refiner: pipeline.StableDiffusion, request: ImageRequest,
