@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmcli.kernels import conv2d, geglu, is_packed, linear, upsample_conv2d
+from ldmcli.kernels import attention, conv2d, geglu, is_packed, linear, upsample_conv2d
 
 __all__ = [
     "UNetConfig",
@@ -220,6 +220,8 @@ class Upsample(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head (cross-)attention via SDPA; self-attention when `context` is None."""
 
+    FUSABLE_ATTENTION = True  # `kernels.attention` may run it as one fused kernel once prepared
+
     def __init__(
         self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, upcast: bool = False
     ) -> None:
@@ -245,7 +247,7 @@ class CrossAttention(nn.Module):
         if self.upcast:
             # SDPA needs one dtype for q, k, v, so all three go to fp32 (SD2.1's attn upcast).
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+        out = attention(self, q, k, v).to(dtype)
         out = out.transpose(1, 2).reshape(b, -1, inner)
         return linear(self.to_out[0], out, residual=residual)
 

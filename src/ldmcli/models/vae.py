@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmcli.kernels import conv2d, upsample_conv2d
+from ldmcli.kernels import attention, conv2d, upsample_conv2d
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ class AttnBlock(nn.Module):
     The weights are stored as 1x1 convs ([C, C, 1, 1]) as in the LDM checkpoints.
     """
 
+    FUSABLE_ATTENTION = True  # `kernels.attention` may run it as one fused kernel once prepared
+
     def __init__(self, cfg: VAEConfig, channels: int) -> None:
         super().__init__()
         self.norm = _norm(cfg, channels)
@@ -106,7 +108,7 @@ class AttnBlock(nn.Module):
 
         # SDPA's default scale 1/sqrt(C) is exactly LDM's `c ** -0.5`.
         q, k, v = (tokens(conv2d(proj, h)) for proj in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(self, q, k, v)
         h = h.transpose(-1, -2).reshape(b, c, hh, ww)
         return conv2d(self.proj_out, h, residual=x)
 
