@@ -1,4 +1,4 @@
-"""Module structure: the networks import only the layer kernels; reading a checkpoint does not import detection."""
+"""Module structure: the networks import only the layer kernels (and the fused attention kernel those route to); reading a checkpoint does not import detection."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_import_graph() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
     loaded = json.loads(out)
     assert loaded["networks"] == [
-        "ldmcli", "ldmcli.kernels", "ldmcli.models", "ldmcli.models.clip", "ldmcli.models.unet", "ldmcli.models.vae",
+        "ldmcli", "ldmcli.fused_attention", "ldmcli.kernels", "ldmcli.models", "ldmcli.models.clip", "ldmcli.models.unet", "ldmcli.models.vae",
     ]
     # layout refuses unsupported files through `unsupported`; `detect` imports layout, never the reverse
     assert "ldmcli.detect" not in loaded["layout"]

@@ -113,9 +113,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     rows = max(1, min(tq, CHUNK_BYTES // max(1, b * h * tk * q.element_size())))
     if rows >= tq:
         return _function_for(q, k, v)(q, k, v)
-    # Output laid out as the callers flatten it ([B, T, H, d] in memory), chunks written into it.
-    out = torch.empty((b, tq, h, d), dtype=q.dtype).transpose(1, 2)
+    # Output laid out as the callers flatten it ([B, T, H, d] in memory). Each chunk is written through
+    # views in that order: copying into the [B, H, T, d] view instead ran 40x slower (7 ms a chunk).
+    out = torch.empty((b, tq, h, d), dtype=q.dtype)
     for start in range(0, tq, rows):
         part = q[:, :, start:start + rows]
-        out[:, :, start:start + rows] = _function_for(part, k, v)(part, k, v)
-    return out
+        out[:, start:start + rows] = _function_for(part, k, v)(part, k, v).transpose(1, 2)
+    return out.transpose(1, 2)
