@@ -466,6 +466,76 @@ def _resolve_model(name: str | None, quiet: bool) -> Path:
     return demo
 
 
+class Credentials(click.ParamType):
+    """--api-auth USER:PASS[,USER:PASS] (A1111's format), checked at parse time."""
+
+    name = "USER:PASS[,USER:PASS]"
+
+    def convert(self, value, param, ctx):
+        from ldmcli.server import parse_credentials
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_credentials(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@cli.command()
+@click.option("-m", "--model", envvar="LDM_MODEL",
+              help="The model to load (file, diffusers folder or name, as for generate); clients switch among the "
+                   "models `ldm models` lists. Default: the bundled demo model. [env: LDM_MODEL]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than this machine's (0.0.0.0) wants --api-auth.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=7860, show_default=True,
+              help="Port to listen on (0: a free one, said on stderr).")
+@click.option("--api-auth", type=Credentials(), help="Require HTTP basic auth with one of these users on every endpoint.")
+@click.option("--queue", "queue_size", type=click.IntRange(min=1, max=10_000), default=None,
+              help="Requests that may wait behind the one being made; more get HTTP 429 with Retry-After. [default: 16]")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save every image here (NNNNN-SEED.png), and img2img's input images under inputs/.")
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LDM_LORA_DIR",
+              help="Folder of LoRAs prompts name, looked in first; then loras/ beside the models. [env: LDM_LORA_DIR]")
+@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LDM_EMBEDDINGS_DIR",
+              help="Folder of textual-inversion embeddings; then embeddings/ beside the models. [env: LDM_EMBEDDINGS_DIR]")
+@click.option("--device", type=click.Choice(DEVICES), envvar="LDM_DEVICE", default="auto", show_default=True, help="[env: LDM_DEVICE]")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="As for generate.")
+@click.option("--threads", type=ThreadCount(), help="CPU threads, at most 4 per CPU. [default: one per core]")
+@click.option("--max-pixels", type=click.IntRange(min=64), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest width x height a request may ask for.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def serve(model, host, port, api_auth, queue_size, output_dir, lora_dir, embeddings_dir, device, dtype, threads,
+          max_pixels, debug) -> None:
+    """Serve A1111's HTTP API (/sdapi/v1/txt2img, img2img, options, progress, ...) with one model loaded.
+
+    Requests run one at a time, in the order they arrive. SIGTERM lets the current image finish, then exits 0.
+    """
+
+    def start() -> int:
+        from ldmcli.errors import LdmError
+        from ldmcli.limits import DEFAULT_SERVER_QUEUE
+
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            raise LdmError(f"ldm serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'ldmcli[serve]'") from None
+        from ldmcli.run import RunOptions, recommended_defaults
+        from ldmcli.server import ServerConfig, serve as run_server
+        from ldmcli.server_worker import ServerLog, check_output_dir
+
+        folder = check_output_dir(output_dir) if output_dir is not None else None
+        model_file = _resolve_model(model, quiet=False)
+        recommended_defaults(model_file)  # a file that is not a model: one line, exit 2, before loading
+        options = RunOptions(model=model_file, template="", device=device, dtype=dtype, threads=threads,
+                             max_pixels=max_pixels, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        return run_server(options, ServerConfig(host, port, api_auth or ()), report=ServerLog(),
+                          capacity=queue_size or DEFAULT_SERVER_QUEUE, output_dir=folder)
+
+    sys.exit(_run(start, debug))
+
+
 @cli.command()
 def samplers() -> None:
     """List samplers and schedules, with their A1111 names and diffusers equivalents."""

@@ -7,6 +7,7 @@ Also what a later run needs to know about an earlier one's files: whether a PNG 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -39,22 +40,38 @@ _PNG_HEAD = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR"  # every PNG starts with its
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # ...and ends with an empty IEND chunk (CRC included)
 
 
+def png_bytes(pixels: np.ndarray, *, text: Mapping[str, str]) -> bytes:
+    """uint8 HxWx3 `pixels` as a PNG file's bytes, with `text` as its text chunks (iTXt where not ASCII).
+
+    The one encoder of ldm's images: `save_png` writes these bytes, and the server (`server_worker`)
+    sends them, so an image is the same file whichever way it leaves."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def save_png(pixels: np.ndarray, path: Path, *, text: Mapping[str, str], overwrite: bool = False) -> None:
     """Write uint8 HxWx3 `pixels` to `path` via a temporary file and a rename: never half-written.
 
     With overwrite=False an existing file is an error (FileExistsError), checked at the rename too.
     """
+    write_png(png_bytes(pixels, text=text), path, overwrite=overwrite)
+
+
+def write_png(data: bytes, path: Path, *, overwrite: bool = False) -> None:
+    """Write a PNG's bytes (`png_bytes`) to `path` via a locked temporary file, fsync and a rename
+    (no-clobber unless `overwrite`: FileExistsError)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
     f, tmp = _locked_temp_file(path)
     try:
         with f:
             # mkstemp makes the file private (0600); an image should get what open() would give it.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            Image.fromarray(pixels, "RGB").save(f, format="PNG", pnginfo=info)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
             # Renamed while still open, so still locked: a cleaner never takes a finished temporary file.

@@ -225,8 +225,17 @@ def _json_job(line: str, template: Job, where: str, folder: str | None = None) -
         raise LdmError(f"{where}: not valid JSON ({exc.msg})") from exc
     except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
         raise LdmError(f"{where}: not usable JSON ({type(exc).__name__}: {exc})") from None
+    return object_job(obj, template, where, folder=folder)
+
+
+def object_job(obj: Any, template: Job, where: str, *, folder: str | None = None, a1111: bool = False) -> Job:
+    """The job of a JSON object: a JSONL line's (ldm's keys, or A1111's txt2img request) or, with `a1111`,
+    a request to A1111's API (`ldm serve`), read as A1111 would read it whatever keys it has (so what it
+    leaves out takes A1111's defaults). Relative image paths are relative to `folder` (else the current
+    folder). Every problem is one LdmError naming `where`."""
     if not isinstance(obj, dict):
         raise LdmError(f"{where}: expected a JSON object with a \"prompt\"")
+    obj = dict(obj)
     ours = (*field_names(), *JOB_KEYS, "lora")
     unknown = sorted(set(obj) - set(ours) - A1111_REQUEST_KEYS)
     if unknown:
@@ -250,7 +259,7 @@ def _json_job(line: str, template: Job, where: str, folder: str | None = None) -
 
         obj["prompt"] = with_lora_tags(obj["prompt"], loras)
     job = replace(template.setting(**obj), **job_values)
-    if payload:
+    if payload or a1111:
         job = _a1111_job(job, payload, where, said=obj.keys() | job_values.keys(), defaults=A1111_API_DEFAULTS)
     return job
 
@@ -324,8 +333,8 @@ A1111_REQUEST_KEYS = A1111_READ_KEYS | A1111_PARAMS.keys()
 
 # `override_settings` entries ldm knows besides the two it reads (clip skip, the noise source).
 A1111_SETTINGS: dict[str, A1111Param] = {
-    "sd_model_checkpoint": A1111Param("a run has one model, -m or the one found for --from-png: a line cannot "
-                                      "switch it"),
+    "sd_model_checkpoint": A1111Param("a run has one model, -m or the one found for --from-png, and a server the "
+                                      "one its options name (POST /sdapi/v1/options): a request cannot switch it"),
     "sd_vae": A1111Param("ldm decodes with the model's own VAE; a separate VAE file is not loaded",
                          off=("", "automatic", "none")),
     "emphasis": A1111Param("only A1111's default emphasis, Original, is implemented", off=("", "original")),

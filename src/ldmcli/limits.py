@@ -78,3 +78,17 @@ MAX_PNG_CHUNKS = 1_000_000
 
 # Largest tokenizer file read: CLIP's tokenizer.json is 3.6 MB, its vocab.json 1.6 MB.
 MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
+
+
+# --- ldm serve: what one HTTP request may ask for (the server runs one request at a time, so each bound
+# is also how long one client can hold every other one up) -----------------------------------------------
+
+# A request's body: room for a base64 init image and mask of a large photo (base64 adds a third).
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+# Images one request makes (A1111's n_iter x batch_size): a client wanting more sends more requests,
+# which queue behind the others' instead of holding the server for hundreds of images.
+MAX_IMAGES_PER_REQUEST = 64
+
+# Requests waiting behind the one being made (`ldm serve --queue`); beyond it: HTTP 429.
+DEFAULT_SERVER_QUEUE = 16

@@ -805,6 +805,13 @@ def read_png_text(path: Path) -> dict[str, str]:
         raise ImageMetadataError(f"{path}: not a readable PNG ({exc.strerror or exc})") from exc
 
 
+def png_text_of(data: bytes, name: str = "the image") -> dict[str, str]:
+    """`read_png_text` of a PNG's bytes (an image a client sent the server); `name` for messages."""
+    import io
+
+    return _metadata_chunks(io.BytesIO(data), Path(name))
+
+
 def _metadata_chunks(stream: BinaryIO, path: Path) -> dict[str, str]:
     if stream.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
         raise ImageMetadataError(f"{path}: not a PNG file (no PNG signature)")

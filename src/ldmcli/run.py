@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +192,19 @@ def prepare(
     checked: other processes of a shared run may already be writing theirs.
     """
     share = share or ProcessShare()
+    checked = check_jobs(jobs, options, defaults)
+    tasks = plan_images(checked, options.template)
+    mine = [t for t in tasks if share.owns(t)]
+    todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
+    if options.grid:
+        _check_grid_path(tasks, overwrite=options.overwrite or options.skip_existing)
+    return tasks, todo
+
+
+def check_jobs(jobs: list[Job], options: RunOptions, defaults: dict | None = None) -> list[Job]:
+    """The jobs with the fields nobody set filled with the model's `defaults` and everything about them
+    that can be checked without the model checked: values (`check_job`), clip skip against the model,
+    LoRA files, init images and masks, the refiner. LdmError (exit 2 for the CLI, 422 for the server)."""
     checked = [check_job(_sized_to_image(job), defaults, max_pixels=options.max_pixels) for job in jobs]
     _check_clip_skip(checked, options, defaults)
     for job in checked:
@@ -203,12 +216,7 @@ def prepare(
                 check_refiner(options.model, job.request.refiner, options.prediction)
         except LdmError as exc:
             raise LdmError(f"{job.source}: {exc}") from None
-    tasks = plan_images(checked, options.template)
-    mine = [t for t in tasks if share.owns(t)]
-    todo = check_outputs(mine, overwrite=options.overwrite, skip_existing=options.skip_existing)
-    if options.grid:
-        _check_grid_path(tasks, overwrite=options.overwrite or options.skip_existing)
-    return tasks, todo
+    return checked
 
 
 def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = None,
@@ -241,9 +249,9 @@ def run_generate(jobs: list[Job], options: RunOptions, defaults: dict | None = N
         for loras, group in _by_lora_set(todo, options):
             # Each set of LoRAs is merged into freshly read weights, never subtracted from merged ones:
             # exact, and the jobs of one set run together so that each set is merged once.
-            model = _load(options, report, device, loras, encoder=any(encodes(t.job.request) for t in group))
+            model = load_model(options, report, device, loras, encoder=any(encodes(t.job.request) for t in group))
             for name in dict.fromkeys(t.job.request.refiner for t in group if t.job.request.refiner is not None):
-                model.refiners[name] = _load_refiner(options, report, device, name)
+                model.refiners[name] = load_refiner(options, report, device, name)
             _encode_up_front(model, group)
             stop = _make_all(model, group, options, report)
             del model
@@ -384,7 +392,7 @@ def _by_lora_set(todo: list[ImageTask], options: RunOptions):
     return groups.items()
 
 
-def _load_refiner(options: RunOptions, report: Report, device: str, name: str):
+def load_refiner(options: RunOptions, report: Report, device: str, name: str):
     """An SDXL refiner for this run's requests, loaded and optimized as the base is (no LoRAs)."""
     from ldmcli import pipeline
     from ldmcli.device import choose_dtype
@@ -400,8 +408,10 @@ def _load_refiner(options: RunOptions, report: Report, device: str, name: str):
     return refiner
 
 
-def _load(options: RunOptions, report: Report, device: str, loras=(), encoder: bool = False):
-    """The model, LoRAs merged, optimized; the VAE's encoder kept only if some image starts from one."""
+def load_model(options: RunOptions, report: Report, device: str, loras=(), encoder: bool = False):
+    """The model of `options`, LoRAs merged, optimized, said on `report`; the VAE's encoder kept only if
+    some image starts from one (`encoder`). The first of a run's two steps (then `make_images` per
+    batch): `ldm generate` loads once per set of LoRAs, `ldm serve` keeps one resident."""
     from ldmcli import pipeline
     from ldmcli.hashing import model_hash
     from ldmcli.models_dir import extra_dirs
@@ -494,9 +504,33 @@ def _report_failed(tasks: list[ImageTask], exc: Exception, report: Report) -> No
 
 def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Report, *, last: bool = False) -> bool:
     """Make and save one batch; `last`: the run's final batch, whose decode runs without the U-Net.
+    Returns whether any image failed."""
+    made = make_images(model, batch, options, report, last=last)
+    for image in made:
+        _save(image, options, report)
+    return len(made) < len(batch)
 
-    An image whose latents or pixels come out NaN/Inf fails alone: the batch's other images are saved.
-    Returns whether any image failed.
+
+@dataclass(frozen=True)
+class MadeImage:
+    """One image made: its task, its record (`metadata.image_record`), its PNG file's bytes (pixels and
+    text chunks) and its share of the batch's seconds."""
+
+    task: ImageTask
+    record: dict
+    png: bytes
+    seconds: float
+
+
+def make_images(model, batch: list[ImageTask], options: RunOptions, report: Report, *, last: bool = False,
+                on_step: Callable[[int], None] | None = None) -> list[MadeImage]:
+    """One batch of one job's images, as PNG bytes; nothing is written. The second of a run's two steps
+    (after `load_model`), for `ldm generate` (which saves them) and `ldm serve` (which sends them).
+
+    `last`: the run's final batch, whose decode runs without the U-Net (`pipeline.release_unet`).
+    `on_step(i)`: called after each denoising step (progress; it may raise to stop the batch).
+    An image whose latents or pixels come out NaN/Inf fails alone (reported on `report`, left out of the
+    result): the batch's other images are made.
     """
     from tqdm import tqdm
 
@@ -506,11 +540,17 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     request = batch[0].job.request
     started = time.perf_counter()
     width, height = output_size(request)
+
     with tqdm(total=total_steps(model, request), desc="steps", leave=False, disable=not report.progress,
               position=1) as steps:
+        def step(i, _x):
+            steps.update(1)
+            if on_step is not None:
+                on_step(i)
+
         tile = vae_tile(options.tile_vae, width, height, model.spec.vae.downsample_factor)
-        latents = latents_for(model, request, [t.seed for t in batch], callback=lambda i, _x: steps.update(1),
-                              tile=tile, max_pixels=options.max_pixels)
+        latents = latents_for(model, request, [t.seed for t in batch], callback=step, tile=tile,
+                              max_pixels=options.max_pixels)
     if last:
         pipeline.release_unet(model)
     finite = pipeline.finite_rows(latents)
@@ -523,7 +563,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
     decoder = decoder_for(model, request)
     kept = [task for task, ok in zip(batch, finite) if ok]
     if not kept:
-        return True
+        return []
     latents = latents[[i for i, ok in enumerate(finite) if ok]]
     try:
         parts = [(kept, _decode(decoder, latents, tile, request.match, report))]
@@ -538,10 +578,7 @@ def _make_batch(model, batch: list[ImageTask], options: RunOptions, report: Repo
             except NonFiniteError as exc:
                 _report_failed([task], exc, report)
     seconds = (time.perf_counter() - started) / len(batch)
-    for tasks, pixels in parts:
-        for task, image in zip(tasks, pixels.numpy()):
-            _save(model, task, image, seconds, options, report)
-    return sum(len(tasks) for tasks, _ in parts) < len(batch)
+    return [_encoded(model, task, image, seconds) for tasks, pixels in parts for task, image in zip(tasks, pixels.numpy())]
 
 
 def _decode(model, latents, tile, match: str, report: Report):
@@ -555,16 +592,24 @@ def _decode(model, latents, tile, match: str, report: Report):
         model.warnings.clear()
 
 
-def _save(model, task: ImageTask, image, seconds: float, options: RunOptions, report: Report) -> None:
-    from ldmcli.image import save_png
+def _encoded(model, task: ImageTask, image, seconds: float) -> MadeImage:
+    """The image's record and PNG bytes: its pixels with A1111's `parameters` text and ldm's record."""
+    from ldmcli.image import png_bytes
     from ldmcli.metadata import image_record, png_text
 
     record = image_record(model, task)
-    save_png(image, task.path, overwrite=options.overwrite or options.skip_existing, text=png_text(model, record))
+    return MadeImage(task, record, png_bytes(image, text=png_text(model, record)), seconds)
+
+
+def _save(image: MadeImage, options: RunOptions, report: Report) -> None:
+    from ldmcli.image import write_png
+
+    task, record = image.task, image.record
+    write_png(image.png, task.path, overwrite=options.overwrite or options.skip_existing)
     report.counts["made"] += 1
-    report.say(f"wrote {task.path} (seed {task.seed}, {seconds:.1f} s)")
+    report.say(f"wrote {task.path} (seed {task.seed}, {image.seconds:.1f} s)")
     report.emit({"path": str(task.path), **{k: v for k, v in record.items() if k != "version"},
-                 "index": task.index, "seconds": round(seconds, 3),
+                 "index": task.index, "seconds": round(image.seconds, 3),
                  "not_honoured": task.job.not_honoured, "notes": task.job.remarks})
 
 
