@@ -30,6 +30,11 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          LCM-LoRA-shaped LoRA (rank 64 on every linear and convolution of the U-Net, kohya layout, as
          latent-consistency/lcm-lora-sdv1-5 has them; random weights, so only the time means anything)
          against 20 DPM++ 2M steps at CFG 7.5 without it
+  peers  the CPU engines a user picks instead, each with its own defaults, fresh processes, interleaved round
+         by round: `ldm generate` from the 2.1 GB fp16 file, diffusers' default StableDiffusionPipeline (fp32)
+         from its folder, OpenVINO (optimum-intel, exported IR) and stable-diffusion.cpp (the fp16 file), the
+         last two from their own venv (benchmarks/contenders.md); one 512² image, 20 steps, CFG 7.5: start to
+         first step, U-Net step at batch 2, whole image, peak RSS, and per-round ratios against ldm
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
   profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
          (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
@@ -577,6 +582,119 @@ def piece_lcm(results: Results, workdir: Path, runs: int) -> None:
                  f"({slow / fast:.1f}x faster)")
 
 
+# `ldm generate` as a user runs it, with each U-Net call timed (one call = one step at batch 2 under CFG).
+CHILD_LDM_STEPS = r"""
+import os, sys, time, json, atexit, statistics
+t0 = float(os.environ["BENCH_T0"])
+import ldmcli.models.unet as unet
+forward, calls = unet.UNetModel.forward, []
+def timed(self, *a, **k):
+    start = time.time()
+    out = forward(self, *a, **k)
+    calls.append((start, time.time() - start))
+    return out
+unet.UNetModel.forward = timed
+@atexit.register
+def _report():
+    print(json.dumps({"start_to_first_step_s": calls[0][0] - t0, "per_step_s": statistics.median(d for _, d in calls),
+                      "steps": len(calls)}), file=sys.stderr, flush=True)
+from ldmcli.cli import cli
+sys.argv = ["ldm", *sys.argv[1:]]
+try:
+    cli()
+except SystemExit as e:
+    if e.code: raise
+"""
+
+# diffusers' default pipeline (fp32 on a CPU, its own scheduler swapped for DPM++ 2M), U-Net calls timed.
+CHILD_DIFFUSERS_STEPS = r"""
+import os, sys, time, json, statistics
+t0 = float(os.environ["BENCH_T0"])
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False,
+                                               local_files_only=True)
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+forward, calls = pipe.unet.forward, []
+def timed(*a, **k):
+    start = time.time()
+    out = forward(*a, **k)
+    calls.append((start, time.time() - start))
+    return out
+pipe.unet.forward = timed
+image = pipe(sys.argv[2], negative_prompt="blurry", num_inference_steps=20, guidance_scale=7.5,
+             generator=torch.Generator().manual_seed(0)).images[0]
+image.save(sys.argv[3])
+print(json.dumps({"start_to_first_step_s": calls[0][0] - t0, "per_step_s": statistics.median(d for _, d in calls),
+                  "steps": len(calls), "whole_image_s": time.time() - t0}), file=sys.stderr, flush=True)
+"""
+
+PEER_PROMPT = "a photograph of an astronaut riding a horse"  # contenders.py's too
+
+
+def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: set[str], extra_ldm: list[str]) -> None:
+    """One 512² image with each engine's defaults, fresh processes, interleaved; ratios per round against ldm."""
+    import contenders
+    from sd15_file import write_sd15_file
+
+    model = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    out = workdir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    ldm_args = ["generate", PEER_PROMPT, "-n", "blurry", "-m", str(model), "--steps", "20", "--cfg-scale", "7.5",
+                "-W", "512", "-H", "512", "--sampler", "dpmpp_2m", "-s", "0", "-o", str(out / "peer-ldm.png"),
+                "--overwrite", "-q", *extra_ldm]
+
+    def ldm() -> dict:
+        wall, rss, err = run_child(CHILD_LDM_STEPS, ldm_args)
+        record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
+        return {**record, "whole_image_s": wall, "peak_rss_gib": rss, "precision": "bf16 (auto)"}
+
+    def diffusers() -> dict:
+        wall, rss, err = run_child(CHILD_DIFFUSERS_STEPS, [str(folder), PEER_PROMPT, str(out / "peer-diffusers.png")])
+        record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
+        return {**record, "peak_rss_gib": rss, "precision": "fp32 (default)"}
+
+    engines = {"ldm": ldm, "diffusers (default)": diffusers}
+    missing = contenders.contenders_available()
+    for name, argv in contenders.contender_commands(workdir).items():
+        if name in skip:
+            continue
+        if missing.get(name):
+            results.note(f"{name} not run: {missing[name]}")
+            continue
+        if name == "openvino":
+            contenders.prepare_contenders(workdir)
+        engines[name] = (lambda argv=argv: contenders.run_contender(argv))
+    engines = {k: v for k, v in engines.items() if k not in skip}
+    runs_by: dict[str, list[dict]] = {name: [] for name in engines}
+    for round_ in range(runs + 1):  # round 0 warms the page cache and is not counted
+        for name, run in engines.items():
+            load = Path("/proc/loadavg").read_text().split()[0]
+            record = run()
+            record["loadavg"] = load
+            print(f"round {round_} {name}: {json.dumps({k: v for k, v in record.items() if k != 'argv'})}", flush=True)
+            if round_:
+                runs_by[name].append(record)
+    columns = (("start_to_first_step_s", "start to first step s"), ("per_step_s", "U-Net step s (batch 2)"),
+               ("whole_image_s", "whole image s"), ("peak_rss_gib", "peak RSS GiB"))
+    for name, records in runs_by.items():
+        cells = []
+        for key, label in columns:
+            values = [r[key] for r in records]
+            cells.append(f"{label} {statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})")
+        results.add("peers: one 512² image, 20 steps, CFG 7.5, each engine's defaults",
+                    f"{name}, {records[0].get('precision', '')}, {records[0].get('sampler', 'DPM++ 2M')}",
+                    "; ".join(cells), "", "")
+    for name in runs_by:
+        if name == "ldm":
+            continue
+        for key, label in columns:
+            ratios = [a[key] / b[key] for a, b in zip(runs_by["ldm"], runs_by[name])]
+            results.note(f"ldm / {name}, {label}: median per-round ratio {statistics.median(ratios):.2f}x "
+                         f"({', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 CHILD_DECODE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[4])
@@ -686,6 +804,8 @@ def main() -> None:
     parser.add_argument("--src", help="run the load piece's ldm from this source tree (its src/ dir)")
     parser.add_argument("--load-steps", type=int, default=20)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--skip-peers", default="", help="peers piece: engines to leave out (e.g. sdcpp)")
+    parser.add_argument("--ldm-args", default="", help="peers piece: extra `ldm generate` arguments")
     parser.add_argument("--demo-seeds", type=int, default=4, help="seeds per adherence case (demo piece)")
     parser.add_argument("--demo-model", type=Path, help="demo model file [default: weights/ldm-demo.safetensors]")
     parser.add_argument("--with-ldm-fp32", action="store_true", help="also time ldm in fp32 (4 GB more memory)")
@@ -697,7 +817,7 @@ def main() -> None:
     pieces = set(args.pieces.split(","))
     results = Results()
     results.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_load()} at start")
-    folder = diffusers_folder(args.workdir) if pieces & {"text", "prompt", "unet", "vae", "encode", "image", "load",
+    folder = diffusers_folder(args.workdir) if pieces & {"text", "prompt", "unet", "vae", "encode", "image", "load", "peers",
                                                          "hires"} else None
     if pieces & {"text", "unet", "vae", "encode"}:
         piece_components(results, folder, args.runs, pieces, args.with_ldm_fp32)
@@ -715,6 +835,9 @@ def main() -> None:
         piece_hires(results, args.workdir, folder)
     if "lcm" in pieces:
         piece_lcm(results, args.workdir, args.image_runs)
+    if "peers" in pieces:
+        piece_peers(results, args.workdir, folder, args.image_runs, set(filter(None, args.skip_peers.split(","))),
+                    args.ldm_args.split())
     if "compile" in pieces:
         piece_compile(results, args.workdir)
     if "profile" in pieces:
