@@ -35,6 +35,8 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          from its folder, OpenVINO (optimum-intel, exported IR) and stable-diffusion.cpp (the fp16 file), the
          last two from their own venv (benchmarks/contenders.md); one 512² image, 20 steps, CFG 7.5: start to
          first step, U-Net step at batch 2, whole image, peak RSS, and per-round ratios against ldm
+  deepcache  --deep-cache 0/2/3/5: one 512² SD1.5-shaped image each (fresh processes, interleaved), and the
+         demo model's prompt adherence and PSNR against the exact images at each interval
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
   profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
          (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import os
 import statistics
@@ -597,7 +600,7 @@ unet.UNetModel.forward = timed
 @atexit.register
 def _report():
     print(json.dumps({"start_to_first_step_s": calls[0][0] - t0, "per_step_s": statistics.median(d for _, d in calls),
-                      "steps": len(calls)}), file=sys.stderr, flush=True)
+                      "unet_total_s": sum(d for _, d in calls), "steps": len(calls)}), file=sys.stderr, flush=True)
 from ldmcli.cli import cli
 sys.argv = ["ldm", *sys.argv[1:]]
 try:
@@ -631,10 +634,31 @@ print(json.dumps({"start_to_first_step_s": calls[0][0] - t0, "per_step_s": stati
 """
 
 PEER_PROMPT = "a photograph of an astronaut riding a horse"  # contenders.py's too
+# One SD1.5 U-Net forward at batch 2, 64x64 latents, 77 tokens: convolutions 0.888, linear layers 0.467,
+# attention's two matmuls 0.252 TFLOP (torch.utils.flop_counter.FlopCounterMode over UNetModel on the meta device).
+UNET_STEP_TFLOP = 1.6065
 
 
-def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: set[str], extra_ldm: list[str]) -> None:
-    """One 512² image with each engine's defaults, fresh processes, interleaved; ratios per round against ldm."""
+def bf16_matmul_tflops(size: int = 4096, runs: int = 5) -> float:
+    """The bf16 peak this CPU reaches in practice: the best of `runs` square bf16 matmuls (oneDNN), TFLOP/s."""
+    import torch
+
+    a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: set[str], extra_ldm: list[str],
+                sdcpp_steps: int | None = None) -> None:
+    """One 512² image with each engine's defaults, fresh processes, interleaved; ratios per round against ldm.
+
+    sdcpp_steps shortens stable-diffusion.cpp's runs (~45 s a step here); its whole-image column is then
+    contenders.py's estimate of the 20-step image from the measured parts (start, step interval, decode)."""
     import contenders
     from sd15_file import write_sd15_file
 
@@ -665,14 +689,23 @@ def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: 
             continue
         if name == "openvino":
             contenders.prepare_contenders(workdir)
+        if name == "sdcpp" and sdcpp_steps:
+            argv = [*argv, "--steps", str(sdcpp_steps)]
         engines[name] = (lambda argv=argv: contenders.run_contender(argv))
     engines = {k: v for k, v in engines.items() if k not in skip}
+    import torch
+
+    peak = bf16_matmul_tflops()
+    results.note(f"bf16 peak in practice (best 4096² bf16 matmul, {torch.get_num_threads()} threads): {peak:.3f} TFLOP/s; "
+                 f"a U-Net step is {UNET_STEP_TFLOP} TFLOP")
     runs_by: dict[str, list[dict]] = {name: [] for name in engines}
     for round_ in range(runs + 1):  # round 0 warms the page cache and is not counted
         for name, run in engines.items():
             load = Path("/proc/loadavg").read_text().split()[0]
             record = run()
             record["loadavg"] = load
+            if "whole_image_est_s" in record:  # a shortened run: the 20-step image estimated
+                record["whole_image_s"] = record["whole_image_est_s"]
             print(f"round {round_} {name}: {json.dumps({k: v for k, v in record.items() if k != 'argv'})}", flush=True)
             if round_:
                 runs_by[name].append(record)
@@ -683,6 +716,8 @@ def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: 
         for key, label in columns:
             values = [r[key] for r in records]
             cells.append(f"{label} {statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})")
+        step = statistics.median(r["per_step_s"] for r in records)
+        cells.append(f"U-Net step at {UNET_STEP_TFLOP / step / peak:.0%} of the bf16 matmul peak")
         results.add("peers: one 512² image, 20 steps, CFG 7.5, each engine's defaults",
                     f"{name}, {records[0].get('precision', '')}, {records[0].get('sampler', 'DPM++ 2M')}",
                     "; ".join(cells), "", "")
@@ -791,6 +826,61 @@ def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
                     f" ({len(details)} images)", "", "")
 
 
+DEEP_CACHE_INTERVALS = (0, 2, 3, 5)
+
+
+def piece_deepcache(results: Results, workdir: Path, runs: int, seeds: int) -> None:
+    """--deep-cache N: what it buys (one 512² SD1.5-shaped image, 20 steps DPM++ 2M, CFG 7.5, fresh `ldm
+    generate` processes, interleaved) and what it costs (the demo model's prompt adherence over its cases,
+    and how far its images are from the exact ones: PSNR against --deep-cache 0, same seeds)."""
+    import numpy as np
+    import torch
+
+    from ldmcli import pipeline
+    from ldmcli.demo import DEMO_MODEL
+    from ldmcli.demo.analysis import adherence, adherence_cases
+    from sd15_file import write_sd15_file
+
+    model_file = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    out = workdir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
+    calls: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
+    for round_ in range(runs + 1):  # round 0 warms the page cache and is not counted
+        for n in DEEP_CACHE_INTERVALS:
+            wall, _, err = run_child(CHILD_LDM_STEPS, [
+                "generate", PEER_PROMPT, "-n", "blurry", "-m", str(model_file), "--steps", "20", "--cfg-scale", "7.5",
+                "-W", "512", "-H", "512", "--sampler", "dpmpp_2m", "-s", "0", "-o", str(out / f"deepcache-{n}.png"),
+                "--overwrite", "-q", "--deep-cache", str(n)])
+            record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
+            print(f"round {round_} deep-cache {n}: {wall:.1f} s, {record}", flush=True)
+            if round_:
+                times[n].append(wall)
+                calls[n].append(record["unet_total_s"])
+    for n in DEEP_CACHE_INTERVALS:
+        ratios = [a / b for a, b in zip(times[n], times[0])]
+        results.add("--deep-cache N: one 512² SD1.5-shaped image, 20 steps, fresh processes", f"N = {n}",
+                    f"whole image {statistics.median(times[n]):.1f} s ({', '.join(f'{t:.1f}' for t in times[n])}); "
+                    f"U-Net total {statistics.median(calls[n]):.1f} s",
+                    f"{statistics.median(ratios):.2f}x of N = 0", "")
+    model = pipeline.load(DEMO_MODEL, dtype=torch.bfloat16)
+    pipeline.optimize(model)
+    cases = adherence_cases()
+    exact = None
+    for n in DEEP_CACHE_INTERVALS:
+        with torch.inference_mode():
+            rates, details = adherence(model, cases, list(range(seeds)), deep_cache=n)
+        images = np.stack([d[3] for d in details]).astype(np.float64)
+        if exact is None:
+            exact = images
+        mse = float(np.mean((images - exact) ** 2))
+        psnr = "exact" if mse == 0 else f"{10 * math.log10(255.0 ** 2 / mse):.1f} dB"
+        results.add("--deep-cache N on the demo model (bf16, its 20 steps DPM++ 2M)", f"N = {n}",
+                    "adherence colour / position / shape / all " +
+                    " / ".join(f"{rates[k]:.3f}" for k in ("colour", "position", "shape", "all")) +
+                    f" ({len(details)} images); PSNR against N = 0: {psnr}", "", "")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -805,6 +895,8 @@ def main() -> None:
     parser.add_argument("--load-steps", type=int, default=20)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--skip-peers", default="", help="peers piece: engines to leave out (e.g. sdcpp)")
+    parser.add_argument("--sdcpp-steps", type=int, help="peers piece: shorter stable-diffusion.cpp runs, "
+                        "the 20-step image estimated from their parts")
     parser.add_argument("--ldm-args", default="", help="peers piece: extra `ldm generate` arguments")
     parser.add_argument("--demo-seeds", type=int, default=4, help="seeds per adherence case (demo piece)")
     parser.add_argument("--demo-model", type=Path, help="demo model file [default: weights/ldm-demo.safetensors]")
@@ -835,9 +927,11 @@ def main() -> None:
         piece_hires(results, args.workdir, folder)
     if "lcm" in pieces:
         piece_lcm(results, args.workdir, args.image_runs)
+    if "deepcache" in pieces:
+        piece_deepcache(results, args.workdir, args.image_runs, args.demo_seeds)
     if "peers" in pieces:
         piece_peers(results, args.workdir, folder, args.image_runs, set(filter(None, args.skip_peers.split(","))),
-                    args.ldm_args.split())
+                    args.ldm_args.split(), args.sdcpp_steps)
     if "compile" in pieces:
         piece_compile(results, args.workdir)
     if "profile" in pieces:

@@ -58,6 +58,7 @@ def _strategy(name: str):
         "hires_upscaler": st.sampled_from(["latent", "lanczos", "latent-nearest", "latent-bicubic"]),
         "refiner": st.none() | st.sampled_from(["sd_xl_refiner_1.0", "/models/refiner.safetensors"]),
         "refiner_switch": st.floats(0.05, 0.95).map(lambda x: round(x, 3)),
+        "deep_cache": st.sampled_from([0, 2, 3]) | st.integers(0, 100),
     }[name]
 
 
@@ -70,7 +71,8 @@ requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_na
     # one of an init image, a hires fix, a refiner; none with A1111's numerics
     and sum((r.init_image is not None, r.hires_scale is not None, r.refiner is not None)) <= 1
     and not ((r.init_image or r.hires_scale or r.refiner) is not None and r.match == "a1111")
-    and (r.hires_scale is None or r.width * r.height * r.hires_scale ** 2 <= 1024 * 1024))
+    and (r.hires_scale is None or r.width * r.height * r.hires_scale ** 2 <= 1024 * 1024)
+    and (r.hires_scale is None or int((r.hires_steps or r.steps) * r.hires_strength) >= 1))  # a second pass that runs a step
 
 # A loaded model as the record writer sees it.
 MODEL = SimpleNamespace(
@@ -181,6 +183,8 @@ def test_model_recommendations_fill_only_what_nobody_set() -> None:
     ({"negative_prompt": "a\0b"}, "negative_prompt contains a NUL character"),
     ({"prompt": "x" * 65537}, "prompt has 65,537 characters, more than the limit of 65,536"),
     ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
+    ({"cfg_scale": 1e308}, "cfg_scale must be between -100 and 100, got 1e+308"),
+    ({"cfg_scale": -100.5}, "cfg_scale must be between -100 and 100, got -100.5"),
     ({"sampler": "nope"}, "nope"),
     ({"schedule": "nope"}, "unknown schedule 'nope'"),
 ])

@@ -403,6 +403,12 @@ def test_hostile_requests_get_a_4xx_with_a_message(http, path, body, status, mes
     (b"\xff\xfe", "JSON"),
     (b"\x80 not UTF-8", "JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "not usable JSON"),
+    # Python's reader takes these; no answer could carry them back in `parameters`
+    (b'{"prompt": "a", "eta": NaN}', "NaN is not a number JSON allows"),
+    (b'{"prompt": "a", "comments": {"a": [-Infinity]}}', "-Infinity is not a number JSON allows"),
+    (b'{"prompt": "a", "s_noise": 1e400}', "1e400 is beyond the range of a number"),
+    (b'{"prompt": "a", "steps": "x\\ud800"}', "not Unicode text"),
+    (b'{"prompt": "a", "\\udc80": 1}', "not Unicode text"),
 ])
 def test_malformed_bodies_get_422(http, raw, message):
     response = http.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
@@ -453,9 +459,11 @@ def test_api_auth_guards_every_endpoint(models_dir, env, server, http):
     (["--queue", "0"], "0 is not in the range"),
     (["-m", "no-such-model"], "model 'no-such-model' not found"),
     (["-m", "README.md"], "README.md"),
+    (["--api-auth", b"al\xffice:pw"], "must be UTF-8"),  # bytes of another encoding
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_loading(args, message):
-    result = subprocess.run([*LDM, "serve", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run([*LDM, "serve", *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            errors="replace")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "loaded" not in result.stderr
 

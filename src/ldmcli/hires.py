@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldmcli.deep_cache import with_deep_cache
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_STEPS
 from ldmcli.request import LCM_MAX_STEPS, ImageRequest
 
@@ -366,7 +367,7 @@ def _second_pass(model, request: ImageRequest, seeds: Sequence[int], strength: f
 
     cond, uncond = pipeline.guidance_conditioning(model, request, n)
     network = pipeline.text_to_image_network(model, n, request)
-    denoiser = CFGDenoiser(Denoiser(network, model.spec.schedule), cond, uncond, request.cfg_scale)
+    denoiser = CFGDenoiser(Denoiser(with_deep_cache(network, request.deep_cache), model.spec.schedule), cond, uncond, request.cfg_scale)
     out = sample(request.sampler, model.spec.schedule, request.steps, denoiser, noise, spacing=request.schedule,
                  match=request.match, callback=callback, start=start)
     if check_finite:

@@ -365,6 +365,7 @@ A1111_API_DEFAULTS: dict[str, Any] = {
     # without enable_hr / refiner_checkpoint: no second pass (A1111_HIRES_DEFAULTS apply with enable_hr)
     "hires_scale": None, "hires_steps": 0, "hires_strength": 0.7, "hires_upscaler": "latent", "refiner": None,
     "refiner_switch": 0.8,
+    "deep_cache": 0,  # ldm's own (A1111 has no DeepCache): off, the exact computation
 }
 
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.

@@ -12,6 +12,14 @@ MAX_STEPS = 1000
 # torch.Generator.manual_seed takes any unsigned 64-bit seed; image i of a job uses seed + i.
 MAX_SEED = 2**64 - 1
 
+# Largest |cfg_scale| (ComfyUI's bound; A1111's slider stops at 30). Beyond it, guidance only scales the
+# prediction's difference into bf16/fp16 overflow: the image comes out NaN after all its steps.
+MAX_CFG_SCALE = 100
+
+# Largest DeepCache interval (full U-Net evaluations every N): beyond ~10 the kept features are of another
+# noise level altogether; the bound only keeps the value meaningful.
+MAX_DEEP_CACHE = 100
+
 # Default largest image, width x height in pixels: 2048 x 2048 (4 MP), SDXL's native size four times
 # over. Larger images are refused unless --max-pixels raises the bound: the U-Net's activations grow
 # with the area (attention with its square at the highest levels), and a typo like -W 51200 should be

@@ -264,6 +264,8 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Match"] = None if value == "diffusers" else value
         elif f.name == "clip_skip":
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
+        elif f.name == "deep_cache":
+            pairs["DeepCache"] = value if value > 1 else None  # ldm's own key, written when on
         elif f.name == "strength":  # A1111's img2img keys; the image itself is in the `ldm` record only
             pairs["Denoising strength"] = _number(value) if request.from_image else None
         elif f.name == "mask_blur":
@@ -592,6 +594,8 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "Model": A1111Key("the model's name: see Model hash", honoured=True),
     "Version": A1111Key(_INFO, honoured=True),
     "User": A1111Key(_INFO, honoured=True),
+    "DeepCache": A1111Key("--deep-cache, ldm's own key (A1111 does not write it): the U-Net's deep features "
+                          "recomputed every N evaluations", honoured=True),
     "Match": A1111Key("--match, ldm's own key (A1111 does not write it); absent: a1111 in A1111's texts, "
                       "diffusers in ldm's", honoured=True),
     "Pad conds": A1111Key("--pad-conds; absent: --no-pad-conds, A1111's default (a prompt and negative prompt of "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ldmcli.deep_cache import with_deep_cache
 from ldmcli.detect import ModelSpec, detect_spec
 from ldmcli.device import dtype_name, return_freed_memory
 from ldmcli.errors import CheckpointError, NonFiniteError, name_keys
@@ -360,7 +361,7 @@ def sample_latents(
     cond, uncond = guidance_conditioning(model, request, n)
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
-    denoiser = CFGDenoiser(Denoiser(text_to_image_network(model, n, request), model.spec.schedule), cond, uncond,
+    denoiser = CFGDenoiser(Denoiser(with_deep_cache(text_to_image_network(model, n, request), request.deep_cache), model.spec.schedule), cond, uncond,
                            request.cfg_scale)
     latents = sample(
         request.sampler,

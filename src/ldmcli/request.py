@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
+from ldmcli.limits import (DEFAULT_MAX_PIXELS, MAX_CFG_SCALE, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_PROMPT_CHARS, MAX_SEED,
+                           MAX_STEPS)
 
 
 def _param(default: Any, *, a1111: str | None = None, template: bool = False) -> Any:
@@ -90,6 +91,10 @@ class ImageRequest:
     # "Refiner", "Refiner switch at") ---
     refiner: str | None = _param(None)
     refiner_switch: float = _param(0.8)
+    # --- speed for fidelity: DeepCache (`deep_cache.py`): the U-Net's deep features recomputed on every N-th
+    # evaluation only, the others run its outermost blocks on them. 0 (or 1): off, the exact computation.
+    # ldm's own key in the A1111 text ("DeepCache"), written when on ---
+    deep_cache: int = _param(0, a1111="DeepCache")
 
     @property
     def guided(self) -> bool:
@@ -127,8 +132,12 @@ class ImageRequest:
             raise ValueError(f"ensd must be between 0 and 2^64 - 1, got {self.ensd}")
         if self.rng not in RNGS:
             raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
+        if not 0 <= self.deep_cache <= MAX_DEEP_CACHE:
+            raise ValueError(f"deep_cache must be between 0 (off) and {MAX_DEEP_CACHE}, got {self.deep_cache}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if abs(self.cfg_scale) > MAX_CFG_SCALE:
+            raise ValueError(f"cfg_scale must be between -{MAX_CFG_SCALE} and {MAX_CFG_SCALE}, got {self.cfg_scale:g}")
         if self.match not in MATCHES:
             raise ValueError(f"match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         sampler, name_schedule = resolve_sampler_name(self.sampler)
@@ -143,7 +152,9 @@ class ImageRequest:
         if schedule is not None and self.match == "a1111" and SAMPLERS[sampler].a1111_timestep_sampler:
             raise ValueError(f"{SAMPLERS[sampler].display_name} matching A1111 walks A1111's own timestep grid: it "
                              f"takes no schedule (got {schedule!r})")
-        return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale), hires_upscaler=upscaler)
+        # DeepCache at an interval of 1 recomputes everything: it is off, and written as off
+        return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale), hires_upscaler=upscaler,
+                       deep_cache=0 if self.deep_cache == 1 else self.deep_cache)
 
     @property
     def from_image(self) -> bool:

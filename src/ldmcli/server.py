@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import secrets
 import signal
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class ServerConfig:
     port: int = 7860
     credentials: tuple[tuple[str, str], ...] = ()  # --api-auth USER:PASS pairs; empty: no authentication
     input_dir: Path | None = None  # where img2img's base64 images become files
+    keep_inputs: bool = False  # kept there (--output-dir: the images' records name them), else deleted once answered
 
 
 class ApiError(Exception):
@@ -66,6 +68,10 @@ def parse_credentials(text: str) -> tuple[tuple[str, str], ...]:
         user, colon, password = entry.strip().partition(":")
         if not colon or not user or not password:
             raise ValueError("expected USER:PASS, or several separated by commas (a user and a password in each)")
+        try:
+            entry.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding on the command line: no client could send them
+            raise ValueError("users and passwords must be UTF-8 text") from None
         pairs.append((user, password))
     return tuple(pairs)
 
@@ -104,7 +110,10 @@ class BasicAuth:
 
 async def read_json(request) -> Any:
     """The request's JSON body, at most MAX_REQUEST_BYTES (413 beyond, even when Content-Length lies or is
-    absent); malformed JSON is 422."""
+    absent); malformed JSON is 422, and so are what Python's JSON reader takes but no answer can carry:
+    NaN, Infinity and numbers beyond a float (1e400), and strings that are not Unicode (a lone surrogate
+    escape, "\\ud800"). Each would otherwise pass the checks of a field ldm only notes, then fail the
+    response's encoding after the image was made."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
         raise ApiError(413, f"the request body is {int(declared):,} bytes, more than the limit of {MAX_REQUEST_BYTES:,}")
@@ -115,13 +124,30 @@ async def read_json(request) -> Any:
             raise ApiError(413, f"the request body is more than the limit of {MAX_REQUEST_BYTES:,} bytes")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks), parse_constant=_not_a_number, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ApiError(422, f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
                        "JSONDecodeError") from None
-    except (ValueError, RecursionError) as exc:  # not UTF-8, an integer of 4300+ digits, nesting too deep
+    except (ValueError, RecursionError) as exc:  # not UTF-8, an integer of 4300+ digits, nesting too deep, NaN
         raise ApiError(422, f"the body is not usable JSON ({type(exc).__name__}: {str(exc)[:120]})",
                        "JSONDecodeError") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "the body has a string that is not Unicode text (a lone surrogate escape such as "
+                       "\\ud800)", "JSONDecodeError") from None
+    return body
+
+
+def _not_a_number(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond the range of a number")
+    return value
 
 
 def create_app(worker: Worker, config: ServerConfig):
@@ -134,7 +160,7 @@ def create_app(worker: Worker, config: ServerConfig):
     from ldmcli.server_request import InputStore
 
     app = FastAPI(title="ldm", docs_url=None, redoc_url=None, openapi_url=None)
-    inputs = InputStore(config.input_dir or Path("inputs"))
+    inputs = InputStore(config.input_dir or Path("inputs"), keep=config.keep_inputs)
     settings: dict[str, Any] = {}  # the settings a client set (POST /options); the rest are A1111's defaults
     report = worker.report
 
@@ -183,21 +209,39 @@ def create_app(worker: Worker, config: ServerConfig):
         except LdmError as exc:  # found only when the model was at hand (a refiner that is not one, ...)
             raise ApiError(422, str(exc), type(exc).__name__) from None
 
-    async def generate(request: Request, kind: str):
+    def prepared_job(body: Any, kind: str, uses: list):
+        """The request's job, checked as `ldm generate` checks a job (422 otherwise, the paths of the images it
+        sent named by their fields, not by where the server keeps them)."""
         from ldmcli.run import check_jobs, recommended_defaults
-        from ldmcli.server_request import check_names, request_job, response
+        from ldmcli.server_request import check_names, request_job
 
-        body = await read_json(request)
         try:
-            job = request_job(body, kind, inputs, settings)
+            job = request_job(body, kind, inputs, settings, uses)
             check_names(job, worker.options.lora_dir)
             options = worker.options
-            job = check_jobs([job], options, recommended_defaults(options.model, options.prediction))[0]
+            return check_jobs([job], options, recommended_defaults(options.model, options.prediction))[0]
         except LdmError as exc:
-            raise ApiError(422, str(exc), type(exc).__name__) from None
-        for line in _note_lines(job):
-            report.say(f"note: {kind}: {line}")
-        outcome = await queued(Work(kind, job=job), request)
+            raise ApiError(422, inputs.hide(str(exc), uses), type(exc).__name__) from None
+
+    async def generate(request: Request, kind: str):
+        from ldmcli.server_request import response
+
+        body = await read_json(request)
+        uses: list = []  # the files of the images this request sent (InputStore), released once it is made
+        accepted, work = False, None
+        try:
+            # Decoding, hashing and checking images can take a while: off the event loop, which keeps
+            # answering /health and /progress meanwhile.
+            job = await asyncio.to_thread(prepared_job, body, kind, uses)
+            for line in _note_lines(job):
+                report.say(f"note: {kind}: {line}")
+            accepted, work = True, Work(kind, job=job)
+            outcome = await queued(work, request)
+        finally:
+            if work is None or work.future.done():
+                inputs.release(uses, accepted)
+            else:  # its client left while it runs: the files stay until it is made
+                work.future.add_done_callback(lambda _done: inputs.release(uses, accepted))
         if not outcome.made and outcome.failed:
             raise ApiError(500, f"no image could be made: {outcome.failed} came out NaN/Inf (see the server's log)",
                            "NonFiniteError")
@@ -240,12 +284,12 @@ def create_app(worker: Worker, config: ServerConfig):
                 raise ApiError(422, str(exc), type(exc).__name__) from None
             if Path(path).resolve() != Path(worker.options.model).resolve():
                 switch = path
-        settings.update(changes)
         if not_honoured:
             report.say(f"note: options: not honoured: {', '.join(not_honoured)} (ldm has no such setting)")
         if switch is not None:
             report.say(f"switching to {switch}")
             await queued(Work("switch", model=switch))
+        settings.update(changes)  # only once the switch, if any, succeeded: a refused request changes nothing
         return {"not_honoured": not_honoured} if not_honoured else None
 
     @app.get("/sdapi/v1/sd-models")
@@ -321,11 +365,13 @@ def create_app(worker: Worker, config: ServerConfig):
 
     @app.get("/health")
     async def health():
-        """For a load balancer: 200 while requests are taken (with how busy the server is), 503 once stopping."""
+        """For a load balancer: 200 while requests are taken (with how busy the server is), 503 once stopping
+        or while no model is loaded."""
         stopping = worker.stopping.is_set()
-        body = {"status": "stopping" if stopping else "ok", "model": worker.title,
+        unusable = stopping or worker.model is None  # no model: the last load failed, each request tries again
+        body = {"status": "stopping" if stopping else "no model" if worker.model is None else "ok", "model": worker.title,
                 "busy": worker.current is not None, "waiting": worker.waiting, "capacity": worker.capacity}
-        return JSONResponse(body, status_code=503 if stopping else 200)
+        return JSONResponse(body, status_code=503 if unusable else 200)
 
     return BasicAuth(app, config.credentials)
 
@@ -375,7 +421,8 @@ def serve(options, config: ServerConfig, *, capacity: int, output_dir: Path | No
         # With --output-dir the images a request starts from are kept beside the images (their records name
         # them); without it they live as long as the server.
         inputs = output_dir / "inputs" if output_dir is not None else Path(scratch)
-        app = create_app(worker, ServerConfig(config.host, config.port, config.credentials, inputs))
+        app = create_app(worker, ServerConfig(config.host, config.port, config.credentials, inputs,
+                                              keep_inputs=output_dir is not None))
         server = _uvicorn_server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                                 access_log=False, lifespan="off"), worker, report)
         # uvicorn re-raises a SIGTERM it caught once it has shut down: under this handler that is a no-op, so a

@@ -52,21 +52,60 @@ WHERE = "request"
 class InputStore:
     """The files a request's base64 images become: `folder/<sha256 of the bytes>.<format>`. Named by their
     content, so the same image sent twice is one file, and an image's `ldm` record names a file that holds
-    exactly what was sent (with `--output-dir`, kept beside the images: `--from-png` of a served image works)."""
+    exactly what was sent.
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    A file lives while a request uses it (`put` ... `release`). With `keep` (--output-dir) the files of
+    accepted requests stay, beside the images whose records name them (`--from-png` of a served image
+    works); a refused request's files never do (else any client could fill the disk with 422s). Without
+    `keep` (a temporary folder) every file goes once no request uses it."""
 
-    def put(self, data: bytes) -> Path:
+    def __init__(self, folder: Path, keep: bool = True):
+        import threading
+        from collections import Counter
+
+        self.folder, self.keep = Path(folder), keep
+        self._lock = threading.Lock()
+        self._users: Counter[Path] = Counter()
+        self._kept: set[Path] = set()  # files an accepted request made with `keep`, or there before
+
+    def put(self, data: bytes, what: str, uses: list[tuple[Path, str]]) -> Path:
+        """The file holding `data`, written if new; recorded in `uses` (path, the request field it came from)
+        until `release`."""
+        from ldmcli.image import TEMP_SUFFIX
+
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.{_format(data)}"
-        if not path.is_file():
-            from ldmcli.image import TEMP_SUFFIX
-
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        with self._lock:
+            if path.is_file():
+                if not self._users[path]:
+                    self._kept.add(path)  # there before this server made it: never deleted
+            else:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            self._users[path] += 1
+        uses.append((path, what))
         return path
+
+    def release(self, uses: list[tuple[Path, str]], accepted: bool) -> None:
+        """The request that `put` these is answered (or refused): delete the files nothing else needs."""
+        with self._lock:
+            for path, _ in uses:
+                self._users[path] -= 1
+                if accepted and self.keep:
+                    self._kept.add(path)
+                if self._users[path] <= 0:
+                    del self._users[path]
+                    if path not in self._kept:
+                        path.unlink(missing_ok=True)
+            uses.clear()
+
+    @staticmethod
+    def hide(message: str, uses: list[tuple[Path, str]]) -> str:
+        """`message` with the server's paths of a request's images replaced by the fields they came from."""
+        for path, what in uses:
+            message = message.replace(str(path), what)
+        return message
 
 
 def _format(data: bytes) -> str:
@@ -93,9 +132,11 @@ def decode_image(value: Any, what: str) -> bytes:
         raise RequestError(f'{WHERE}: "{what}" is not base64 (an image encoded as A1111 sends it)') from None
 
 
-def request_job(body: Any, kind: str, inputs: InputStore, settings: Mapping[str, Any]) -> Job:
+def request_job(body: Any, kind: str, inputs: InputStore, settings: Mapping[str, Any],
+                uses: list[tuple[Path, str]]) -> Job:
     """The job of a txt2img or img2img (`kind`) request body, as `ldm generate` reads the same request in a
-    JSONL file; `settings`: the server's (`POST /sdapi/v1/options`), for what the request leaves out.
+    JSONL file; `settings`: the server's (`POST /sdapi/v1/options`), for what the request leaves out; the
+    files its images became are added to `uses` (`InputStore.put`), for the caller to release.
     RequestError (or another LdmError) for anything wrong, naming it."""
     if not isinstance(body, dict):
         raise RequestError(f"{WHERE}: the body must be a JSON object (A1111's {kind} request), got {_shown(body)}")
@@ -107,7 +148,7 @@ def request_job(body: Any, kind: str, inputs: InputStore, settings: Mapping[str,
                            "base64 (img2img's init_images and mask) and LoRAs as <lora:NAME:W> tags in the prompt")
     notes: list[Note] = []
     if kind == "img2img":
-        payload, notes = _img2img_keys(payload, inputs)
+        payload, notes = _img2img_keys(payload, inputs, uses)
     payload = _with_settings(payload, settings)
     payload.setdefault("prompt", "")  # A1111's default; a JSONL line must say it
     job = replace(object_job(payload, command_line_job({}), WHERE, a1111=True), source=WHERE)
@@ -132,7 +173,7 @@ def check_names(job: Job, lora_folder: Path | None) -> None:
         find_listed(job.request.refiner, "refiner_checkpoint")
 
 
-def _img2img_keys(payload: dict, inputs: InputStore) -> tuple[dict, list[Note]]:
+def _img2img_keys(payload: dict, inputs: InputStore, uses: list[tuple[Path, str]]) -> tuple[dict, list[Note]]:
     """An img2img request's own keys read into ldm's request keys (init_image and mask as files, resize mode
     by name, invert and blur), and notes for those ldm does not honour."""
     from ldmcli.image_input import parse_resize_mode
@@ -141,14 +182,14 @@ def _img2img_keys(payload: dict, inputs: InputStore) -> tuple[dict, list[Note]]:
     if not isinstance(images, list) or not images:
         raise RequestError(f'{WHERE}: "init_images" must be a list of base64-encoded images (at least one), '
                            f"got {_shown(images)}")
-    values: dict[str, Any] = {"init_image": str(inputs.put(decode_image(images[0], "init_images[0]")))}
+    values: dict[str, Any] = {"init_image": str(inputs.put(decode_image(images[0], "init_images[0]"), "init_images[0]", uses))}
     notes: list[Note] = []
     if len(images) > 1:
         notes.append(Note("init_images", f"{len(images)} images", "only the first is used, for every image of the "
                           "request (A1111 takes image i from init_images[i])"))
     mask = payload.pop("mask", None)
     if mask not in (None, ""):
-        values["mask"] = str(inputs.put(decode_image(mask, "mask")))
+        values["mask"] = str(inputs.put(decode_image(mask, "mask"), "mask", uses))
     mode = payload.pop("resize_mode", None)
     if mode is not None:
         try:

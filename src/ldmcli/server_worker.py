@@ -223,18 +223,25 @@ class Worker:
     def _switch(self, path: Path) -> None:
         """Make the model at `path` the resident one. The old one goes first (one model in memory); if the new
         one does not load, the old one is loaded again and the error is the request's answer."""
-        old = self.options
         self.progress = Progress(job="switch", started=time.time(), timestamp=time.strftime("%Y%m%d%H%M%S"))
+        old = self.options
+        self._reload(replace(old, model=Path(path), prediction=None), (), fallback=(old, ()))
+        self.title = _title(path)
+
+    def _reload(self, options: RunOptions, loras, fallback: tuple) -> None:
+        """Read the model again, as `options` and `loras` say (LoRAs are merged into freshly read weights, never
+        subtracted; one model in memory, so the resident one goes first). If that fails, `fallback` (options,
+        loras: what was resident) is read again and the error is the request's answer; if that fails too, no
+        model is resident (`/health` says so) and the next request tries again."""
         self.model = None
         gc.collect()
         try:
-            self.options = replace(old, model=Path(path), prediction=None)
-            self.model = self._load(self.options)
+            self.model = self._load(options, loras)
+            self.options = options
         except BaseException:
-            self.options = old
-            self.model = self._load(old)
+            self.options = fallback[0]
+            self.model = self._load(*fallback)
             raise
-        self.title = _title(path)
 
     def _generate(self, work: Work) -> Outcome:
         """Make `work`'s images one at a time, as `ldm generate` does at --batch-size 1 (so the same bytes), until
@@ -244,13 +251,12 @@ class Worker:
         from ldmcli.generation import total_steps
         from ldmcli.run import lora_set, make_images
 
+        if self.model is None:  # an earlier load failed twice over (`_reload`): try again for each request
+            self.model = self._load(self.options)
         job = apply_model_family(work.job, self.model.spec.family)
         loras = lora_set(job, self.options)
         if tuple(self.model.loras) != tuple(loras):
-            # LoRAs are merged into freshly read weights, never subtracted: the model is read again.
-            self.model = None
-            gc.collect()
-            self.model = self._load(self.options, loras)
+            self._reload(self.options, loras, fallback=(self.options, tuple(self.model.loras)))
         self._ensure_refiner(job)
         tasks = [ImageTask(job, 0, i, i, job.request.seed + i, self._path(job.request.seed + i))
                  for i in range(job.batch_count)]

@@ -223,7 +223,8 @@ def adherence_cases(n: int = 15) -> list[shapes.Scene]:
 
 
 def adherence(model, cases, seeds, *, cfg_scale: float | None = None, steps: int | None = None,
-              sampler: str | None = None) -> tuple[dict[str, float], list[tuple[shapes.Scene, int, Verdict, np.ndarray]]]:
+              sampler: str | None = None, deep_cache: int = 0,
+              ) -> tuple[dict[str, float], list[tuple[shapes.Scene, int, Verdict, np.ndarray]]]:
     """Generate each case's canonical caption for each seed through `ldmcli.pipeline` and judge it.
 
     `model` is a loaded `ldmcli.pipeline.StableDiffusion`; None arguments take the defaults recorded
@@ -244,6 +245,7 @@ def adherence(model, cases, seeds, *, cfg_scale: float | None = None, steps: int
             steps=steps or defaults["steps"],
             cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
             sampler=sampler or defaults["sampler"],
+            deep_cache=deep_cache,
         )
         images = generate(model, request, list(seeds)).numpy()
         details += [(scene, seed, judge(image, scene), image) for seed, image in zip(seeds, images)]

@@ -352,6 +352,15 @@ class TimestepEmbedSequential(nn.Sequential):
 # The network
 
 
+@dataclass
+class DeepFeatures:
+    """DeepCache's exchange with `UNetModel.forward` (`deep_cache.py`): the number of outermost input/output
+    block pairs that always run, and the features the blocks inside them hand outwards (None: compute them)."""
+
+    shallow: int
+    features: Tensor | None = None
+
+
 class UNetModel(nn.Module):
     """Latent-diffusion U-Net eps/v-predictor: (x_t, t, context[, y]) -> model output."""
 
@@ -415,12 +424,14 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-        timestep_cond: Tensor | None = None,
+        timestep_cond: Tensor | None = None, deep: DeepFeatures | None = None,
     ) -> Tensor:
         """x: [B, C, H, W] latents; timesteps: [B] (float ok); context: [B, T, context_dim];
         y: [B, adm_in_channels] (SDXL only); timestep_cond: [B, time_cond_proj_dim], the guidance
         embedding of an LCM-distilled U-Net (`lcm.guidance_embedding`; required by such a U-Net, which was
-        never trained without it). Returns [B, out_channels, H, W]."""
+        never trained without it); deep: DeepCache's exchange (`deep_cache.py`): with features, only its
+        `shallow` outermost block pairs run, on them; without, the whole U-Net runs and leaves them there.
+        Returns [B, out_channels, H, W]."""
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("y must be given exactly when the model has adm_in_channels (SDXL)")
         if (timestep_cond is None) != (self.config.time_cond_proj_dim is None):
@@ -438,13 +449,20 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(w_dtype))
 
+        reuse = deep is not None and deep.features is not None
         h = x
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:deep.shallow] if reuse else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        if reuse:
+            h, outputs = deep.features, self.output_blocks[len(self.output_blocks) - deep.shallow:]
+        else:
+            h, outputs = self.middle_block(h, emb, context), self.output_blocks
+        keep_at = len(outputs) - deep.shallow if deep is not None and not reuse else None
+        for i, block in enumerate(outputs):
+            if i == keep_at:
+                deep.features = h  # what the deep blocks hand to the outermost ones
             h = torch.cat([h, skips.pop()], dim=1)
             # An Upsample in this block must land on the next skip's size (odd sides round up going down).
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
