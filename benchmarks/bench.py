@@ -846,7 +846,7 @@ def piece_deepcache(results: Results, workdir: Path, runs: int, seeds: int) -> N
     out.mkdir(parents=True, exist_ok=True)
     times: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
     calls: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
-    for round_ in range(runs + 1):  # round 0 warms the page cache and is not counted
+    for round_ in range(runs + 1 if runs else 0):  # round 0 warms the page cache and is not counted
         for n in DEEP_CACHE_INTERVALS:
             wall, _, err = run_child(CHILD_LDM_STEPS, [
                 "generate", PEER_PROMPT, "-n", "blurry", "-m", str(model_file), "--steps", "20", "--cfg-scale", "7.5",
@@ -857,7 +857,7 @@ def piece_deepcache(results: Results, workdir: Path, runs: int, seeds: int) -> N
             if round_:
                 times[n].append(wall)
                 calls[n].append(record["unet_total_s"])
-    for n in DEEP_CACHE_INTERVALS:
+    for n in DEEP_CACHE_INTERVALS if runs else ():
         ratios = [a / b for a, b in zip(times[n], times[0])]
         results.add("--deep-cache N: one 512² SD1.5-shaped image, 20 steps, fresh processes", f"N = {n}",
                     f"whole image {statistics.median(times[n]):.1f} s ({', '.join(f'{t:.1f}' for t in times[n])}); "

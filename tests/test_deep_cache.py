@@ -28,12 +28,7 @@ CONFIG = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from ldmcli.models.vae import AttnBlock
 TOLERANCE = 1.5e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(q, k, v):
