@@ -22,7 +22,7 @@ from ldmcli.keymap.unet import unet_config_to_diffusers, unet_diffusers_to_ldm
 from ldmcli.models.unet import UNetConfig, UNetModel
 
 # SD1's pattern, tiny: attention at level 0, so the outermost output block has a transformer.
-CONFIG = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
                     context_dim=32)
 # Measured: max |d| 0 at |out| ~2 (identical kernels on identical inputs); a few fp32 ulps of room.
 ATOL = 1e-5
@@ -173,3 +173,27 @@ def test_generate_with_deep_cache(tmp_path, tiny_single_file, monkeypatch):
 def test_bad_deep_cache_is_one_line_exit_2(tiny_single_file, value):
     result = CliRunner().invoke(cli, ["generate", "a cat", "-m", str(tiny_single_file), "--deep-cache", value])
     assert result.exit_code == 2 and "--deep-cache" in result.output
+
+
+def test_features_serve_only_the_cycle_they_were_made_in():
+    """A kind of call (shape) absent at a cycle's full evaluation must not reuse features from an earlier cycle:
+    kind B is made at evaluation 1 (cycle 0) and asked again at evaluation 4 (cycle 1, a reusing position)."""
+    made = []
+
+    def fake(x, t, context, deep=None):
+        made.append(deep.features is None)
+        if deep.features is None:
+            deep.features = x.shape
+        return torch.zeros_like(x)
+
+    cached = DeepCacheNetwork(fake, 3)
+    a, b = torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+    context = torch.zeros(2, 5, 32)
+    plan = [(0, [a]), (1, [a, b]), (2, [a]), (3, [a]), (4, [a, b])]
+    full = []
+    for evaluation, calls in plan:
+        for x in calls:
+            cached(x, torch.tensor(float(900 - evaluation)), context=context[: x.shape[0]])
+            full.append(made[-1])
+    #          e0     e1 a   e1 b (new kind: full)  e2 a   e3 a (cycle start)  e4 a   e4 b (its features are cycle 0's)
+    assert full == [True, False, True, False, True, False, True]

@@ -202,3 +202,28 @@ def test_refiner_continues_the_prompt_editing_timeline(tmp_path, monkeypatch, sd
                     "-o", tmp_path / "o.png")
     assert result.exit_code == 0, result.output
     assert used == [0] * 6 + [1] * 4, used
+
+
+def test_deep_cache_reaches_the_base_and_the_refiner(tmp_path, sdxl_pair, monkeypatch):
+    """--deep-cache wraps both U-Nets of a refined image: each starts with a full evaluation and reuses between,
+    on its own features (the two U-Nets are different modules)."""
+    from ldmcli.models.unet import UNetModel
+
+    base, refiner_folder = sdxl_pair
+    calls = []
+    forward = UNetModel.forward
+
+    def spy(self, *a, deep=None, **k):
+        calls.append((id(self), deep is not None and deep.features is not None))
+        return forward(self, *a, deep=deep, **k)
+
+    monkeypatch.setattr(UNetModel, "forward", spy)
+    result = invoke("generate", PROMPT, "-m", base, *TINY, "-W", "64", "-H", "64", "--refiner", refiner_folder,
+                    "--refiner-switch", "0.5", "--deep-cache", "2", "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    unets = list(dict.fromkeys(unet for unet, _ in calls))
+    assert len(unets) == 2
+    for unet in unets:
+        reused = [r for u, r in calls if u == unet]
+        assert reused[0] is False and reused[1::2] == [True] * len(reused[1::2]), (unet, reused)
+    assert "DeepCache: 2" in Image.open(tmp_path / "out.png").text["parameters"]

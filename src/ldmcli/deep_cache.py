@@ -9,10 +9,14 @@ the first `SHALLOW` input blocks and those last output blocks, on the kept featu
 an evaluation that reuses costs about a fifth of a full one; the image is close to, not equal to, the
 full computation's: the price is measured on the demo model (docs/performance.md).
 
-The wrapper counts evaluations by their timestep: a sampler evaluates the network once or twice (classifier-
-free guidance in two passes) at each noise level, so calls at the same timestep are one evaluation, and
-each pass (`slot`) keeps its own features. Features are kept per input shape: a hires second pass, or any
-new shape, starts with a full evaluation.
+The wrapper tells evaluations apart without knowing the sampler: a call is a new evaluation when its
+timestep differs from the last call's, or when a call of the same kind (same latent and conditioning shapes)
+already ran at this timestep (Heun evaluates twice at a noise level; rounded schedules repeat a timestep).
+Calls of different kinds at one timestep are the passes of one evaluation (classifier-free guidance in two
+passes when the prompts are of different lengths, unpadded), and each kind keeps its own features. Features
+serve only the cycle of N evaluations they were made in, so they are never older than N - 1 evaluations; a
+kind seen first mid-cycle (a hires second pass at a new size, a prompt edit that changes the passes) starts
+with a full evaluation.
 """
 
 from __future__ import annotations
@@ -37,27 +41,27 @@ class DeepCacheNetwork:
             raise ValueError(f"DeepCache needs an interval of at least 2, got {interval}")
         self.unet = unet
         self.interval = interval
-        self.evaluations = -1  # evaluations begun (distinct timesteps in a row), minus one
-        self.full_evaluations = 0
+        self.evaluations = -1  # evaluations begun, minus one
+        self.full_evaluations = 0  # calls that ran the whole U-Net
         self._timestep: float | None = None
-        self._slot = 0
-        self._kept: dict[int, tuple[tuple, Tensor]] = {}  # slot -> (input shape, the deep features)
+        self._kinds_now: set[tuple] = set()  # the kinds of call made in the current evaluation
+        self._kept: dict[tuple, tuple[int, Tensor]] = {}  # kind -> (cycle it was made in, deep features)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         timestep = float(t.reshape(-1)[0])
-        if timestep != self._timestep:
-            self._timestep, self._slot = timestep, 0
+        kind = (tuple(x.shape), *sorted((k, tuple(v.shape)) for k, v in cond.items() if isinstance(v, Tensor)))
+        if timestep != self._timestep or kind in self._kinds_now:
             self.evaluations += 1
-        else:
-            self._slot += 1
-        shape = tuple(x.shape)
-        kept = self._kept.get(self._slot)
-        reuse = self.evaluations % self.interval != 0 and kept is not None and kept[0] == shape
+            self._timestep, self._kinds_now = timestep, set()
+        self._kinds_now.add(kind)
+        cycle, position = divmod(self.evaluations, self.interval)
+        kept = self._kept.get(kind)
+        reuse = position != 0 and kept is not None and kept[0] == cycle
         deep = DeepFeatures(SHALLOW, kept[1] if reuse else None)
         out = self.unet(x, t, **cond, deep=deep)
         if not reuse:
             self.full_evaluations += 1
-            self._kept[self._slot] = (shape, deep.features)
+            self._kept[kind] = (cycle, deep.features)
         return out
 
 
