@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldmcli.deep_cache import with_deep_cache
 from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_STEPS
 from ldmcli.request import LCM_MAX_STEPS, ImageRequest
 
@@ -351,7 +350,6 @@ def _second_pass(model, request: ImageRequest, seeds: Sequence[int], strength: f
     A1111's hires pass conditions it so, via txt2img_image_conditioning for a latent upscaler and
     img2img_image_conditioning at inpainting_mask_weight 1 for a pixel one)."""
     from ldmcli import pipeline, vae_encode
-    from ldmcli.denoiser import CFGDenoiser, Denoiser
     from ldmcli.samplers import StartImage, sample
 
     n, factor = len(seeds), model.spec.vae.downsample_factor
@@ -367,7 +365,7 @@ def _second_pass(model, request: ImageRequest, seeds: Sequence[int], strength: f
 
     cond, uncond = pipeline.guidance_conditioning(model, request, n)
     network = pipeline.text_to_image_network(model, n, request)
-    denoiser = CFGDenoiser(Denoiser(with_deep_cache(network, request.deep_cache), model.spec.schedule), cond, uncond, request.cfg_scale)
+    denoiser = pipeline.guided_denoiser(network, model.spec.schedule, cond, uncond, request)
     out = sample(request.sampler, model.spec.schedule, request.steps, denoiser, noise, spacing=request.schedule,
                  match=request.match, callback=callback, start=start)
     if check_finite:

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldmcli import pipeline, vae_encode
-from ldmcli.deep_cache import with_deep_cache
-from ldmcli.denoiser import CFGDenoiser, Denoiser, InpaintingNetwork
+from ldmcli.denoiser import InpaintingNetwork
 from ldmcli.request import ImageRequest
 from ldmcli.samplers import StartImage, first_step, sample
 
@@ -123,7 +122,7 @@ def sample_from_image(
             start = StartImage(latents, eps, strength, mask=masks.latent.to(model.device), noise_at_full_strength=True)
 
     cond, uncond = pipeline.guidance_conditioning(model, request, n)
-    denoiser = CFGDenoiser(Denoiser(with_deep_cache(network, request.deep_cache), model.spec.schedule), cond, uncond, request.cfg_scale)
+    denoiser = pipeline.guided_denoiser(network, model.spec.schedule, cond, uncond, request)
     latents = sample(request.sampler, model.spec.schedule, request.steps, denoiser, noise,
                      spacing=request.schedule, match=request.match, callback=callback, start=start)
     if check_finite:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ldmcli.deep_cache import with_deep_cache
 from ldmcli.detect import ModelSpec, detect_spec
 from ldmcli.device import dtype_name, return_freed_memory
 from ldmcli.errors import CheckpointError, NonFiniteError, name_keys
@@ -31,6 +30,7 @@ from ldmcli.text_conditioning import TextConditioning
 from ldmcli.tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
+    from ldmcli.denoiser import CFGDenoiser
     from ldmcli.embeddings import EmbeddingLibrary
     from ldmcli.lora_uses import LoraUse
     from ldmcli.vae_file import VaeFile
@@ -352,7 +352,6 @@ def sample_latents(
     Raises `NonFiniteError` if any image's latents are NaN/Inf (`check_finite_latents`), unless
     `check_finite` is False: then the caller checks each image (`finite_rows`).
     """
-    from ldmcli.denoiser import CFGDenoiser, Denoiser
     from ldmcli.samplers import sample
 
     if model.unet is None:
@@ -361,8 +360,7 @@ def sample_latents(
     cond, uncond = guidance_conditioning(model, request, n)
     factor = model.spec.vae.downsample_factor
     latent_shape = (model.spec.vae.embed_dim, request.height // factor, request.width // factor)
-    denoiser = CFGDenoiser(Denoiser(with_deep_cache(text_to_image_network(model, n, request), request.deep_cache), model.spec.schedule), cond, uncond,
-                           request.cfg_scale)
+    denoiser = guided_denoiser(text_to_image_network(model, n, request), model.spec.schedule, cond, uncond, request)
     latents = sample(
         request.sampler,
         model.spec.schedule,
@@ -378,6 +376,16 @@ def sample_latents(
     if check_finite:
         check_finite_latents(latents, seeds, model.dtype)
     return latents
+
+
+def guided_denoiser(network, schedule, cond, uncond, request: ImageRequest) -> CFGDenoiser:
+    """What a request's sampling calls: `network` (DeepCache over it when the request asks, `deep_cache.py`)
+    as an x0-denoiser on `schedule`, guided between `uncond` and `cond` at the request's scale. The one place
+    every sampling path (text to image, from an image, hires, base and refiner) builds it."""
+    from ldmcli.deep_cache import with_deep_cache
+    from ldmcli.denoiser import CFGDenoiser, Denoiser
+
+    return CFGDenoiser(Denoiser(with_deep_cache(network, request.deep_cache), schedule), cond, uncond, request.cfg_scale)
 
 
 def text_to_image_network(model: StableDiffusion, batch: int, request: ImageRequest):

@@ -55,8 +55,6 @@ import torch
 from torch import Tensor
 
 from ldmcli import pipeline
-from ldmcli.deep_cache import with_deep_cache
-from ldmcli.denoiser import CFGDenoiser, Denoiser
 from ldmcli.request import ImageRequest
 from ldmcli.samplers import (
     SAMPLERS,
@@ -132,8 +130,8 @@ def sample_with_refiner(
     noise = pipeline.noise_source(seeds, latent_shape, base.device, torch.float32, request.rng, request.ensd)
 
     cond, uncond = pipeline.guidance_conditioning(base, request, n)
-    denoiser = CFGDenoiser(Denoiser(with_deep_cache(pipeline.text_to_image_network(base, n, request), request.deep_cache), base.spec.schedule), cond, uncond,
-                           request.cfg_scale)
+    denoiser = pipeline.guided_denoiser(pipeline.text_to_image_network(base, n, request), base.spec.schedule, cond, uncond,
+                                        request)
     base_steps = 0
 
     def base_callback(i: int, denoised: Tensor) -> None:
@@ -147,7 +145,7 @@ def sample_with_refiner(
 
     cond, uncond = pipeline.guidance_conditioning(refiner, request, n)
     base_calls = denoiser.calls
-    denoiser = CFGDenoiser(Denoiser(with_deep_cache(refiner.unet, request.deep_cache), refiner.spec.schedule), cond, uncond, request.cfg_scale)
+    denoiser = pipeline.guided_denoiser(refiner.unet, refiner.spec.schedule, cond, uncond, request)
     # A prompt's schedule ([from:to:when], [a|b]) goes on where the base left it: A1111's base and refiner are
     # one sampling loop, whose model calls it counts.
     denoiser.calls = base_calls
