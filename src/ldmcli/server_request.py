@@ -17,7 +17,9 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -60,9 +62,6 @@ class InputStore:
     `keep` (a temporary folder) every file goes once no request uses it."""
 
     def __init__(self, folder: Path, keep: bool = True):
-        import threading
-        from collections import Counter
-
         self.folder, self.keep = Path(folder), keep
         self._lock = threading.Lock()
         self._users: Counter[Path] = Counter()
