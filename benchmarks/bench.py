@@ -35,6 +35,9 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          from its folder, OpenVINO (optimum-intel, exported IR) and stable-diffusion.cpp (the fp16 file), the
          last two from their own venv (benchmarks/contenders.md); one 512² image, 20 steps, CFG 7.5: start to
          first step, U-Net step at batch 2, whole image, peak RSS, and per-round ratios against ldm
+  fewsteps  one 512² image in 1 step at CFG 1 (SD-Turbo's settings) from the 2.1 GB fp16 file, decoded by the
+         VAE or a TAESD (--taesd, random weights in madebyollin's structure): `ldm generate` processes
+         (interleaved) and requests to a warm `ldm serve`
   deepcache  --deep-cache 0/2/3/5: one 512² SD1.5-shaped image each (fresh processes, interleaved), and the
          demo model's prompt adherence and PSNR against the exact images at each interval
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
@@ -585,6 +588,76 @@ def piece_lcm(results: Results, workdir: Path, runs: int) -> None:
                  f"({slow / fast:.1f}x faster)")
 
 
+def write_taesd(path: Path, seed: int = 0) -> Path:
+    """A random TAESD in madebyollin's structure, as diffusers' AutoencoderTiny file (what --taesd reads)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldmcli.models.taesd import TinyAutoencoder
+
+    if path.is_file():
+        return path
+    torch.manual_seed(seed)
+    module = TinyAutoencoder()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.6 * math.sqrt(2 / p[0].numel()) if p.ndim == 4 else 0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+    return path
+
+
+def _served_seconds(model: Path, extra: list[str], request: dict, requests: int) -> list[float]:
+    """Seconds of each of `requests` identical txt2img requests to one fresh `ldm serve` process."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "ldmcli", "serve", "-m", str(model), "--port", "0", *extra],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(line.split("listening on ", 1)[1].split()[0] for line in proc.stderr if "listening on http://" in line)
+        seconds = []
+        with httpx.Client(base_url=url, timeout=600) as client:
+            for _ in range(requests):
+                start = time.perf_counter()
+                client.post("/sdapi/v1/txt2img", json=request).raise_for_status()
+                seconds.append(time.perf_counter() - start)
+        return seconds
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def piece_fewsteps(results: Results, workdir: Path, runs: int) -> None:
+    """Issue 19's few-steps goal: one 512² image in one step at CFG 1 (SD-Turbo's settings) from the fp16
+    SD1.5-shaped file, decoded by the VAE or by a TAESD (--taesd): as `ldm generate` processes (interleaved,
+    one uncounted warm-up round) and as requests to a warm `ldm serve` (the first request of each server,
+    which packs the weights, reported apart)."""
+    from sd15_file import write_sd15_file
+
+    model = write_sd15_file(workdir / "sd15-fp16.safetensors")
+    taesd = write_taesd(workdir / "taesd" / "diffusion_pytorch_model.safetensors")
+    out = workdir / "out"
+    base = ["generate", "a cat", "-m", str(model), "-s", "1", "-o", str(out) + "/", "--overwrite", "-q",
+            "--width", "512", "--height", "512", "--steps", "1", "--cfg-scale", "1", "--sampler", "euler_a"]
+    cases = {"VAE": [], "TAESD": ["--taesd", str(taesd)]}
+    walls: dict[str, list[float]] = {label: [] for label in cases}
+    for i in range(runs + 1):
+        for label, extra in cases.items():
+            wall, _, _ = run_child(CHILD_LDM, base + extra)
+            if i:
+                walls[label].append(wall)
+    for label, w in walls.items():
+        results.add("one 512² image, 1 step Euler a, CFG 1, from the 2.1 GB fp16 file", f"`ldm generate`, {label} decode",
+                    f"{statistics.median(w):.2f} ({', '.join(f'{v:.2f}' for v in w)})", "", "")
+    request = {"prompt": "a cat", "width": 512, "height": 512, "steps": 1, "cfg_scale": 1,
+               "sampler_name": "Euler a", "seed": 1}
+    for label, extra in cases.items():
+        first, *warm = _served_seconds(model, extra, request, runs + 3)
+        results.add("one 512² image, 1 step Euler a, CFG 1, from the 2.1 GB fp16 file",
+                    f"`ldm serve` request, {label} decode (warm; first request {first:.2f})",
+                    f"{statistics.median(warm):.2f} ({', '.join(f'{v:.2f}' for v in warm)})", "", "")
+
+
 # `ldm generate` as a user runs it, with each U-Net call timed (one call = one step at batch 2 under CFG).
 CHILD_LDM_STEPS = r"""
 import os, sys, time, json, atexit, statistics
@@ -934,6 +1007,8 @@ def main() -> None:
         piece_hires(results, args.workdir, folder)
     if "lcm" in pieces:
         piece_lcm(results, args.workdir, args.image_runs)
+    if "fewsteps" in pieces:
+        piece_fewsteps(results, args.workdir, args.image_runs)
     if "deepcache" in pieces:
         piece_deepcache(results, args.workdir, args.image_runs, args.demo_seeds)
     if "peers" in pieces:

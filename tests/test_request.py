@@ -78,7 +78,7 @@ requests = st.builds(ImageRequest, **{name: _strategy(name) for name in field_na
 MODEL = SimpleNamespace(
     name="tiny", path=Path("tiny.safetensors"), hash="0123456789", dtype=torch.float32,
     spec=SimpleNamespace(family="sd1", prediction_type="epsilon", schedule=SimpleNamespace(timestep_spacing="leading")),
-    loras=(), embeddings=None, vae_file=None,  # nothing added to the checkpoint
+    loras=(), embeddings=None, vae_file=None, taesd_file=None,  # nothing added to the checkpoint
     # the refiners a request may name, loaded: A1111's text calls each by its file's name and hash
     refiners={"sd_xl_refiner_1.0": SimpleNamespace(name="sd_xl_refiner_1.0", path=Path("r.safetensors"), hash="7440042bbd"),
               "/models/refiner.safetensors": SimpleNamespace(name="refiner", path=Path("/models/refiner.safetensors"),

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 LDM = [sys.executable, "-m", "ldmcli"]
@@ -452,6 +453,32 @@ def test_api_auth_guards_every_endpoint(models_dir, env, server, http):
 # --- the process: flags, SIGTERM ------------------------------------------------------------------------------
 
 
+def test_taesd_decodes_served_images_as_generate_does(models_dir, env, tmp_path):
+    """`ldm serve --taesd`: the same PNG bytes as `ldm generate --taesd`; /options says A1111's decode method."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(5)
+    AutoencoderTiny().save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    model = models_dir / "tiny-sd1.safetensors"
+    request = {"prompt": "a red circle on a blue background", "seed": 3, **SMALL}
+    running = Server("-m", model, "--taesd", tmp_path / "taesd", env=env)
+    try:
+        with running.client() as client:
+            served = images_of(client.post("/sdapi/v1/txt2img", json=request))
+            assert client.get("/sdapi/v1/options").json()["sd_vae_decode_method"] == "TAESD"
+    finally:
+        assert running.stop() == 0, "\n".join(running.log)
+    prompts = tmp_path / "request.jsonl"
+    prompts.write_text(json.dumps(request) + "\n")
+    result = subprocess.run([*LDM, "generate", "--prompts", prompts, "-m", model, "-o", f"{tmp_path / 'cli'}/", "-q",
+                             "--threads", "1", "--taesd", tmp_path / "taesd"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert served == [p.read_bytes() for p in sorted((tmp_path / "cli").glob("*.png"))]
+    (tmp_path / "plain").mkdir()
+    assert served != generate_with_cli(tmp_path / "plain", model, request, env)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--api-auth", "alice"], "expected USER:PASS"),
     (["--api-auth", "alice:"], "expected USER:PASS"),
@@ -460,6 +487,7 @@ def test_api_auth_guards_every_endpoint(models_dir, env, server, http):
     (["-m", "no-such-model"], "model 'no-such-model' not found"),
     (["-m", "README.md"], "README.md"),
     (["--api-auth", b"al\xffice:pw"], "must be UTF-8"),  # bytes of another encoding
+    (["--taesd", "README.md"], "README.md: not a weights file"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_loading(args, message):
     result = subprocess.run([*LDM, "serve", *args], capture_output=True, text=True, timeout=120, cwd=ROOT,

@@ -193,6 +193,9 @@ def additions_record(model, request) -> dict:
         source = Path(model.vae_file.source)
         record["vae"] = {"name": source.name, "path": str(Path(model.vae_file.path).resolve()),
                          "hash": vae_hash(source)}
+    if model.taesd_file is not None:
+        source = Path(model.taesd_file.source)
+        record["taesd"] = {"name": source.name, "path": str(source.resolve()), "hash": vae_hash(source)}
     return record
 
 
@@ -344,6 +347,11 @@ def _from_ldm_record(raw: str, where: str) -> PngParameters:
             if not (isinstance(vae, dict) and all(isinstance(vae.get(k), (str, type(None))) for k in ("name", "hash"))):
                 raise ValueError('"vae" must be an object with a "name" and a "hash" (strings)')
             model.update(vae_name=vae.get("name"), vae_hash=vae.get("hash"))
+        taesd = record.get("taesd")
+        if taesd is not None:
+            if not (isinstance(taesd, dict) and all(isinstance(taesd.get(k), str) for k in ("name", "path", "hash"))):
+                raise ValueError('"taesd" must be an object with a "name", a "path" and a "hash" (strings)')
+            model.update(taesd_name=taesd["name"], taesd_path=taesd["path"], taesd_hash=taesd["hash"])
         loras = record.get("loras")
         if loras is not None:
             if not (isinstance(loras, list) and all(isinstance(u, dict) and isinstance(u.get("name"), str)

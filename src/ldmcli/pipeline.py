@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ldmcli.denoiser import CFGDenoiser
     from ldmcli.embeddings import EmbeddingLibrary
     from ldmcli.lora_uses import LoraUse
+    from ldmcli.models.taesd import TinyAutoencoder
+    from ldmcli.taesd_file import TaesdFile
     from ldmcli.vae_file import VaeFile
 
 
@@ -61,6 +63,9 @@ class StableDiffusion:
     # in place of the checkpoint's own, the LoRAs merged into the weights (`load`).
     embeddings: EmbeddingLibrary | None = None
     vae_file: VaeFile | None = None
+    # A tiny autoencoder (`--taesd`) that decodes in place of `vae`; `vae` still encodes input images.
+    taesd_file: TaesdFile | None = None
+    tiny_vae: TinyAutoencoder | None = None
     loras: tuple[LoraUse, ...] = ()
     notes: list[str] = field(default_factory=list)  # what loading has to say (a VAE of another family, ...)
     # SDXL refiners that finish this model's images (`refiner.py`), by the name a request gives them
@@ -78,6 +83,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     prediction: str | None = None,
     vae: Path | None = None,
+    taesd: Path | None = None,
     loras: Sequence[LoraUse] = (),
     embedding_dirs: Sequence[Path] = (),
     embedding_files: Mapping[str, Path] | None = None,
@@ -87,6 +93,7 @@ def load(
     prediction: "epsilon"/"eps" or "v_prediction"/"v" overrides what the checkpoint says or what
     detection guesses (`spec.prediction_source` says which happened; `spec.notes` explains guesses).
     vae: a VAE file or folder used instead of the checkpoint's own (`vae_file`).
+    taesd: a tiny autoencoder (`taesd_file`) that decodes instead of the VAE, which still encodes.
     loras: merged into the weights before they are built (`lora.apply_loras`): all are read and checked
         against the model first, so a LoRA that does not fit fails the load, never half-merged.
     embedding_dirs: folders of textual-inversion embeddings that prompts may name (`embeddings`).
@@ -94,11 +101,14 @@ def load(
     """
     from ldmcli.embeddings import EmbeddingLibrary, widths_of
     from ldmcli.lora import apply_loras, read_lora
+    from ldmcli.taesd_file import fit_taesd, read_taesd
     from ldmcli.vae_file import read_vae, replace_vae
 
     # Cast while reading, so the process never holds the file's dtype and the compute dtype at once.
     # Not to fp16: SDXL's VAE must then stay fp32, and fp32 -> fp16 -> fp32 would lose its precision.
     read_dtype = dtype if torch.device(device).type == "cpu" and dtype != torch.float16 else None
+    # A TAESD is a few MB: read before the checkpoint, so a file that is not one fails fast.
+    taesd_file = None if taesd is None else read_taesd(Path(taesd), dtype=read_dtype)
     components = read_components(Path(path), dtype=read_dtype)
     notes, vae_file = [], None
     if vae is not None:
@@ -109,6 +119,9 @@ def load(
         return_freed_memory()  # the factors read while merging, before sampling needs the room
     model = load_components(components, device=torch.device(device), dtype=dtype, prediction=prediction)
     model.vae_file, model.loras, model.notes = vae_file, tuple(loras), notes
+    if taesd_file is not None:
+        notes += fit_taesd(model, taesd_file)
+        model.taesd_file, model.tiny_vae = taesd_file, taesd_file.build(model.device, model.dtype)
     if (embedding_dirs or embedding_files) and model.spec.text_encoder is None:
         notes.append("textual-inversion embeddings are not used with the SDXL refiner yet: its prompts' words stay words")
     elif embedding_dirs or embedding_files:
@@ -438,8 +451,10 @@ def decode_latents(
     """
     from ldmcli.vae_decode import decode_latents_safely
 
-    z = latents.float() / model.spec.scale_factor
+    vae = model.tiny_vae if model.tiny_vae is not None else model.vae
+    # TAESD decodes the U-Net's latents as they are; the VAE decodes them divided by the scale factor.
+    z = latents.float() if getattr(vae, "scaled_latents", False) else latents.float() / model.spec.scale_factor
     side, overlap = tile if tile is not None else (None, 0)
-    images = decode_latents_safely(model.vae, z, tile=side, overlap=overlap, on_redo=model.warnings.append)
+    images = decode_latents_safely(vae, z, tile=side, overlap=overlap, on_redo=model.warnings.append)
     images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255
     return (images if match == "a1111" else images.round()).to(torch.uint8).cpu()

@@ -38,6 +38,7 @@ class RunOptions:
     threads: int | None = None  # CPU intra-op threads (None: PyTorch's default, one per core)
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest width x height accepted (limits.py)
     vae: Path | None = None  # a VAE file or folder used instead of the checkpoint's own
+    taesd: Path | None = None  # a tiny autoencoder that decodes instead of the VAE (`taesd_file`)
     lora_dir: Path | None = None  # where LoRAs named in prompts are looked up first (--lora-dir)
     lora_files: Mapping[str, Path] = field(default_factory=dict)  # tag name -> file already found (--from-png, by hash)
     embeddings_dir: Path | None = None  # where embeddings named in prompts are looked up first
@@ -400,7 +401,7 @@ def load_refiner(options: RunOptions, report: Report, device: str, name: str):
 
     path = check_refiner(options.model, name, options.prediction)
     started = time.perf_counter()
-    refiner = pipeline.load(path, device=device, dtype=choose_dtype(device, options.dtype)[0])
+    refiner = pipeline.load(path, device=device, dtype=choose_dtype(device, options.dtype)[0], taesd=options.taesd)
     refiner.vae.drop_encoder()
     pipeline.optimize(refiner, compile=options.compile)
     refiner.hash = model_hash(path)
@@ -422,7 +423,7 @@ def load_model(options: RunOptions, report: Report, device: str, loras=(), encod
     dtype, why = choose_dtype(device, options.dtype)
     started = time.perf_counter()
     model = pipeline.load(options.model, device=device, dtype=dtype, prediction=options.prediction, vae=options.vae,
-                          loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir),
+                          taesd=options.taesd, loras=loras, embedding_dirs=extra_dirs("embedding", options.embeddings_dir),
                           embedding_files=options.embedding_files)
     if not encoder and not model.spec.inpainting:  # an inpainting U-Net's text-to-image encodes a grey image
         model.vae.drop_encoder()  # text-to-image only decodes
@@ -433,6 +434,8 @@ def load_model(options: RunOptions, report: Report, device: str, loras=(), encod
     report.say(f"loaded {model.name}: {spec.display_name}, {spec.prediction_type} prediction "
                f"({spec.prediction_source or 'family default'}), in {time.perf_counter() - started:.1f} s")
     report.say(f"running {why} on {where}" + (f"; {', '.join(done)}" if done else ""))
+    if model.taesd_file is not None:
+        report.say(f"decoding with the tiny autoencoder {model.taesd_file.name} ({model.taesd_file.source})")
     for lora in loras:
         report.say(f"merged LoRA {lora.name} ({lora.path}), text encoder x{lora.te_weight:g}, U-Net x{lora.unet_weight:g}")
     for note in [*spec.notes, *model.notes]:

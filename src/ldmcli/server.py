@@ -262,7 +262,8 @@ def create_app(worker: Worker, config: ServerConfig):
         model = worker.model
         current = {key: settings.get(key, default) for key, (default, _) in SETTINGS.items()}
         return {"sd_model_checkpoint": worker.title, "sd_checkpoint_hash": getattr(model, "hash", None),
-                **current, "samples_format": "png", "sd_vae": "Automatic"}
+                **current, "samples_format": "png", "sd_vae": "Automatic",
+                "sd_vae_decode_method": "Full" if worker.options.taesd is None else "TAESD"}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
