@@ -40,6 +40,7 @@ that noise from other load hits both; medians of --runs runs after one warm-up):
          (interleaved) and requests to a warm `ldm serve`
   deepcache  --deep-cache 0/2/3/5: one 512² SD1.5-shaped image each (fresh processes, interleaved), and the
          demo model's prompt adherence and PSNR against the exact images at each interval
+  tome   --tome 0/0.3/0.5/0.7 (token merging), measured as deepcache is
   compile  torch.compile of ldm's U-Net: first compile, then a new process with a warm cache
   profile  where one U-Net step's time goes in each tool (torch.profiler, self time): attention
          (SDPA), convolutions, linear layers, the rest; the shares explain how close the step ratio
@@ -734,10 +735,11 @@ def bf16_matmul_tflops(runs: int = 5) -> float:
 
 
 def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: set[str], extra_ldm: list[str],
-                sdcpp_steps: int | None = None) -> None:
+                sdcpp_steps: int | None = None, variants: tuple[str, ...] = ()) -> None:
     """One 512² image with each engine's defaults, fresh processes, interleaved; ratios per round against ldm.
 
-    sdcpp_steps shortens stable-diffusion.cpp's runs (~45 s a step here); its whole-image column is then
+    variants: more `ldm generate` runs in the same rounds, each with these extra arguments (the opt-in levers,
+    "--tome 0.5"), compared with every other engine as ldm is. sdcpp_steps shortens stable-diffusion.cpp's runs (~45 s a step here); its whole-image column is then
     contenders.py's estimate of the 20-step image from the measured parts (start, step interval, decode)."""
     import contenders
     from sd15_file import write_sd15_file
@@ -749,8 +751,8 @@ def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: 
                 "-W", "512", "-H", "512", "--sampler", "dpmpp_2m", "-s", "0", "-o", str(out / "peer-ldm.png"),
                 "--overwrite", "-q", *extra_ldm]
 
-    def ldm() -> dict:
-        wall, rss, err = run_child(CHILD_LDM_STEPS, ldm_args)
+    def ldm(*extra: str) -> dict:
+        wall, rss, err = run_child(CHILD_LDM_STEPS, [*ldm_args, *extra])
         record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
         return {**record, "whole_image_s": wall, "peak_rss_gib": rss, "precision": "bf16 (auto)"}
 
@@ -759,7 +761,8 @@ def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: 
         record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
         return {**record, "peak_rss_gib": rss, "precision": "fp32 (default)"}
 
-    engines = {"ldm": ldm, "diffusers (default)": diffusers}
+    engines = {"ldm": ldm, **{f"ldm {v}": (lambda v=v: ldm(*v.split())) for v in variants},
+               "diffusers (default)": diffusers}
     missing = contenders.contenders_available()
     for name, argv in contenders.contender_commands(workdir).items():
         if name in skip:
@@ -801,13 +804,14 @@ def piece_peers(results: Results, workdir: Path, folder: Path, runs: int, skip: 
         results.add("peers: one 512² image, 20 steps, CFG 7.5, each engine's defaults",
                     f"{name}, {records[0].get('precision', '')}, {records[0].get('sampler', 'DPM++ 2M')}",
                     "; ".join(cells), "", "")
-    for name in runs_by:
-        if name == "ldm":
-            continue
-        for key, label in columns:
-            ratios = [a[key] / b[key] for a, b in zip(runs_by["ldm"], runs_by[name])]
-            results.note(f"ldm / {name}, {label}: median per-round ratio {statistics.median(ratios):.2f}x "
-                         f"({', '.join(f'{r:.2f}' for r in ratios)})")
+    for ours in (name for name in runs_by if name.startswith("ldm")):
+        for name in runs_by:
+            if name.startswith("ldm") and (ours == "ldm" or name != "ldm"):
+                continue  # ldm against the other engines; each variant against them and the exact ldm
+            for key, label in columns:
+                ratios = [a[key] / b[key] for a, b in zip(runs_by[ours], runs_by[name])]
+                results.note(f"{ours} / {name}, {label}: median per-round ratio {statistics.median(ratios):.2f}x "
+                             f"({', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 CHILD_DECODE = r"""
@@ -906,13 +910,19 @@ def piece_demo(results: Results, seeds: int, path: Path | None) -> None:
                     f" ({len(details)} images)", "", "")
 
 
-DEEP_CACHE_INTERVALS = (0, 2, 3, 5)
+# The opt-in levers that trade exactness for speed, each setting as request fields (the `ldm generate` flag
+# is the field's name with dashes); the first of each is the exact computation it is compared with.
+LOSSY_LEVERS = {
+    "deepcache": ("--deep-cache N", {"N = 0": {}, "N = 2": {"deep_cache": 2}, "N = 3": {"deep_cache": 3},
+                                     "N = 5": {"deep_cache": 5}}),
+    "tome": ("--tome RATIO", {"off": {}, "0.3": {"tome": 0.3}, "0.5": {"tome": 0.5}, "0.7": {"tome": 0.7}}),
+}
 
 
-def piece_deepcache(results: Results, workdir: Path, runs: int, seeds: int) -> None:
-    """--deep-cache N: what it buys (one 512² SD1.5-shaped image, 20 steps DPM++ 2M, CFG 7.5, fresh `ldm
+def piece_lossy(results: Results, workdir: Path, runs: int, seeds: int, lever: str) -> None:
+    """A lever of LOSSY_LEVERS: what it buys (one 512² SD1.5-shaped image, 20 steps DPM++ 2M, CFG 7.5, fresh `ldm
     generate` processes, interleaved) and what it costs (the demo model's prompt adherence over its cases,
-    and how far its images are from the exact ones: PSNR against --deep-cache 0, same seeds)."""
+    and how far its images are from the exact ones: PSNR against the first setting, same seeds)."""
     import numpy as np
     import torch
 
@@ -921,44 +931,47 @@ def piece_deepcache(results: Results, workdir: Path, runs: int, seeds: int) -> N
     from ldmcli.demo.analysis import adherence, adherence_cases
     from sd15_file import write_sd15_file
 
+    flag, settings = LOSSY_LEVERS[lever]
     model_file = write_sd15_file(workdir / "sd15-fp16.safetensors")
     out = workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
-    times: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
-    calls: dict[int, list[float]] = {n: [] for n in DEEP_CACHE_INTERVALS}
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    calls: dict[str, list[float]] = {label: [] for label in settings}
     for round_ in range(runs + 1 if runs else 0):  # round 0 warms the page cache and is not counted
-        for n in DEEP_CACHE_INTERVALS:
+        for i, (label, fields) in enumerate(settings.items()):
+            args = [a for name, value in fields.items() for a in ("--" + name.replace("_", "-"), str(value))]
             wall, _, err = run_child(CHILD_LDM_STEPS, [
                 "generate", PEER_PROMPT, "-n", "blurry", "-m", str(model_file), "--steps", "20", "--cfg-scale", "7.5",
-                "-W", "512", "-H", "512", "--sampler", "dpmpp_2m", "-s", "0", "-o", str(out / f"deepcache-{n}.png"),
-                "--overwrite", "-q", "--deep-cache", str(n)])
+                "-W", "512", "-H", "512", "--sampler", "dpmpp_2m", "-s", "0", "-o", str(out / f"{lever}-{i}.png"),
+                "--overwrite", "-q", *args])
             record = json.loads(next(line for line in reversed(err.splitlines()) if line.startswith("{")))
-            print(f"round {round_} deep-cache {n}: {wall:.1f} s, {record}", flush=True)
+            print(f"round {round_} {lever} {label}: {wall:.1f} s, {record}", flush=True)
             if round_:
-                times[n].append(wall)
-                calls[n].append(record["unet_total_s"])
-    for n in DEEP_CACHE_INTERVALS if runs else ():
-        ratios = [a / b for a, b in zip(times[n], times[0])]
-        results.add("--deep-cache N: one 512² SD1.5-shaped image, 20 steps, fresh processes", f"N = {n}",
-                    f"whole image {statistics.median(times[n]):.1f} s ({', '.join(f'{t:.1f}' for t in times[n])}); "
-                    f"U-Net total {statistics.median(calls[n]):.1f} s",
-                    f"{statistics.median(ratios):.2f}x of N = 0", "")
+                times[label].append(wall)
+                calls[label].append(record["unet_total_s"])
+    first = next(iter(settings))
+    for label in settings if runs else ():
+        ratios = [a / b for a, b in zip(times[label], times[first])]
+        results.add(f"{flag}: one 512² SD1.5-shaped image, 20 steps, fresh processes", label,
+                    f"whole image {statistics.median(times[label]):.1f} s ({', '.join(f'{t:.1f}' for t in times[label])}); "
+                    f"U-Net total {statistics.median(calls[label]):.1f} s",
+                    f"{statistics.median(ratios):.2f}x of {first}", "")
     model = pipeline.load(DEMO_MODEL, dtype=torch.bfloat16)
     pipeline.optimize(model)
     cases = adherence_cases()
     exact = None
-    for n in DEEP_CACHE_INTERVALS:
+    for label, fields in settings.items():
         with torch.inference_mode():
-            rates, details = adherence(model, cases, list(range(seeds)), deep_cache=n)
+            rates, details = adherence(model, cases, list(range(seeds)), **fields)
         images = np.stack([d[3] for d in details]).astype(np.float64)
         if exact is None:
             exact = images
         mse = float(np.mean((images - exact) ** 2))
         psnr = "exact" if mse == 0 else f"{10 * math.log10(255.0 ** 2 / mse):.1f} dB"
-        results.add("--deep-cache N on the demo model (bf16, its 20 steps DPM++ 2M)", f"N = {n}",
+        results.add(f"{flag} on the demo model (bf16, its 20 steps DPM++ 2M)", label,
                     "adherence colour / position / shape / all " +
                     " / ".join(f"{rates[k]:.3f}" for k in ("colour", "position", "shape", "all")) +
-                    f" ({len(details)} images); PSNR against N = 0: {psnr}", "", "")
+                    f" ({len(details)} images); PSNR against {first}: {psnr}", "", "")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -978,6 +991,8 @@ def main() -> None:
     parser.add_argument("--sdcpp-steps", type=int, help="peers piece: shorter stable-diffusion.cpp runs, "
                         "the 20-step image estimated from their parts")
     parser.add_argument("--ldm-args", default="", help="peers piece: extra `ldm generate` arguments")
+    parser.add_argument("--ldm-variant", action="append", default=[],
+                        help="peers piece: also run ldm with these extra arguments (repeatable), e.g. '--tome 0.5'")
     parser.add_argument("--demo-seeds", type=int, default=4, help="seeds per adherence case (demo piece)")
     parser.add_argument("--demo-model", type=Path, help="demo model file [default: weights/ldm-demo.safetensors]")
     parser.add_argument("--with-ldm-fp32", action="store_true", help="also time ldm in fp32 (4 GB more memory)")
@@ -1009,11 +1024,11 @@ def main() -> None:
         piece_lcm(results, args.workdir, args.image_runs)
     if "fewsteps" in pieces:
         piece_fewsteps(results, args.workdir, args.image_runs)
-    if "deepcache" in pieces:
-        piece_deepcache(results, args.workdir, args.image_runs, args.demo_seeds)
+    for lever in LOSSY_LEVERS.keys() & pieces:
+        piece_lossy(results, args.workdir, args.image_runs, args.demo_seeds, lever)
     if "peers" in pieces:
         piece_peers(results, args.workdir, folder, args.image_runs, set(filter(None, args.skip_peers.split(","))),
-                    args.ldm_args.split(), args.sdcpp_steps)
+                    args.ldm_args.split(), args.sdcpp_steps, tuple(args.ldm_variant))
     if "compile" in pieces:
         piece_compile(results, args.workdir)
     if "profile" in pieces:

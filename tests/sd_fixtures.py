@@ -443,3 +443,23 @@ def assert_latents_match(ours: torch.Tensor, expected: torch.Tensor, family: str
     print(f"\n{label} latents: max abs err {err.max().item():.2e} (max |latent| {expected.abs().max().item():.1f}), "
           f"{used:.0%} of the tolerance", end="")
     torch.testing.assert_close(ours, expected, **tol, msg=lambda m: f"{label}: {m}")
+
+
+def unet_pair(config, seed: int = 0):
+    """(ours, diffusers') U-Nets of `config` (an ldm UNetConfig) with the same random weights: diffusers'
+    init, every tensor then moved by noise (no identity norms, no zero convolutions); eval, fp32."""
+    from diffusers import UNet2DConditionModel
+
+    from ldmcli.keymap.unet import unet_config_to_diffusers, unet_diffusers_to_ldm
+    from ldmcli.models.unet import UNetModel
+
+    torch.manual_seed(seed)
+    ref = UNet2DConditionModel(**unet_config_to_diffusers(config)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    with torch.device("meta"):
+        ours = UNetModel(config)
+    ours.load_state_dict(unet_diffusers_to_ldm(ref.state_dict(), config), strict=True, assign=True)
+    return ours.eval(), ref

@@ -15,10 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from sd_fixtures import unet_pair
 
 from ldmcli.cli import cli
 from ldmcli.deep_cache import DeepCacheNetwork, with_deep_cache
-from ldmcli.keymap.unet import unet_config_to_diffusers, unet_diffusers_to_ldm
 from ldmcli.models.unet import UNetConfig, UNetModel
 
 # SD1's pattern, tiny: attention at level 0, so the outermost output block has a transformer.
@@ -33,18 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pair():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(**unet_config_to_diffusers(CONFIG)).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ref.parameters():  # no identity norms, no zero convolutions
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    with torch.device("meta"):
-        ours = UNetModel(CONFIG)
-    ours.load_state_dict(unet_diffusers_to_ldm(ref.state_dict(), CONFIG), strict=True, assign=True)
-    return ours.eval(), ref
+    return unet_pair(CONFIG)
 
 
 class DiffusersDeepCache:

@@ -332,20 +332,9 @@ CONFIG64 = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=
 
 @pytest.fixture(scope="module")
 def pair64():
-    from diffusers import UNet2DConditionModel
+    from sd_fixtures import unet_pair
 
-    from ldmcli.keymap.unet import unet_config_to_diffusers, unet_diffusers_to_ldm
-
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(**unet_config_to_diffusers(CONFIG64)).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    with torch.device("meta"):
-        ours = UNetModel(CONFIG64)
-    ours.load_state_dict(unet_diffusers_to_ldm(ref.state_dict(), CONFIG64), strict=True, assign=True)
-    return ours.eval(), ref
+    return unet_pair(CONFIG64)
 
 
 def test_reusing_evaluation_depends_on_t(pair64):

@@ -28,7 +28,7 @@ def other_notes(record: dict) -> list[dict]:
 
 
 READ_KEYS = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "ENSD", "Model hash",
-             "Model"}
+             "Model", "Token merging ratio"}
 
 
 def invoke(*args, env=None):
@@ -108,12 +108,13 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
     # What is honoured is in the request: clip skip on an SD 1.x model, A1111's default noise (nv).
     assert (made["steps"], made["seed"], made["cfg_scale"], made["clip_skip"], made["rng"]) == (2, 11, 5.0, 2, "nv")
     assert made["prompt"] == TAGGED and made["negative_prompt"] == "blurry"
+    assert made["tome"] == 0.5  # Token merging ratio
 
     # The hires fix is read (and made with diffusers' numerics: said as A1111's numerics not honoured).
     assert (made["hires_scale"], made["hires_steps"], made["hires_strength"], made["hires_upscaler"]) == (2, 10, 0.4, "latent")
     not_honoured = {(n["key"], n["value"]) for n in made["not_honoured"]}
     assert not_honoured == {
-        ("Match", "absent"), ("Token merging ratio", "0.5"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
+        ("Match", "absent"), ("My Extension", "on"), ("ADetailer model", "face_yolov8n.pt"),
         ("prompt", "<hypernet:ink>"),
     }
     # Every key of the text: read, left at a value that means "off" (Emphasis Original, Eta 1), honoured
@@ -140,7 +141,7 @@ def test_every_key_of_an_a1111_text_is_honoured_or_named(tmp_path, tiny_single_f
 def test_info_shows_the_same_list(tmp_path, tiny_single_file):
     png = a1111_png(tmp_path / "a.png", a1111_text(model_hash(tiny_single_file), extra=EVERYTHING, prompt=TAGGED))
     shown = json.loads(invoke("info", png, "--json").output)
-    assert {n["key"] for n in shown["not_honoured"]} == {"Match", "Token merging ratio", "My Extension",
+    assert {n["key"] for n in shown["not_honoured"]} == {"Match", "My Extension",
                                                          "ADetailer model", "prompt"}
     assert [n["key"] for n in shown["notes"]] == ["RNG"]
     text = invoke("info", png).output

@@ -59,6 +59,7 @@ def _strategy(name: str):
         "refiner": st.none() | st.sampled_from(["sd_xl_refiner_1.0", "/models/refiner.safetensors"]),
         "refiner_switch": st.floats(0.05, 0.95).map(lambda x: round(x, 3)),
         "deep_cache": st.sampled_from([0, 2, 3]) | st.integers(0, 100),
+        "tome": st.sampled_from([0.0, 0.5]) | st.floats(0, 0.9).map(lambda x: round(x, 3)),
     }[name]
 
 

@@ -270,6 +270,8 @@ def test_generate_decodes_with_taesd_records_it_and_from_png_finds_it(tmp_path, 
 
     assert record["taesd"] == {"name": "taesd_decoder.safetensors", "path": str(decoder.resolve()),
                                "hash": hashlib.sha256(decoder.read_bytes()).hexdigest()[:10]}
+    assert "VAE Decoder: TAESD" in Image.open(tmp_path / "t.png").text["parameters"]  # A1111's label for it
+    assert "VAE Decoder" not in Image.open(tmp_path / "p.png").text["parameters"]
     ours, full = np.asarray(Image.open(tmp_path / "t.png")), np.asarray(Image.open(tmp_path / "p.png"))
     assert (np.abs(ours.astype(int) - full.astype(int)) > 1).mean() > 0.5
     # The same image through the library: load with the TAESD, sample, decode.

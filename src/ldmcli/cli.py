@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from ldmcli import __version__
-from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS
+from ldmcli.limits import DEFAULT_MAX_PIXELS, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_IMAGES_PER_RUN, MAX_SEED, MAX_STEPS, MAX_TOME
 from ldmcli.request import MATCHES, RNGS, ImageRequest
 
 EXIT_FAILURE = 1
@@ -182,6 +182,9 @@ def _fill_closed_standard_streams() -> None:
 @click.option("--deep-cache", type=click.IntRange(min=0, max=MAX_DEEP_CACHE), metavar="N",
               help="Faster, not exact: the U-Net's deep features recomputed every N evaluations only (DeepCache; "
                    "3: about 2x the sampling speed). 0: off. [default: 0]")
+@click.option("--tome", type=click.FloatRange(min=0, max=MAX_TOME), metavar="RATIO",
+              help="Faster, not exact: merge this fraction of the tokens before each full-resolution self-attention "
+                   "(token merging, ToMe, as A1111's Token merging ratio; 0.5: half the tokens). 0: off. [default: 0]")
 @click.option("--lora", "loras", multiple=True, metavar="NAME[:W]",
               help="Merge a LoRA into every job, as the tag <lora:NAME:W> at the prompt's end (repeatable; "
                    "NAME:te=W1:unet=W2 weights the text encoder and U-Net apart). Prompts may carry tags themselves.")
@@ -223,7 +226,7 @@ def _fill_closed_standard_streams() -> None:
 def generate(ctx, prompts, prompt_options, prompt_file, from_png, negative_prompt, model, steps, cfg_scale, width,
              height, seed, clip_skip, rng, ensd, match, pad_conds, batch_count, batch_size, sampler, schedule,
              init_image, strength, resize_mode, mask, invert_mask, mask_blur, pad, hires_scale, hires_steps,
-             hires_strength, hires_upscaler, refiner, refiner_switch, deep_cache, loras, lora_dir,
+             hires_strength, hires_upscaler, refiner, refiner_switch, deep_cache, tome, loras, lora_dir,
              embeddings_dir, vae, vae_dir, taesd, prediction, device, dtype, tile_vae, compile_, threads, max_pixels,
              output, overwrite, skip_existing, fail_fast, grid, json_lines, quiet, debug):
     """Generate images from PROMPTS (or -p/--prompt TEXT, --prompts FILE, --from-png IMAGE)."""

@@ -340,8 +340,8 @@ A1111_SETTINGS: dict[str, A1111Param] = {
     "emphasis": A1111Param("only A1111's default emphasis, Original, is implemented", off=("", "original")),
     "eta_ancestral": A1111Param("ldm's ancestral and SDE samplers run with eta 1", off=("", "1")),
     "eta_ddim": A1111Param("ldm's DDIM runs with eta 0", off=("", "0")),
-    "token_merging_ratio": A1111Param("token merging, ToMe, is not supported", off=("", "0")),
-    "sd_vae_decode_method": A1111Param("ldm decodes with the full VAE", off=("", "full")),
+    "sd_vae_decode_method": A1111Param("a request cannot switch the decoder: --taesd (generate, serve) does",
+                                       off=("", "full")),
 }
 A1111_UNKNOWN_SETTING = "an A1111 setting ldm does not have: not applied"
 
@@ -366,6 +366,7 @@ A1111_API_DEFAULTS: dict[str, Any] = {
     "hires_scale": None, "hires_steps": 0, "hires_strength": 0.7, "hires_upscaler": "latent", "refiner": None,
     "refiner_switch": 0.8,
     "deep_cache": 0,  # ldm's own (A1111 has no DeepCache): off, the exact computation
+    "tome": 0.0,  # A1111's setting token_merging_ratio: off
 }
 
 # Pairs of ldm's key and A1111's for one thing: a line gives one of them.
@@ -453,6 +454,10 @@ def _read_a1111_request(payload: Mapping[str, Any], where: str, said) -> tuple[d
                 if not isinstance(value, bool):
                     raise LdmError(f'{where}: override_settings "{key}" must be true or false, got {_json_text(value)[:40]}')
                 values["pad_conds"] = value
+            elif key == "token_merging_ratio":
+                if "tome" in said:
+                    raise LdmError(f'{where}: "tome" and override_settings "{key}" both given: give one')
+                values["tome"] = _typed(settings, key, float, where)
             elif key == "randn_source":
                 if "rng" in said:
                     raise LdmError(f'{where}: "rng" and override_settings "{key}" both given: give one')

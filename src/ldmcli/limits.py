@@ -19,6 +19,8 @@ MAX_CFG_SCALE = 100
 # Largest DeepCache interval (full U-Net evaluations every N): beyond ~10 the kept features are of another
 # noise level altogether; the bound only keeps the value meaningful.
 MAX_DEEP_CACHE = 100
+# Largest token merging ratio (`--tome`): A1111's slider ends at 0.9; at 1 no token would be left to merge into.
+MAX_TOME = 0.9
 
 # Default largest image, width x height in pixels: 2048 x 2048 (4 MP), SDXL's native size four times
 # over. Larger images are refused unless --max-pixels raises the bound: the U-Net's activations grow

@@ -212,6 +212,8 @@ def _additions_a1111(record: Mapping) -> tuple[dict[str, str], dict[str, str]]:
     if record.get("loras"):  # one entry a name, as A1111 lists the networks it loaded
         hashes = {hashes_name(lora["name"]): lora["hash"] for lora in record["loras"]}
         last["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items())
+    if record.get("taesd"):  # A1111's decode method setting, as its infotext label writes it
+        last["VAE Decoder"] = "TAESD"
     if record.get("embeddings"):
         last["TI hashes"] = ", ".join(f"{e['name']}: {e['hash']}" for e in record["embeddings"])
     return after_model, last
@@ -269,6 +271,8 @@ def _a1111_fields(request) -> dict[str, object]:
             pairs["Clip skip"] = value if value > 1 else None  # A1111 writes it only when it skips
         elif f.name == "deep_cache":
             pairs["DeepCache"] = value if value > 1 else None  # ldm's own key, written when on
+        elif f.name == "tome":
+            pairs["Token merging ratio"] = _number(value) if value else None  # A1111 writes it when on
         elif f.name == "strength":  # A1111's img2img keys; the image itself is in the `ldm` record only
             pairs["Denoising strength"] = _number(value) if request.from_image else None
         elif f.name == "mask_blur":
@@ -613,10 +617,12 @@ INFOTEXT_KEYS: dict[str, A1111Key] = {
     "ENSD": A1111Key("--ensd: after the initial noise, the generators restart at seed + ENSD", honoured=True),
     "Eta": A1111Key("ldm's ancestral and SDE samplers run with eta 1", off=("1",)),
     "Eta DDIM": A1111Key("ldm's DDIM runs with eta 0", off=("0",)),
-    "Token merging ratio": A1111Key("token merging, ToMe, is not supported: ldm runs the full attention", off=("0",)),
+    "Token merging ratio": A1111Key("--tome: token merging (ToMe) before the full-resolution self-attentions, "
+                                    "as A1111 applies it", honoured=True),
     "Token merging ratio hr": A1111Key(_HIRES, off=("0",)),
     "Tiling": A1111Key("tileable images are not supported", off=("false",)),
-    "VAE Decoder": A1111Key("ldm decodes with the full VAE", off=("full",)),
+    "VAE Decoder": A1111Key("TAESD: decoded with the full VAE unless --taesd is given (ldm's record names the "
+                            "file: --from-png of an ldm image uses it)", off=("full",)),
     "VAE Encoder": A1111Key(_IMG2IMG, off=("full",)),
     "Noise Schedule": A1111Key("zero terminal SNR rescaling is not supported", off=("default",)),
     "Discard penultimate sigma": A1111Key(SAMPLER_SETTING, off=("false",)),

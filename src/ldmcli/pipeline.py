@@ -392,13 +392,16 @@ def sample_latents(
 
 
 def guided_denoiser(network, schedule, cond, uncond, request: ImageRequest) -> CFGDenoiser:
-    """What a request's sampling calls: `network` (DeepCache over it when the request asks, `deep_cache.py`)
-    as an x0-denoiser on `schedule`, guided between `uncond` and `cond` at the request's scale. The one place
-    every sampling path (text to image, from an image, hires, base and refiner) builds it."""
+    """What a request's sampling calls: `network` (with token merging and DeepCache over it when the request
+    asks: `token_merging.py`, `deep_cache.py`) as an x0-denoiser on `schedule`, guided between `uncond` and
+    `cond` at the request's scale. The one place every sampling path (text to image, from an image, hires,
+    base and refiner) builds it."""
     from ldmcli.deep_cache import with_deep_cache
     from ldmcli.denoiser import CFGDenoiser, Denoiser
+    from ldmcli.token_merging import with_token_merging
 
-    return CFGDenoiser(Denoiser(with_deep_cache(network, request.deep_cache), schedule), cond, uncond, request.cfg_scale)
+    network = with_deep_cache(with_token_merging(network, request.tome), request.deep_cache)
+    return CFGDenoiser(Denoiser(network, schedule), cond, uncond, request.cfg_scale)
 
 
 def text_to_image_network(model: StableDiffusion, batch: int, request: ImageRequest):

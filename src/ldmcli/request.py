@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ldmcli.limits import (DEFAULT_MAX_PIXELS, MAX_CFG_SCALE, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_PROMPT_CHARS, MAX_SEED,
-                           MAX_STEPS)
+                           MAX_STEPS, MAX_TOME)
 
 
 def _param(default: Any, *, a1111: str | None = None, template: bool = False) -> Any:
@@ -95,6 +95,10 @@ class ImageRequest:
     # evaluation only, the others run its outermost blocks on them. 0 (or 1): off, the exact computation.
     # ldm's own key in the A1111 text ("DeepCache"), written when on ---
     deep_cache: int = _param(0, a1111="DeepCache")
+    # Token merging (`token_merging.py`, ToMe as A1111 applies it): this fraction of the tokens of each
+    # full-resolution self-attention merged into their most similar neighbours first. 0: off, the exact
+    # computation. A1111's "Token merging ratio", for every pass of the image ---
+    tome: float = _param(0.0, a1111="Token merging ratio")
 
     @property
     def guided(self) -> bool:
@@ -134,6 +138,8 @@ class ImageRequest:
             raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
         if not 0 <= self.deep_cache <= MAX_DEEP_CACHE:
             raise ValueError(f"deep_cache must be between 0 (off) and {MAX_DEEP_CACHE}, got {self.deep_cache}")
+        if not (math.isfinite(self.tome) and 0 <= self.tome <= MAX_TOME):
+            raise ValueError(f"tome (the token merging ratio) must be between 0 (off) and {MAX_TOME}, got {self.tome}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         if abs(self.cfg_scale) > MAX_CFG_SCALE:
@@ -154,7 +160,7 @@ class ImageRequest:
                              f"takes no schedule (got {schedule!r})")
         # DeepCache at an interval of 1 recomputes everything: it is off, and written as off
         return replace(self, sampler=sampler, schedule=schedule, cfg_scale=float(self.cfg_scale), hires_upscaler=upscaler,
-                       deep_cache=0 if self.deep_cache == 1 else self.deep_cache)
+                       deep_cache=0 if self.deep_cache == 1 else self.deep_cache, tome=float(self.tome))
 
     @property
     def from_image(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -223,12 +224,13 @@ def adherence_cases(n: int = 15) -> list[shapes.Scene]:
 
 
 def adherence(model, cases, seeds, *, cfg_scale: float | None = None, steps: int | None = None,
-              sampler: str | None = None, deep_cache: int = 0,
+              sampler: str | None = None, **speed: Any,
               ) -> tuple[dict[str, float], list[tuple[shapes.Scene, int, Verdict, np.ndarray]]]:
     """Generate each case's canonical caption for each seed through `ldmcli.pipeline` and judge it.
 
     `model` is a loaded `ldmcli.pipeline.StableDiffusion`; None arguments take the defaults recorded
-    in the model file. Returns ({"colour", "position", "shape", "all"} -> rate, per-image details).
+    in the model file; `speed`: request fields of the levers that trade exactness for speed (deep_cache,
+    tome). Returns ({"colour", "position", "shape", "all"} -> rate, per-image details).
     """
     from ldmcli.demo import sampling_defaults
     from ldmcli.pipeline import generate
@@ -245,7 +247,7 @@ def adherence(model, cases, seeds, *, cfg_scale: float | None = None, steps: int
             steps=steps or defaults["steps"],
             cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
             sampler=sampler or defaults["sampler"],
-            deep_cache=deep_cache,
+            **speed,
         )
         images = generate(model, request, list(seeds)).numpy()
         details += [(scene, seed, judge(image, scene), image) for seed, image in zip(seeds, images)]

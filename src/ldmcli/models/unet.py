@@ -286,8 +286,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x), residual=x)
+    def forward(self, x: Tensor, context: Tensor, merging=None) -> Tensor:
+        """merging: (merge, unmerge) around the self-attention (token merging, `token_merging.py`), or None."""
+        if merging is None:
+            x = self.attn1(self.norm1(x), residual=x)
+        else:
+            merge, unmerge = merging
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -311,7 +316,9 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging=None) -> Tensor:
+        """merging: token merging for this call (`token_merging.TokenMerging`: its `plan` gives each block
+        its (merge, unmerge), or None at levels it leaves alone), or None."""
         b, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
@@ -322,7 +329,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             x = linear(self.proj_in, x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, None if merging is None else merging.plan(x, h, w))
         if self.linear:
             return linear(self.proj_out, x, residual=x_in.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
         return conv2d(self.proj_out, x.transpose(1, 2).reshape(b, -1, h, w), residual=x_in)
@@ -332,7 +339,7 @@ class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands each layer the extra input it needs (emb, context or skip size)."""
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None
+        self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None, merging=None
     ) -> Tensor:
         for layer in self:
             if isinstance(layer, nn.Conv2d):  # conv_in
@@ -340,7 +347,7 @@ class TimestepEmbedSequential(nn.Sequential):
             elif isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, merging)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -424,13 +431,14 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-        timestep_cond: Tensor | None = None, deep: DeepFeatures | None = None,
+        timestep_cond: Tensor | None = None, deep: DeepFeatures | None = None, merging=None,
     ) -> Tensor:
         """x: [B, C, H, W] latents; timesteps: [B] (float ok); context: [B, T, context_dim];
         y: [B, adm_in_channels] (SDXL only); timestep_cond: [B, time_cond_proj_dim], the guidance
         embedding of an LCM-distilled U-Net (`lcm.guidance_embedding`; required by such a U-Net, which was
         never trained without it); deep: DeepCache's exchange (`deep_cache.py`): with features, only its
-        `shallow` outermost block pairs run, on them; without, the whole U-Net runs and leaves them there.
+        `shallow` outermost block pairs run, on them; without, the whole U-Net runs and leaves them there;
+        merging: token merging before the self-attentions (`token_merging.TokenMerging`), or None.
         Returns [B, out_channels, H, W]."""
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("y must be given exactly when the model has adm_in_channels (SDXL)")
@@ -453,19 +461,19 @@ class UNetModel(nn.Module):
         h = x
         skips = []
         for block in self.input_blocks[:deep.shallow] if reuse else self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, merging=merging)
             skips.append(h)
         if reuse:
             h, outputs = deep.features, self.output_blocks[len(self.output_blocks) - deep.shallow:]
         else:
-            h, outputs = self.middle_block(h, emb, context), self.output_blocks
+            h, outputs = self.middle_block(h, emb, context, merging=merging), self.output_blocks
         keep_at = len(outputs) - deep.shallow if deep is not None and not reuse else None
         for i, block in enumerate(outputs):
             if i == keep_at:
                 deep.features = h  # what the deep blocks hand to the outermost ones
             h = torch.cat([h, skips.pop()], dim=1)
             # An Upsample in this block must land on the next skip's size (odd sides round up going down).
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, merging)
         return conv2d(self.out[2], _silu(self.out[0](h)))
 
 
