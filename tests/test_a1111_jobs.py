@@ -264,6 +264,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | 
                            max_leaves=6)
 PAYLOADS = st.dictionaries(st.sampled_from(sorted(A1111_REQUEST_KEYS | {"prompt", "seed", "steps", "sampler"})),
                            JSON_VALUES | st.dictionaries(st.sampled_from(["CLIP_stop_at_last_layers", "randn_source",
+                                                                          "token_merging_ratio",
                                                                           "sd_vae", "x"]), JSON_VALUES, max_size=3),
                            max_size=6)
 SCRIPT_WORDS = st.sampled_from([*("--" + o for o in SCRIPT_OPTIONS), "--", "--x", '"', "'", "a", "1", "-1", "2.5",
@@ -422,3 +423,20 @@ def test_unknown_sampler_aliases_are_refused_before_loading(tmp_path, tiny_singl
     assert result.stderr.startswith(f"ldm: error: {path}:1: unknown sampler '") and result.stderr.count("\n") == 1
     result = invoke("generate", "a", "--sampler", "k_dpm_2", "-m", tiny_single_file, "-o", f"{tmp_path / 'o'}/")
     assert result.exit_code == 2 and "unknown sampler 'k_dpm_2'" in result.stderr
+
+
+def test_token_merging_settings(tmp_path):
+    """token_merging_ratio is --tome; the per-pass ratios A1111 also has are noted (ldm has one ratio)."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "override_settings": {"token_merging_ratio": 0.5}}) + "\n"
+                    + json.dumps({"prompt": "b", "override_settings": {"token_merging_ratio_hr": 0.4,
+                                                                       "token_merging_ratio_img2img": 0}}) + "\n")
+    merged, per_pass = read_prompt_file(str(path), command_line_job({}))
+    assert merged.request.tome == 0.5 and not [n for n in merged.notes if not n.honoured and "token" in n.key]
+    assert per_pass.request.tome == 0.0
+    (note,) = [n for n in per_pass.notes if "token" in n.key]  # img2img's 0 is off: nothing to say
+    assert note.key == "override_settings.token_merging_ratio_hr" and "one token merging ratio" in note.why
+    path.write_text(json.dumps({"prompt": "c", "override_settings": {"token_merging_ratio": 0.95}}) + "\n")
+    with pytest.raises(LdmError, match="token_merging_ratio"):
+        for job in read_prompt_file(str(path), command_line_job({})):
+            check_job(job)

@@ -227,3 +227,66 @@ def test_deep_cache_reaches_the_base_and_the_refiner(tmp_path, sdxl_pair, monkey
         reused = [r for u, r in calls if u == unet]
         assert reused[0] is False and reused[1::2] == [True] * len(reused[1::2]), (unet, reused)
     assert "DeepCache: 2" in Image.open(tmp_path / "out.png").text["parameters"]
+
+
+def _merging_spy(monkeypatch) -> list[tuple[int, tuple[int, ...], float | None, bool]]:
+    """Each U-Net call: (which U-Net, latent shape, the token merging ratio it was handed, DeepCache reused)."""
+    from ldmcli.models.unet import UNetModel
+
+    calls = []
+    forward = UNetModel.forward
+
+    def spy(self, x, *a, merging=None, deep=None, **k):
+        calls.append((id(self), tuple(x.shape[-2:]), None if merging is None else merging.ratio,
+                      deep is not None and deep.features is not None))
+        return forward(self, x, *a, merging=merging, deep=deep, **k)
+
+    monkeypatch.setattr(UNetModel, "forward", spy)
+    return calls
+
+
+def test_tome_reaches_the_base_the_refiner_and_deep_cache(tmp_path, sdxl_pair, monkeypatch):
+    """--tome with --deep-cache on a refined image: every call of both U-Nets merges, reused or not."""
+    base, refiner_folder = sdxl_pair
+    calls = _merging_spy(monkeypatch)
+    result = invoke("generate", PROMPT, "-m", base, *TINY, "-W", "64", "-H", "64", "--refiner", refiner_folder,
+                    "--refiner-switch", "0.5", "--deep-cache", "2", "--tome", "0.5", "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    assert len({unet for unet, *_ in calls}) == 2 and any(reused for *_, reused in calls)
+    assert all(ratio == 0.5 for _, _, ratio, _ in calls), calls
+
+
+def test_tome_reaches_both_hires_passes_and_img2img(tmp_path, tiny_single_file, monkeypatch):
+    calls = _merging_spy(monkeypatch)
+    result = invoke("generate", PROMPT, "-m", tiny_single_file, *TINY, "-W", "32", "-H", "32", "--hires-scale", "2",
+                    "--tome", "0.3", "-o", tmp_path / "hires.png")
+    assert result.exit_code == 0, result.output
+    assert {shape for _, shape, _, _ in calls} == {(4, 4), (8, 8)}  # first pass, second pass
+    assert all(ratio == 0.3 for _, _, ratio, _ in calls), calls
+    calls.clear()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "init.png")
+    result = invoke("generate", PROMPT, "-m", tiny_single_file, *TINY, "-i", tmp_path / "init.png", "--strength", "0.6",
+                    "--tome", "0.4", "-o", tmp_path / "img2img.png")
+    assert result.exit_code == 0, result.output
+    assert calls and all(ratio == 0.4 for _, _, ratio, _ in calls), calls
+
+
+def test_taesd_decodes_the_refiners_images(tmp_path, sdxl_pair, monkeypatch):
+    """The refiner's images are decoded by the TAESD too (the refiner's own VAE decodes them otherwise)."""
+    from diffusers import AutoencoderTiny
+
+    from ldmcli.models.taesd import TinyAutoencoder
+    from ldmcli.models.vae import AutoencoderKL
+
+    base, refiner_folder = sdxl_pair
+    torch.manual_seed(3)
+    AutoencoderTiny().save_pretrained(tmp_path / "taesdxl", safe_serialization=True)
+    decoded = []
+    for cls in (TinyAutoencoder, AutoencoderKL):
+        real = cls.decode
+        monkeypatch.setattr(cls, "decode", lambda self, z, real=real, cls=cls: decoded.append(cls.__name__) or real(self, z))
+    result = invoke("generate", PROMPT, "-m", base, *TINY, "-W", "64", "-H", "64", "--refiner", refiner_folder,
+                    "--refiner-switch", "0.5", "--taesd", tmp_path / "taesdxl", "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    assert decoded == ["TinyAutoencoder"], decoded
+    assert "note:" not in result.stderr  # taesdxl on SDXL: no family note

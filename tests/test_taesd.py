@@ -204,6 +204,15 @@ def test_unknown_missing_and_misshapen_tensors_are_named(tmp_path, files):
     with pytest.raises(CheckpointError) as excinfo:
         read_taesd(tmp_path / "bent.safetensors")
     assert "decoder.layers.3.conv.0.weight has shape [64, 64, 1, 1]" in _one_line(excinfo)
+    save_file({**tensors, "01.weight": tensors["1.weight"].clone()}, tmp_path / "twice.safetensors")
+    with pytest.raises(CheckpointError) as excinfo:
+        read_taesd(tmp_path / "twice.safetensors")  # "1.weight" and "01.weight": one layer twice
+    assert "'01.weight'" in _one_line(excinfo) and "same layer" in str(excinfo.value)
+    diffusers_named = {k: v.contiguous() for k, v in files["vae"].state_dict().items()}
+    save_file({**diffusers_named, "encoder.layers.0.extra": torch.zeros(1)}, tmp_path / "extra-diffusers.safetensors")
+    with pytest.raises(CheckpointError) as excinfo:
+        read_taesd(tmp_path / "extra-diffusers.safetensors")  # the diffusers layout's own unknown-key check
+    assert "encoder.layers.0.extra" in _one_line(excinfo)
     shuffled = {k: v for k, v in tensors.items() if not k.startswith("7.")}  # the conv after the first upsampling gone
     save_file(shuffled, tmp_path / "shuffled.safetensors")
     with pytest.raises(CheckpointError) as excinfo:
@@ -278,7 +287,14 @@ def test_generate_decodes_with_taesd_records_it_and_from_png_finds_it(tmp_path, 
     again = _invoke("generate", "--from-png", tmp_path / "t.png", "-o", tmp_path / "again.png", env=env)
     assert again.exit_code == 0, again.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), ours)
+    # Another file at the recorded path (its hash differs): not used, and said
     decoder.rename(tmp_path / "elsewhere.safetensors")
+    other = _taesd(12)
+    save_file(_original_decoder(other), decoder)
+    swapped = _invoke("generate", "--from-png", tmp_path / "t.png", "-o", tmp_path / "swapped.png", env=env)
+    assert swapped.exit_code == 0, swapped.output
+    assert "not the file at" in swapped.stderr and np.array_equal(np.asarray(Image.open(tmp_path / "swapped.png")), full)
+    decoder.unlink()
     moved = _invoke("generate", "--from-png", tmp_path / "t.png", "-o", tmp_path / "moved.png", env=env)
     assert moved.exit_code == 0, moved.output
     assert "decoded with the tiny autoencoder taesd_decoder.safetensors" in moved.stderr and "--taesd" in moved.stderr

@@ -378,12 +378,14 @@ def _recorded_taesd(png: Path, recorded: dict, quiet: bool) -> Path | None:
     from ldmcli.hashing import vae_hash
 
     path = Path(recorded["taesd_path"])
-    if path.is_file() and vae_hash(path) == recorded["taesd_hash"]:
+    found = vae_hash(path) if path.is_file() else None
+    if found == recorded["taesd_hash"]:
         return path
     if not quiet:
+        where = f"not at {path} any more" if found is None else f"not the file at {path} now (hash {found})"
         _tell(f"ldm: warning: {png} was decoded with the tiny autoencoder {recorded['taesd_name']} (hash "
-              f"{recorded['taesd_hash']}), which is not at {path} any more: decoding with the VAE, so the image will "
-              "differ; give --taesd to use it")
+              f"{recorded['taesd_hash']}), which is {where}: decoding with the VAE, so the image will differ; give "
+              "--taesd to use it")
     return None
 
 

@@ -340,6 +340,10 @@ A1111_SETTINGS: dict[str, A1111Param] = {
     "emphasis": A1111Param("only A1111's default emphasis, Original, is implemented", off=("", "original")),
     "eta_ancestral": A1111Param("ldm's ancestral and SDE samplers run with eta 1", off=("", "1")),
     "eta_ddim": A1111Param("ldm's DDIM runs with eta 0", off=("", "0")),
+    "token_merging_ratio_hr": A1111Param("one token merging ratio for every pass of an image: give it as "
+                                         "token_merging_ratio (--tome)", off=("", "0")),
+    "token_merging_ratio_img2img": A1111Param("one token merging ratio for every kind of image: give it as "
+                                              "token_merging_ratio (--tome)", off=("", "0")),
     "sd_vae_decode_method": A1111Param("a request cannot switch the decoder: --taesd (generate, serve) does",
                                        off=("", "full")),
 }

@@ -139,7 +139,8 @@ class ImageRequest:
         if not 0 <= self.deep_cache <= MAX_DEEP_CACHE:
             raise ValueError(f"deep_cache must be between 0 (off) and {MAX_DEEP_CACHE}, got {self.deep_cache}")
         if not (math.isfinite(self.tome) and 0 <= self.tome <= MAX_TOME):
-            raise ValueError(f"tome (the token merging ratio) must be between 0 (off) and {MAX_TOME}, got {self.tome}")
+            raise ValueError(f"the token merging ratio (tome, A1111's token_merging_ratio) must be between 0 (off) and "
+                             f"{MAX_TOME}, got {self.tome}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         if abs(self.cfg_scale) > MAX_CFG_SCALE:

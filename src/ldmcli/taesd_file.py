@@ -128,11 +128,15 @@ def _from_original(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, to
     if first is not None or "0.bias" in tensors:
         raise CheckpointError(f"{path}: layer 0 holds weights; madebyollin's taesd_decoder starts with the "
                               "clamp, which has none")
-    renamed = {}
+    renamed: dict[str, torch.Tensor] = {}
+    named: dict[str, str] = {}
     for key, tensor in tensors.items():
         match = _BARE_KEY.fullmatch(key)
         assert match is not None
-        renamed[f"decoder.layers.{int(match[1]) - 1}.{match[2]}"] = tensor
+        name = f"decoder.layers.{int(match[1]) - 1}.{match[2]}"
+        if name in named:  # "1.weight" and "01.weight": one layer twice
+            raise CheckpointError(f"{path}: keys {named[name]!r} and {key!r} name the same layer")
+        renamed[name], named[name] = tensor, key
     return renamed
 
 
