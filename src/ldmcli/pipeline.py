@@ -170,17 +170,24 @@ def _tokenizer(folder: Path | None, pad_token_id: int, table_rows: int) -> Promp
     return tokenizer
 
 
-def optimize(model: StableDiffusion, *, compile: bool = False) -> list[str]:
+def optimize(model: StableDiffusion, *, compile: bool = False, pack_unet: bool = True) -> list[str]:
     """Make a loaded model fast on its device, in place (`optimize.prepare_for_inference`): fused,
     packed oneDNN layers on CPU, channels_last, optionally torch.compile. Returns what was done.
 
-    The networks are inference-only afterwards (packed CPU layers cannot be moved, cast or trained).
+    pack_unet False: the U-Net gets channels_last only, for runs too short to pay for packing it
+    (`run.packing_pays`). The networks are inference-only afterwards (packed CPU layers cannot be moved,
+    cast or trained).
     """
     from ldmcli.optimize import prepare_for_inference
 
     parts = {"unet": model.unet, "vae": model.vae}
+    if not pack_unet and not compile:
+        prepare_for_inference({"unet": model.unet}, model.device, model.dtype, fuse=False)
+        del parts["unet"]
     notes = prepare_for_inference(parts, model.device, model.dtype, compile=compile)
-    model.unet, model.vae = parts["unet"], parts["vae"]
+    model.unet, model.vae = parts.get("unet", model.unet), parts["vae"]
+    if "unet" not in parts:
+        notes.append("U-Net left unpacked (too few U-Net calls in this run to pay for packing)")
     return notes
 
 
