@@ -23,7 +23,7 @@ in its tensors; a name that says "xl" is read as SDXL, and a mismatch with the m
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,13 +33,12 @@ from ldmcli.errors import CheckpointError, ModelNotFoundError, UnsupportedModelE
 from ldmcli.files import check_regular_file, is_present
 from ldmcli.layout import check_weights, checked_rename
 from ldmcli.models.taesd import TinyAutoencoder, TinyConfig
+from ldmcli.vae_file import FAMILY_NAMES, FOLDER_STEMS, check_latent_space
 
 __all__ = ["TaesdFile", "read_taesd"]
 
-FOLDER_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
 _DIFFUSERS_KEY = re.compile(r"(?:en|de)coder\.layers\.\d+\.")
 _BARE_KEY = re.compile(r"(\d+)\.(.+)")
-_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
 
 
 @dataclass
@@ -52,7 +51,6 @@ class TaesdFile:
     tensors: dict[str, torch.Tensor]  # the decoder's only
     config: TinyConfig  # with encoder_blocks None: the encoder is not kept
     family: str | None = None  # "sdxl" when the name says so ("taesdxl"), "sd" for a plain "taesd" name
-    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -235,19 +233,12 @@ def _encoder_levels(kinds: dict[int, str]) -> tuple[int, ...]:
 def fit_taesd(model, taesd: TaesdFile) -> list[str]:
     """Refuse (UnsupportedModelError, one line) a TAESD of another latent space than `model`'s (SD3's and
     Flux's have 16 channels) or scale; return notes for the user (one made for the other family)."""
-    own = model.spec.vae
-    config = taesd.config
-    if config.latent_channels != own.embed_dim:
-        guess = " (a TAESD for SD3 or Flux?)" if config.latent_channels == 16 else ""
-        raise UnsupportedModelError(f"{taesd.path}: a TAESD for {config.latent_channels} latent channels{guess}; this "
-                                    f"model's latents have {own.embed_dim}")
-    if config.downsample_factor != own.downsample_factor:
-        raise UnsupportedModelError(f"{taesd.path}: a TAESD that scales images by {config.downsample_factor}; this "
-                                    f"model's VAE scales them by {own.downsample_factor}")
+    check_latent_space(taesd.path, "a TAESD", taesd.config.latent_channels, taesd.config.downsample_factor,
+                       model.spec.vae)
     family = "sdxl" if model.spec.family == "sdxl" else "sd"
     if taesd.family is not None and taesd.family != family:
         want = "taesdxl" if family == "sdxl" else "taesd"
-        return [f"{taesd.name}: by its name a TAESD made for {_FAMILY_NAMES[taesd.family]}, on a "
-                f"{_FAMILY_NAMES[family]} model: their latent spaces differ, so colours may come out wrong ({want} "
+        return [f"{taesd.name}: by its name a TAESD made for {FAMILY_NAMES[taesd.family]}, on a "
+                f"{FAMILY_NAMES[family]} model: their latent spaces differ, so colours may come out wrong ({want} "
                 "is the one for this model)"]
     return []

@@ -91,7 +91,7 @@ _DIFFUSERS_KEY = re.compile(r"(?:en|de)coder\.(?:down_blocks|up_blocks|mid_block
 # The latent scale factors the families train with (`detect.Family.scale_factor`), for telling which
 # family a VAE folder was made for.
 _FAMILY_OF_SCALE = {0.18215: "sd", 0.13025: "sdxl"}
-_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
 _FP16_FIX_NAME = re.compile(r"fp16[-_. ]?fix", re.IGNORECASE)
 # Names of the VAEs people download for each family (lower case, searched in file/folder/repo names).
 _SD_VAE_NAMES = ("vae-ft-mse", "vae-ft-ema", "sd-vae-ft")  # Stability's SD 1.x/2.x VAEs
@@ -320,8 +320,8 @@ def replace_vae(components: Components, vae: VaeFile) -> list[str]:
     model_family = "sdxl" if sdxl else "sd"
     if vae.family is not None and vae.family != model_family:
         notes.append(
-            f"{vae.name}: a VAE made for {_FAMILY_NAMES[vae.family]} (by {vae.family_source}) on a "
-            f"{_FAMILY_NAMES[model_family]} model: their latent spaces differ, so colours and detail may come "
+            f"{vae.name}: a VAE made for {FAMILY_NAMES[vae.family]} (by {vae.family_source}) on a "
+            f"{FAMILY_NAMES[model_family]} model: their latent spaces differ, so colours and detail may come "
             "out wrong; decoded with the model's own scale factor, as A1111 and ComfyUI do"
         )
     components.vae = vae.tensors
@@ -336,15 +336,21 @@ def replace_vae(components: Components, vae: VaeFile) -> list[str]:
     return notes
 
 
+def check_latent_space(path: Path, what: str, channels: int, factor: int, own: VAEConfig) -> None:
+    """Refuse (UnsupportedModelError, one line) `what` (a VAE, a TAESD) at `path` whose latents have other
+    channels (SD3's and Flux's: 16) or another scale than the model's VAE `own`."""
+    if channels != own.embed_dim:
+        guess = " (one made for SD3 or Flux?)" if channels == 16 else ""
+        raise UnsupportedModelError(f"{path}: {what} with {channels} latent channels{guess}; this model's latents "
+                                    f"have {own.embed_dim}")
+    if factor != own.downsample_factor:
+        raise UnsupportedModelError(f"{path}: {what} that scales images down by {factor}; this model's scales them "
+                                    f"by {own.downsample_factor}")
+
+
 def _check_fits(vae: VaeFile, own: VAEConfig) -> None:
     new = vae.config
-    if new.embed_dim != own.embed_dim:
-        guess = " (an SD3 or Flux VAE?)" if new.embed_dim == 16 else ""
-        raise UnsupportedModelError(f"{vae.path}: a VAE with {new.embed_dim} latent channels{guess}; this model's "
-                                    f"latents have {own.embed_dim}")
-    if new.downsample_factor != own.downsample_factor:
-        raise UnsupportedModelError(f"{vae.path}: a VAE that scales images down by {new.downsample_factor}; this "
-                                    f"model's scales them by {own.downsample_factor}")
+    check_latent_space(vae.path, "a VAE", new.embed_dim, new.downsample_factor, own)
     if new != own:
         def describe(c: VAEConfig) -> str:
             widths = ", ".join(str(c.ch * m) for m in c.ch_mult)
